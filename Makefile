@@ -1,0 +1,42 @@
+# Single entry point. `make run` = the embedded default experiment; `make test` = the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+CONFIG ?= config.yaml
+
+# Offline by construction: nothing in the default run or the tests may reach a model hub.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run smoke test dry-run clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	# torch is pinned inside requirements.lock and installed in this same pip call, so pip never pulls a CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+
+smoke: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile configs/smoke.yaml
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n --configfile $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,136 @@
+"""Selection rules checked against plain brute-force versions of the same rule."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
+from tokenclean.selection import keep_count, scores, select, select_file
+
+
+def make_table(lengths, rng):
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    loss_mask = rng.random(n) < 0.7
+    loss_mask[offsets[:-1]] = False
+    return TokenTable(rng.integers(0, 100, n), offsets, loss_mask)
+
+
+def brute_floor(ratio, n):
+    return math.floor(Fraction(str(ratio)) * n)
+
+
+def brute_fixed(score, loss_mask, ratio):
+    cand = [(-float(score[p]), p) for p in range(len(score)) if loss_mask[p]]
+    cand.sort()
+    keep = {p for _, p in cand[: brute_floor(ratio, len(cand))]}
+    return np.array([p in keep for p in range(len(score))])
+
+
+def brute_rho(score, loss_mask, offsets, ratio):
+    out = np.zeros(len(score), dtype=bool)
+    for i in range(len(offsets) - 1):
+        cand = sorted((-float(score[p]), p) for p in range(offsets[i], offsets[i + 1]) if loss_mask[p])
+        for _, p in cand[: brute_floor(ratio, len(cand))]:
+            out[p] = True
+    return out
+
+
+tables = st.builds(
+    lambda lengths, seed, levels: (make_table(lengths, np.random.default_rng(seed)), seed, levels),
+    st.lists(st.integers(2, 30), min_size=1, max_size=20), st.integers(0, 2**31), st.sampled_from([3, 1000, 0]))
+ratios = st.sampled_from([0.1, 0.29, 0.3, 0.5, 0.6, 0.7, 0.99, 1.0]) | st.floats(0.01, 1.0)
+
+
+def random_scores(table, seed, levels):
+    rng = np.random.default_rng(seed + 1)
+    s = rng.integers(0, levels, table.n_tokens).astype(np.float32) if levels else rng.normal(size=table.n_tokens)
+    s = s.astype(np.float32)
+    s[~table.loss_mask] = np.nan
+    return s
+
+
+@settings(max_examples=150, deadline=None)
+@given(tables, ratios)
+def test_fixed_matches_brute_force(case, ratio):
+    table, seed, levels = case
+    s = random_scores(table, seed, levels)  # few levels = many ties: ties must go to the earlier token
+    mask = select("fixed", table, ratio, score=s)
+    assert np.array_equal(mask, brute_fixed(s, table.loss_mask, ratio))
+    assert mask.sum() == brute_floor(ratio, int(table.loss_mask.sum()))
+    assert not np.any(mask & ~table.loss_mask)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tables, ratios)
+def test_rho_matches_brute_force(case, ratio):
+    table, seed, levels = case
+    s = random_scores(table, seed, levels)
+    mask = select("rho", table, ratio, score=s)
+    assert np.array_equal(mask, brute_rho(s, table.loss_mask, table.offsets, ratio))
+    for i in range(table.n_samples):
+        a, b = table.offsets[i], table.offsets[i + 1]
+        assert mask[a:b].sum() == brute_floor(ratio, int(table.loss_mask[a:b].sum()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(tables, ratios, st.integers(0, 10**6))
+def test_random_count_subset_and_reproducible(case, ratio, seed):
+    table = case[0]
+    a = select("random", table, ratio, seed=seed)
+    assert a.sum() == brute_floor(ratio, int(table.loss_mask.sum()))
+    assert not np.any(a & ~table.loss_mask)
+    assert np.array_equal(a, select("random", table, ratio, seed=seed))
+
+
+def test_random_differs_across_seeds_and_is_uniform():
+    table = make_table([50] * 200, np.random.default_rng(0))
+    masks = [select("random", table, 0.6, seed=s) for s in range(200)]
+    assert not np.array_equal(masks[0], masks[1])
+    freq = np.mean(masks, axis=0)[table.loss_mask]
+    assert abs(freq.mean() - 0.6) < 0.01 and freq.std() < 0.06  # each token kept ~60% of the time
+
+
+def test_full_keeps_every_response_token():
+    table = make_table([5, 9, 3], np.random.default_rng(1))
+    assert np.array_equal(select("full", table), table.loss_mask)
+
+
+def test_keep_count_is_exact_for_decimal_ratios():
+    assert keep_count(0.29, 100) == 29 and math.floor(0.29 * 100) == 28
+    assert keep_count(0.6, 10) == 6 and keep_count(1.0, 7) == 7
+    with pytest.raises(ValueError):
+        keep_count(0.0, 10)
+    with pytest.raises(ValueError):
+        keep_count(1.5, 10)
+
+
+def test_score_is_base_minus_reference():
+    mask = np.array([False, True, True])
+    s = scores(np.array([9, 3.0, 1.0], np.float32), np.array([9, 1.0, 2.0], np.float32), mask)
+    assert np.isnan(s[0]) and s[1] == 2.0 and s[2] == -1.0
+
+
+def test_select_file_refuses_losses_of_another_table(tmp_path):
+    rng = np.random.default_rng(0)
+    t1, t2 = make_table([6, 7], rng), make_table([6, 8], rng)
+    t1.save(tmp_path / "a.tokens.npz", {})
+    t2.save(tmp_path / "b.tokens.npz", {})
+    loss1 = np.where(t1.loss_mask, 1.0, np.nan).astype(np.float32)
+    save_array(tmp_path / "base.loss.npy", loss1, {"tokens_fingerprint": t1.fingerprint(), "model": "b"})
+    save_array(tmp_path / "ref.loss.npy", loss1, {"tokens_fingerprint": t1.fingerprint(), "model": "r"})
+    meta = select_file("fixed", tmp_path / "a.tokens.npz", tmp_path / "m.mask.npy", 0.5, 0,
+                       tmp_path / "base.loss.npy", tmp_path / "ref.loss.npy")
+    mask, side = load_array(tmp_path / "m.mask.npy")
+    assert mask.dtype == bool and side["n_selected"] == meta["n_selected"] == mask.sum()
+    with pytest.raises(ArtifactError, match="not on"):
+        select_file("fixed", tmp_path / "b.tokens.npz", tmp_path / "x.mask.npy", 0.5, 0,
+                    tmp_path / "base.loss.npy", tmp_path / "ref.loss.npy")
+    assert not (tmp_path / "x.mask.npy").exists()
+    with pytest.raises(ValueError, match="needs --base-loss"):
+        select_file("rho", tmp_path / "a.tokens.npz", tmp_path / "y.mask.npy", 0.5)

@@ -1,0 +1,230 @@
+"""On-disk artifacts: atomic writes, JSON sidecars, fingerprints, and the flat ragged token table.
+
+Every artifact is written to a temporary name in the same directory and renamed when complete, so an
+interrupted step never leaves something a later step could mistake for finished output. Each array artifact
+has a JSON sidecar (``X.loss.npy`` -> ``X.loss.json``) recording what made it; combining artifacts whose
+fingerprints disagree is an error (:func:`require_same`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from tokenclean import __version__
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, malformed, or does not belong with the others it is combined with."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fingerprints and sidecars
+# ---------------------------------------------------------------------------------------------------------
+def fingerprint_bytes(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(len(c).to_bytes(8, "little"))
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    return fingerprint_bytes(*(np.ascontiguousarray(a).tobytes() + str(a.dtype).encode() for a in arrays))
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``a/b.loss.npy`` -> ``a/b.loss.json``; ``a/b.tokens.npz`` -> ``a/b.tokens.json``."""
+    path = Path(path)
+    return path.with_suffix(".json")
+
+
+def write_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    write_json(sidecar_path(path), {"tokenclean_version": __version__, **meta})
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not side.exists():
+        raise ArtifactError(f"{side}: metadata sidecar of {path} is missing; re-create {path} with tokenclean")
+    return read_json(side)
+
+
+def require_same(key: str, *named: tuple[str | os.PathLike, dict[str, Any]]) -> None:
+    """Fail unless every (path, meta) pair records the same value for ``key``."""
+    values = {str(p): m.get(key) for p, m in named}
+    if len(set(map(str, values.values()))) > 1 or None in values.values():
+        detail = ", ".join(f"{p}: {v}" for p, v in values.items())
+        raise ArtifactError(f"artifacts disagree on {key} ({detail}); they were not made from the same data")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arrays
+# ---------------------------------------------------------------------------------------------------------
+def save_array(path: str | os.PathLike, array: np.ndarray, meta: dict[str, Any]) -> None:
+    """Save a per-token array as ``.npy`` with a sidecar; the sidecar is written first, the array last."""
+    write_sidecar(path, {**meta, "dtype": str(array.dtype), "shape": list(array.shape)})
+    with atomic_file(path, suffix=".npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+def load_array(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: file not found")
+    meta = read_sidecar(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: not a plain numpy array ({e})") from None
+    return array, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token table
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenTable:
+    """Flat ragged token table: sample i is ``input_ids[offsets[i]:offsets[i+1]]``.
+
+    ``loss_mask`` is True where full-token SFT trains (response tokens and their end-of-turn token).
+    ``extras`` holds further per-token (length N) or per-sample (length S) arrays, e.g. ``sample_index``
+    (the source line of each sample) and ``token_class`` (ground truth in the synthetic world).
+    """
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+    loss_mask: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int32)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.loss_mask = np.asarray(self.loss_mask, dtype=bool)
+        n = len(self.input_ids)
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != n:
+            raise ArtifactError("offsets must start at 0 and end at the number of tokens")
+        if np.any(np.diff(self.offsets) < 0):
+            raise ArtifactError("offsets must be non-decreasing")
+        if self.loss_mask.shape != (n,):
+            raise ArtifactError("loss_mask must have one entry per token")
+        if n and np.any(self.loss_mask[self.offsets[:-1][np.diff(self.offsets) > 0]]):
+            raise ArtifactError("position 0 of a sample can never be in loss_mask")
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample_ids(self) -> np.ndarray:
+        """Per-token sample number (int64[N])."""
+        return np.repeat(np.arange(self.n_samples, dtype=np.int64), self.lengths)
+
+    def fingerprint(self) -> str:
+        return fingerprint_arrays(self.input_ids, self.offsets, self.loss_mask)
+
+    def save(self, path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
+        meta = {
+            **meta,
+            "fingerprint": self.fingerprint(),
+            "n_samples": self.n_samples,
+            "n_tokens": self.n_tokens,
+            "n_response_tokens": int(self.loss_mask.sum()),
+        }
+        write_sidecar(path, meta)
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, input_ids=self.input_ids, offsets=self.offsets, loss_mask=self.loss_mask, **self.extras)
+        return meta
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple["TokenTable", dict[str, Any]]:
+        path = Path(path)
+        if not path.exists():
+            raise ArtifactError(f"{path}: token table not found")
+        meta = read_sidecar(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError) as e:
+            raise ArtifactError(f"{path}: not a token table ({e})") from None
+        for key in ("input_ids", "offsets", "loss_mask"):
+            if key not in arrays:
+                raise ArtifactError(f"{path}: member '{key}' is missing")
+        table = cls(arrays.pop("input_ids"), arrays.pop("offsets"), arrays.pop("loss_mask"), arrays)
+        if meta.get("fingerprint") != table.fingerprint():
+            raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}")
+        return table, meta

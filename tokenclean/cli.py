@@ -1,0 +1,191 @@
+"""Command line: ``tokenclean <command> --help``. Every workflow rule is one of these commands."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from tokenclean import __version__
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from tokenclean.training import TrainConfig
+
+    g = p.add_argument_group("training hyperparameters")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                           metavar="BOOL", help=f"default {f.default}")
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            g.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+
+
+def _train_config(args: argparse.Namespace):
+    from tokenclean.training import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def cmd_world(a: argparse.Namespace) -> None:
+    from tokenclean.evaluation import write_tasks
+    from tokenclean.world import generate_world
+
+    stats = generate_world(a.params, a.out)
+    families = stats.get("families") or a.params.get("families")
+    write_tasks(f"{a.out}/eval", f"{a.out}/tasks", families)
+
+
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    from tokenclean.pretrain import pretrain_base
+
+    pretrain_base(a.corpus, a.out, a.model_params, _train_config(a))
+
+
+def cmd_tokenize(a: argparse.Namespace) -> None:
+    from tokenclean.tokenization import tokenize_file
+
+    meta = tokenize_file(a.data, a.tokenizer, a.max_length, a.out, a.trust_remote_code)
+    logging.info("%s: %d samples, %d tokens, %d response tokens", a.out, meta["n_samples"], meta["n_tokens"],
+                 meta["n_response_tokens"])
+
+
+def cmd_loss(a: argparse.Namespace) -> None:
+    from tokenclean.loss import loss_file
+
+    meta = loss_file(a.model, a.tokens, a.out, a.token_budget, a.device, a.dtype, a.trust_remote_code)
+    logging.info("%s: mean response-token loss %.4f", a.out, meta["mean_response_loss"])
+
+
+def cmd_select(a: argparse.Namespace) -> None:
+    from tokenclean.selection import select_file
+
+    meta = select_file(a.method, a.tokens, a.out, a.ratio, a.seed, a.base_loss, a.ref_loss)
+    logging.info("%s: kept %d of %d response tokens; %d samples keep none", a.out, meta["n_selected"],
+                 meta["n_response_tokens"], meta["n_samples_without_selected"])
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from tokenclean.training import train_file
+
+    summary = train_file(a.model, a.tokens, a.out, _train_config(a), a.mask, a.trust_remote_code)
+    logging.info("%s: %s", a.out, summary)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from tokenclean.evaluation import evaluate
+
+    evaluate(a.model, a.tasks_dir, a.tasks.split(","), a.out, device=a.device, limit=a.limit, seed=a.seed)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from tokenclean.report import write_table
+
+    write_table(a.evals, a.out_csv, a.out_md)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenclean", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tokenclean {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--threads", type=int, default=None, help="torch threads (the workflow passes the rule's threads)")
+        p.set_defaults(func=fn)
+        commands[name] = fn
+        return p
+
+    p = add("world", cmd_world, "Generate the synthetic world (corpus, warm-up set, pool, eval sets, lm-eval tasks).")
+    p.add_argument("--params", type=_json_arg, default={}, help="world settings as a JSON object")
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = add("pretrain", cmd_pretrain, "Train a tokenizer and pretrain the tiny base model on a text corpus.")
+    p.add_argument("--corpus", required=True, help="JSON lines of {\"text\": ...}")
+    p.add_argument("--model-params", type=_json_arg, default={}, help="model size settings as a JSON object")
+    p.add_argument("--out", required=True, help="output model directory")
+    _add_train_flags(p)
+
+    p = add("tokenize", cmd_tokenize, "Tokenize JSON-lines SFT data into a flat token table with loss_mask.")
+    p.add_argument("--data", required=True, help="JSON lines with 'messages' or 'prompt'/'completion'")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
+    p.add_argument("--max-length", type=int, required=True, help="truncate samples to this many tokens")
+    p.add_argument("--out", required=True, help="output X.tokens.npz")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = add("loss", cmd_loss, "Per-token losses of a model on a token table (NaN outside loss_mask).")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz")
+    p.add_argument("--out", required=True, help="output X.loss.npy")
+    p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample) or fixed (global).")
+    p.add_argument("--method", required=True, choices=["full", "random", "rho", "fixed"])
+    p.add_argument("--ratio", type=float, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz")
+    p.add_argument("--base-loss", help="loss file of the base model (rho, fixed)")
+    p.add_argument("--ref-loss", help="loss file of the reference model (rho, fixed)")
+    p.add_argument("--out", required=True, help="output X.mask.npy")
+
+    p = add("train", cmd_train, "Fine-tune a model on the selected tokens and save a Hugging Face directory.")
+    p.add_argument("--model", required=True, help="model directory or hub id to start from")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz")
+    p.add_argument("--mask", help="X.mask.npy (default: every response token)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--trust-remote-code", action="store_true")
+    _add_train_flags(p)
+
+    p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--tasks-dir", required=True, help="directory of lm-eval task YAMLs (include path)")
+    p.add_argument("--tasks", required=True, help="comma-separated families/tasks")
+    p.add_argument("--out", required=True, help="output results JSON")
+    p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("report", cmd_report, "Aggregate evaluation JSONs into table.csv / table.md.")
+    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("--out-md", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from tokenclean.artifacts import ArtifactError
+    from tokenclean.data import DataError
+    from tokenclean.models import set_threads
+
+    set_threads(args.threads)
+    try:
+        args.func(args)
+    except (DataError, ArtifactError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"tokenclean {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

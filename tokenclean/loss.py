@@ -1,0 +1,114 @@
+"""Per-token losses: position p holds -log P(x_p | x_<p), computed only where it is needed.
+
+The same function (:func:`target_nll`) gives the training loss and the scores, so what is trained and what is
+scored can never drift apart. Scoring runs in length-sorted batches under a token budget, under
+``torch.inference_mode``, and applies the output head only at scored positions (no full-vocabulary logits
+for prompt tokens or padding).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tokenclean.artifacts import ArtifactError, TokenTable, save_array
+from tokenclean.batching import budget_batches, collate
+
+log = logging.getLogger(__name__)
+
+
+def _has_plain_head(model: Any) -> bool:
+    """True when logits = lm_head(last hidden state), with no soft-capping or scaling in between."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    try:
+        return model.get_decoder() is not None and model.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
+               head_only_at_targets: bool = True) -> torch.Tensor:
+    """Negative log-likelihood of every target token, in row-major order of ``target``.
+
+    Token p is predicted from the hidden state at p-1; ``target[:, 0]`` must be False.
+    """
+    if target[:, 0].any():
+        raise ValueError("position 0 cannot be a target: it has no context")
+    rows, cols = target.nonzero(as_tuple=True)
+    if head_only_at_targets and _has_plain_head(model):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[rows, cols - 1])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols - 1]
+    return F.cross_entropy(logits.float(), input_ids[rows, cols], reduction="none")
+
+
+def token_losses(model: Any, table: TokenTable, token_budget: int = 16384, pad_id: int = 0,
+                 head_only_at_targets: bool = True, progress: bool = True) -> np.ndarray:
+    """float32[N]: the model's loss of every ``loss_mask`` token, NaN elsewhere."""
+    device = next(model.parameters()).device
+    out = np.full(table.n_tokens, np.nan, dtype=np.float32)
+    positions = np.flatnonzero(table.loss_mask)
+    if len(positions) == 0:
+        return out
+    model.eval()
+    batches = budget_batches(table.lengths, token_budget)
+    started = time.perf_counter()
+    bar = tqdm(total=table.n_tokens, unit="tok", unit_scale=True, desc="scoring", disable=not progress,
+               mininterval=2.0)
+    with torch.inference_mode():
+        for samples in batches:
+            batch = collate(table, samples, pad_id, device=device)
+            nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"],
+                             head_only_at_targets).cpu().numpy()
+            # target is row-major, so the losses come in the order (sample in batch, position in sample)
+            index = np.concatenate([np.flatnonzero(table.loss_mask[table.offsets[s]:table.offsets[s + 1]])
+                                    + table.offsets[s] for s in samples])
+            out[index] = nll
+            bar.update(int(table.lengths[samples].sum()))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    log.info("scored %d tokens (%d response tokens) in %.1fs: %.0f tokens/s", table.n_tokens, len(positions),
+             elapsed, table.n_tokens / max(elapsed, 1e-9))
+    if not np.all(np.isfinite(out[positions])):
+        raise FloatingPointError("non-finite loss on a response token; check the model's dtype and weights")
+    return out
+
+
+def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, token_budget: int = 16384,
+              device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> dict:
+    """CLI entry: per-token losses of ``model_name`` on a token table, written with their provenance."""
+    from tokenclean.models import load_model, model_fingerprint, pick_device
+    from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
+
+    table, tmeta = TokenTable.load(tokens)
+    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
+        raise ArtifactError(f"{tokens} was tokenized with {tmeta.get('tokenizer')!r}, whose vocabulary differs "
+                            f"from the tokenizer of {model_name!r}; scores would be misaligned")
+    dev = pick_device(device)
+    model = load_model(model_name, dev, dtype, trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses = token_losses(model, table, token_budget, pad_id)
+    meta = {
+        "kind": "loss",
+        "model": str(model_name),
+        "model_fingerprint": model_fingerprint(model_name),
+        "tokens": str(tokens),
+        "tokens_fingerprint": tmeta["fingerprint"],
+        "tokenizer_fingerprint": tmeta.get("tokenizer_fingerprint"),
+        "device": str(dev),
+        "dtype": str(next(model.parameters()).dtype),
+        "mean_response_loss": float(np.nanmean(losses)),
+    }
+    save_array(Path(out), losses, meta)
+    return meta

@@ -1,0 +1,95 @@
+"""Model loading, saving and the tiny Llama of the embedded world."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenclean.artifacts import atomic_dir, fingerprint_bytes
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU unless asked otherwise."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def set_threads(threads: int | None) -> None:
+    """Honour the workflow rule's ``threads`` (torch would otherwise use every core of the machine)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_model(name_or_path: str, device: torch.device | str | None = None, dtype: str | None = None,
+               trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/")) or local.parent != Path(".") or local.exists()) and not local.is_dir():
+        raise FileNotFoundError(f"model directory {name_or_path} not found; run the workflow step that creates it "
+                                "or fix the path in the config")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=pick_dtype(dtype, device),
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"model {name_or_path!r} could not be loaded ({str(e).splitlines()[0]}); "
+                                "for an offline run point the config at a local copy") from None
+    return model.to(device)
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Cheap identity of a model: config and weight-file names and sizes (a hub id stands for itself)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return f"hub:{name_or_path}"
+    parts = []
+    for f in sorted(path.iterdir()):
+        if f.suffix == ".json" and f.name.startswith("config"):
+            parts.append(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin"):
+            parts.append(f"{f.name}:{f.stat().st_size}".encode())
+            with open(f, "rb") as fh:  # the safetensors header and first weights differ between checkpoints
+                parts.append(fh.read(1 << 16))
+    return fingerprint_bytes(*parts)
+
+
+def write_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Write a plain Hugging Face directory (safetensors + tokenizer) and our provenance file into ``directory``."""
+    from tokenclean.artifacts import write_json
+
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    if extra is not None:
+        write_json(Path(directory) / "tokenclean.json", extra)
+
+
+def save_model(model: Any, tokenizer: Any, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Save a Hugging Face model directory atomically (a half-written directory never appears at ``out``)."""
+    with atomic_dir(out) as tmp:
+        write_model_dir(model, tokenizer, tmp, extra)
+
+
+def tiny_llama(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, hidden: int = 128, layers: int = 4,
+               heads: int = 4, intermediate: int = 512, max_positions: int = 256, seed: int = 0) -> Any:
+    """A small Llama (tied embeddings) for the embedded world."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, attention_bias=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

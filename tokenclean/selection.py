@@ -1,0 +1,149 @@
+"""Token scores and selection rules (DESIGN section 4).
+
+score = loss(base) - loss(reference): how much the reference improved on a token; higher = more informative.
+All rules choose among response tokens (``loss_mask``) only, keep exact counts, and break ties by position
+(the earlier token wins), so a mask is a deterministic function of (scores, ratio, seed).
+
+Counts use floor(ratio * n) computed exactly on the decimal value of ``ratio`` (0.29 * 100 keeps 29 tokens,
+not the 28 that binary floating point would give).
+"""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
+
+METHODS = ("full", "random", "rho", "fixed")
+SCORED_METHODS = ("rho", "fixed")
+
+
+def _ratio_fraction(ratio: float) -> Fraction:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return Fraction(repr(float(ratio)))
+
+
+def keep_count(ratio: float, n: int) -> int:
+    """floor(ratio * n), exact for the decimal ratio."""
+    r = _ratio_fraction(ratio)
+    return (r.numerator * n) // r.denominator
+
+
+def scores(base_loss: np.ndarray, ref_loss: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """loss_base - loss_ref on response tokens, NaN elsewhere."""
+    if not (base_loss.shape == ref_loss.shape == loss_mask.shape):
+        raise ArtifactError("loss arrays and loss_mask have different lengths")
+    out = np.full(loss_mask.shape, np.nan, dtype=np.float32)
+    out[loss_mask] = base_loss[loss_mask] - ref_loss[loss_mask]
+    if not np.all(np.isfinite(out[loss_mask])):
+        raise ArtifactError("a response token has a non-finite loss; re-run scoring")
+    return out
+
+
+def top_k_earliest(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, ties broken towards smaller index; linear time (no full sort)."""
+    n = len(values)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    kth = np.partition(values, n - k)[n - k]  # the k-th largest value
+    above = values > kth
+    need = k - int(np.count_nonzero(above))
+    ties = np.flatnonzero(values == kth)[:need]
+    keep = above
+    keep[ties] = True
+    return np.flatnonzero(keep)
+
+
+def select_full(loss_mask: np.ndarray) -> np.ndarray:
+    return loss_mask.copy()
+
+
+def select_random(loss_mask: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """A uniformly random floor(ratio*N) of all N response tokens of the dataset, fixed by ``seed``."""
+    positions = np.flatnonzero(loss_mask)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(positions), size=keep_count(ratio, len(positions)), replace=False)
+    mask = np.zeros_like(loss_mask)
+    mask[positions[chosen]] = True
+    return mask
+
+
+def select_fixed(score: np.ndarray, loss_mask: np.ndarray, ratio: float) -> np.ndarray:
+    """Global ranking: the top floor(ratio*N) scores over all response tokens of the dataset."""
+    positions = np.flatnonzero(loss_mask)
+    keep = top_k_earliest(score[positions].astype(np.float64), keep_count(ratio, len(positions)))
+    mask = np.zeros_like(loss_mask)
+    mask[positions[keep]] = True
+    return mask
+
+
+def select_rho(score: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray, ratio: float) -> np.ndarray:
+    """Sample-level ranking: within each sample i, the top floor(ratio*n_i) of its n_i response tokens."""
+    positions = np.flatnonzero(loss_mask)
+    sample = np.searchsorted(offsets, positions, side="right") - 1
+    order = np.lexsort((positions, -score[positions].astype(np.float64), sample))  # sample, score desc, position
+    n_per_sample = np.bincount(sample, minlength=len(offsets) - 1)
+    first = np.concatenate([[0], np.cumsum(n_per_sample)[:-1]])
+    sorted_sample = sample[order]
+    rank = np.arange(len(order)) - first[sorted_sample]
+    r = _ratio_fraction(ratio)
+    quota = (r.numerator * n_per_sample) // r.denominator
+    mask = np.zeros_like(loss_mask)
+    mask[positions[order[rank < quota[sorted_sample]]]] = True
+    return mask
+
+
+def select(method: str, table: TokenTable, ratio: float = 1.0, seed: int = 0,
+           score: np.ndarray | None = None) -> np.ndarray:
+    """Dispatch to a selection rule; the result is always a subset of ``loss_mask``."""
+    rules: dict[str, Callable[[], np.ndarray]] = {
+        "full": lambda: select_full(table.loss_mask),
+        "random": lambda: select_random(table.loss_mask, ratio, seed),
+        "fixed": lambda: select_fixed(_need(score, method), table.loss_mask, ratio),
+        "rho": lambda: select_rho(_need(score, method), table.loss_mask, table.offsets, ratio),
+    }
+    if method not in rules:
+        raise ValueError(f"unknown selection method {method!r} (expected one of {', '.join(METHODS)})")
+    mask = rules[method]()
+    assert not np.any(mask & ~table.loss_mask)
+    return mask
+
+
+def _need(score: np.ndarray | None, method: str) -> np.ndarray:
+    if score is None:
+        raise ValueError(f"method {method!r} needs --base-loss and --ref-loss")
+    return score
+
+
+def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, ratio: float = 1.0, seed: int = 0,
+                base_loss: str | os.PathLike | None = None, ref_loss: str | os.PathLike | None = None) -> dict[str, Any]:
+    """CLI entry: build a mask from a token table (and, for scored methods, two loss files)."""
+    table, tmeta = TokenTable.load(tokens)
+    score = None
+    meta: dict[str, Any] = {"kind": "mask", "method": method, "ratio": ratio, "seed": seed, "tokens": str(tokens),
+                            "tokens_fingerprint": tmeta["fingerprint"]}
+    if method in SCORED_METHODS:
+        if base_loss is None or ref_loss is None:
+            raise ValueError(f"method {method!r} needs --base-loss and --ref-loss")
+        base, bmeta = load_array(base_loss)
+        ref, rmeta = load_array(ref_loss)
+        for path, m in ((base_loss, bmeta), (ref_loss, rmeta)):
+            if m.get("tokens_fingerprint") != tmeta["fingerprint"]:
+                raise ArtifactError(f"{path} was computed on {m.get('tokens')} (fingerprint "
+                                    f"{m.get('tokens_fingerprint')}), not on {tokens} ({tmeta['fingerprint']})")
+        score = scores(base, ref, table.loss_mask)
+        meta.update(base_model=bmeta.get("model"), base_model_fingerprint=bmeta.get("model_fingerprint"),
+                    ref_model=rmeta.get("model"), ref_model_fingerprint=rmeta.get("model_fingerprint"))
+    mask = select(method, table, ratio, seed, score)
+    meta.update(n_response_tokens=int(table.loss_mask.sum()), n_selected=int(mask.sum()),
+                n_samples_without_selected=int(np.count_nonzero(np.add.reduceat(mask, table.offsets[:-1]) == 0))
+                if table.n_samples else 0)
+    save_array(Path(out), mask, meta)
+    return meta

@@ -1,0 +1,196 @@
+"""Masked supervised fine-tuning: one trainer for every row of the table (and for pretraining the tiny base).
+
+Loss normalisation: the mean NLL over the *selected* tokens of the whole optimizer step (all micro-batches),
+so a micro-batch with few kept tokens is not over-weighted relative to one with many. Samples without any
+selected token are dropped before batching (they would cost compute and contribute nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array
+from tokenclean.batching import collate
+from tokenclean.loss import target_nll
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one SFT run; every field is also a ``tokenclean train`` flag."""
+
+    steps: int = 100                       # optimizer steps (equal across rows of a table); 0 = use epochs
+    epochs: float = 0.0                    # used when steps == 0: steps = ceil(epochs * samples / batch_size)
+    batch_size: int = 32                   # samples per optimizer step
+    micro_batch_size: int = 0              # samples per forward pass (gradient accumulation); 0 = batch_size
+    lr: float = 1e-3
+    schedule: str = "cosine"               # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0             # 0 = no clipping (the paper's setting)
+    seed: int = 0
+    shuffle: bool = True                   # False = file order, as the paper's runs
+    lora_r: int = 0                        # 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    device: str = "auto"
+    dtype: str = "auto"
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+            raise ValueError("set steps > 0, or steps = 0 and epochs > 0")
+        if self.batch_size < 1 or self.micro_batch_size < 0:
+            raise ValueError("batch_size must be >= 1 and micro_batch_size >= 0")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def step_schedule(n_samples: int, cfg: TrainConfig) -> list[np.ndarray]:
+    """The samples of every optimizer step: seeded reshuffle each epoch (or file order), cycling as needed."""
+    steps = cfg.steps or math.ceil(cfg.epochs * n_samples / cfg.batch_size)
+    rng = np.random.default_rng(cfg.seed)
+    stream: list[np.ndarray] = []
+    needed = steps * cfg.batch_size
+    while sum(len(s) for s in stream) < needed:
+        stream.append(rng.permutation(n_samples) if cfg.shuffle else np.arange(n_samples))
+    flat = np.concatenate(stream)
+    if cfg.steps == 0:  # epoch mode: the last step may be short, never wrap into a new epoch
+        flat = flat[: math.ceil(cfg.epochs * n_samples)]
+    return [flat[i: i + cfg.batch_size] for i in range(0, len(flat), cfg.batch_size)][:steps]
+
+
+def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t for t in cfg.lora_targets.split(",") if t]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in targets if t in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA targets {cfg.lora_targets!r} exist in this model")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfig, pad_id: int,
+                log_path: str | os.PathLike | None = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Train ``model`` in place on the selected tokens; returns the (merged) model and a summary."""
+    if mask.shape != table.loss_mask.shape:
+        raise ArtifactError("mask and token table have different lengths")
+    if np.any(mask & ~table.loss_mask):
+        raise ArtifactError("mask selects tokens outside loss_mask")
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    per_sample = np.add.reduceat(mask.astype(np.int64), table.offsets[:-1])
+    usable = np.flatnonzero(per_sample > 0)
+    if len(usable) == 0:
+        raise ValueError("the mask selects no token at all; nothing to train on")
+    schedule = step_schedule(len(usable), cfg)
+    total_steps = len(schedule)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if cfg.lora_r > 0:
+        model = _wrap_lora(model, cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    micro = cfg.micro_batch_size or cfg.batch_size
+    log_file = open(log_path, "w") if log_path else None
+    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress, mininterval=2.0)
+    started = time.perf_counter()
+    seen_tokens, trained_tokens, last_loss = 0, 0, float("nan")
+    try:
+        for step, batch_samples in enumerate(schedule):
+            samples = usable[batch_samples]
+            n_selected = int(per_sample[samples].sum())
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for start in range(0, len(samples), micro):
+                chunk = samples[start:start + micro]
+                batch = collate(table, chunk, pad_id, mask=mask, device=device)
+                nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"])
+                loss = nll.sum() / n_selected  # the step's mean over its selected tokens
+                loss.backward()
+                step_loss += float(loss.detach())
+                seen_tokens += int(table.lengths[chunk].sum())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            trained_tokens += n_selected
+            last_loss = step_loss
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{seen_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+            if log_file and (step % cfg.log_every == 0 or step == total_steps - 1):
+                log_file.write(json.dumps({"step": step + 1, "loss": round(step_loss, 6),
+                                           "lr": optimizer.param_groups[0]["lr"], "selected_tokens": n_selected,
+                                           "tokens_per_s": round(seen_tokens / max(elapsed, 1e-9), 1)}) + "\n")
+                log_file.flush()
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    if not math.isfinite(last_loss):
+        raise FloatingPointError("training loss is not finite; lower the learning rate")
+    if cfg.lora_r > 0:
+        model = model.merge_and_unload()
+    model.eval()
+    summary = {"steps": total_steps, "samples_used": int(len(usable)),
+               "samples_without_selected_tokens": int(table.n_samples - len(usable)),
+               "selected_tokens_trained": trained_tokens, "tokens_processed": seen_tokens,
+               "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}
+    return model, summary
+
+
+def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
+               mask_path: str | os.PathLike | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """CLI entry: fine-tune ``model_name`` on a token table (optionally restricted by a mask); save an HF dir."""
+    from tokenclean.artifacts import atomic_dir
+    from tokenclean.models import load_model, model_fingerprint, pick_device, write_model_dir
+    from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
+
+    table, tmeta = TokenTable.load(tokens)
+    mask, mmeta = (table.loss_mask.copy(), {}) if mask_path is None else load_array(mask_path)
+    if mask_path is not None and mmeta.get("tokens_fingerprint") != tmeta["fingerprint"]:
+        raise ArtifactError(f"{mask_path} was made for {mmeta.get('tokens')}, not for {tokens}")
+    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
+        raise ArtifactError(f"{tokens} was tokenized with a different tokenizer than that of {model_name!r}")
+    device = pick_device(cfg.device)
+    model = load_model(model_name, device, cfg.dtype, trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with atomic_dir(out) as tmp:
+        model, summary = train_model(model, table, mask, cfg, pad_id, log_path=Path(tmp) / "train_log.jsonl")
+        write_model_dir(model, tokenizer, tmp, {
+            "kind": "model", "base_model": str(model_name), "base_model_fingerprint": model_fingerprint(model_name),
+            "tokens": str(tokens), "tokens_fingerprint": tmeta["fingerprint"],
+            "mask": str(mask_path) if mask_path else None, "mask_meta": mmeta,
+            "train_config": dataclasses.asdict(cfg), **summary})
+    return summary
