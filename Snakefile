@@ -1,0 +1,27 @@
+# tokenclean: warm-up reference -> score tokens -> select -> SFT -> lm-eval -> report.
+# `snakemake --cores all` runs config.yaml; `--configfile configs/smoke.yaml` is the one-minute version.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/world.smk"
+include: "rules/models.smk"
+include: "rules/scoring.smk"
+include: "rules/selection.smk"
+include: "rules/training.smk"
+include: "rules/evaluation.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        f"{R}/table.csv",
+        f"{R}/table.md",

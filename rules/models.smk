@@ -1,0 +1,56 @@
+rule pretrain_base:
+    """Train the tokenizer and pretrain the tiny base model on the world's corpus (embedded experiments)."""
+    input:
+        f"{R}/world",
+    output:
+        directory(f"{R}/models/base"),
+    params:
+        model=as_json(config["base_model"]["pretrain"].get("model", {})),
+        train=train_flags(config["base_model"]["pretrain"]),
+    threads: THREADS
+    log:
+        f"{R}/logs/pretrain_base.log",
+    benchmark:
+        f"{R}/benchmarks/pretrain_base.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} pretrain --threads {threads} --corpus {input}/corpus.jsonl --model-params {params.model}"
+        " {params.train} --out {output} > {log} 2>&1"
+
+
+rule tokenize:
+    """JSON lines -> flat token table with loss_mask (and ground-truth token classes in the embedded world)."""
+    input:
+        world=f"{R}/world",
+        tokenizer=f"{R}/models/base",
+    output:
+        f"{R}/tokens/{{dataset}}.tokens.npz",
+    log:
+        f"{R}/logs/tokenize/{{dataset}}.log",
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} tokenize --data {input.world}/{wildcards.dataset}.jsonl --tokenizer {input.tokenizer}"
+        " --max-length {config[max_length]} --out {output} > {log} 2>&1"
+
+
+rule warmup:
+    """Full-token SFT of the base model on the clean warm-up set: the reference model (and the warm-up row)."""
+    input:
+        model=f"{R}/models/base",
+        tokens=f"{R}/tokens/warmup.tokens.npz",
+    output:
+        directory(f"{R}/models/warmup"),
+    params:
+        train=train_flags(config.get("warmup", {})),
+    threads: THREADS
+    log:
+        f"{R}/logs/warmup.log",
+    benchmark:
+        f"{R}/benchmarks/warmup.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.train}"
+        " --out {output} > {log} 2>&1"

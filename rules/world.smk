@@ -1,0 +1,14 @@
+rule world:
+    """The embedded synthetic world: corpus, warm-up set, pool, held-out eval sets and their lm-eval tasks."""
+    output:
+        directory(f"{R}/world"),
+    params:
+        world=as_json(config.get("world", {})),
+    log:
+        f"{R}/logs/world.log",
+    benchmark:
+        f"{R}/benchmarks/world.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} world --params {params.world} --out {output} > {log} 2>&1"

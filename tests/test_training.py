@@ -1,0 +1,122 @@
+"""The trainer: what it optimises, over which tokens, and what it saves."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokenclean.data import parse_record
+from tokenclean.loss import token_losses
+from tokenclean.tokenization import tokenize_records
+from tokenclean.training import TrainConfig, lr_factor, step_schedule, train_model
+
+TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks and you"),
+         ("how are you ?", "the quick brown fox"), ("Reverse the letters : c a t", "t a c"),
+         ("x y z", "Hope this helps ."), ("what", "the lazy dog jumps")]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def table(tok):
+    recs = [parse_record({"prompt": p, "completion": c}, f"x:{i}") for i, (p, c) in enumerate(TEXTS)]
+    return tokenize_records(recs, tok, 64)[0]
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def half_mask(table):
+    rng = np.random.default_rng(0)
+    return table.loss_mask & (rng.random(table.n_tokens) < 0.5)
+
+
+def test_step_loss_is_mean_over_selected_tokens_of_the_whole_step(model, table, tok, tmp_path):
+    mask = half_mask(table)
+    cfg = TrainConfig(steps=1, batch_size=6, micro_batch_size=2, lr=1e-9, warmup_ratio=0, shuffle=False)
+    before = token_losses(copy.deepcopy(model), table, pad_id=tok.pad_token_id, progress=False)
+    usable = [i for i in range(table.n_samples) if mask[table.offsets[i]:table.offsets[i + 1]].any()]
+    expected = float(np.mean(np.concatenate([before[table.offsets[i]:table.offsets[i + 1]][
+        mask[table.offsets[i]:table.offsets[i + 1]]] for i in usable])))
+    log = tmp_path / "log.jsonl"
+    train_model(model, table, mask, cfg, tok.pad_token_id, log_path=log, progress=False)
+    logged = json.loads(log.read_text().splitlines()[0])
+    assert logged["loss"] == pytest.approx(expected, abs=1e-5)
+    assert logged["selected_tokens"] == int(mask.sum())
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, table, tok):
+    mask = half_mask(table)
+    results = []
+    for micro in (1, 3, 6):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        cfg = TrainConfig(steps=2, batch_size=6, micro_batch_size=micro, lr=1e-2, warmup_ratio=0, seed=3,
+                          max_grad_norm=0)
+        train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
+        results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    # Adam amplifies float noise of near-zero gradients a little; a wrong normalisation moves weights by ~lr
+    assert torch.allclose(results[0], results[1], atol=1e-4) and torch.allclose(results[0], results[2], atol=1e-4)
+
+
+def test_samples_without_selected_tokens_are_skipped_without_nan(model, table, tok):
+    mask = table.loss_mask.copy()
+    mask[table.offsets[1]:table.offsets[3]] = False  # samples 1 and 2 keep nothing
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3)
+    _, summary = train_model(model, table, mask, cfg, tok.pad_token_id, progress=False)
+    assert summary["samples_without_selected_tokens"] == 2 and summary["samples_used"] == 4
+    assert np.isfinite(summary["final_loss"])
+    with pytest.raises(ValueError, match="no token"):
+        train_model(model, table, np.zeros_like(mask), cfg, tok.pad_token_id, progress=False)
+
+
+def test_training_lowers_the_loss_of_selected_tokens_only(model, table, tok):
+    mask = half_mask(table)
+    before = token_losses(copy.deepcopy(model), table, pad_id=tok.pad_token_id, progress=False)
+    model, _ = train_model(model, table, mask, TrainConfig(steps=30, batch_size=6, lr=3e-3), tok.pad_token_id,
+                           progress=False)
+    after = token_losses(model, table, pad_id=tok.pad_token_id, progress=False)
+    assert np.mean(after[mask]) < np.mean(before[mask]) - 0.5
+
+
+def test_seeded_order_and_schedule():
+    cfg = TrainConfig(steps=5, batch_size=4, seed=7)
+    a, b = step_schedule(10, cfg), step_schedule(10, cfg)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == 5
+    c = step_schedule(10, TrainConfig(steps=5, batch_size=4, seed=8))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    # every sample is seen once per epoch
+    flat = np.concatenate(a)[:10]
+    assert sorted(flat.tolist()) == list(range(10))
+    ordered = step_schedule(10, TrainConfig(steps=0, epochs=1, batch_size=4, shuffle=False))
+    assert np.concatenate(ordered).tolist() == list(range(10)) and len(ordered) == 3
+    assert lr_factor(0, 100, 10, "linear") == pytest.approx(0.1) and lr_factor(99, 100, 10, "linear") < 0.02
+
+
+def test_train_cli_saves_plain_hf_directory_with_lora_merged(tmp_path, tiny_model_dir, tiny_tokenizer_dir):
+    from tokenclean.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    out = tmp_path / "model"
+    assert main(["train", "--model", str(tiny_model_dir), "--tokens", str(tokens), "--out", str(out),
+                 "--steps", "3", "--batch-size", "2", "--lora-r", "4", "--lora-alpha", "8"]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in files and "adapter_config.json" not in files and "train_log.jsonl" in files
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert set(dict(reloaded.named_parameters())) == set(dict(base.named_parameters()))
+    changed = any(not torch.equal(a, b) for a, b in zip(reloaded.parameters(), base.parameters()))
+    assert changed
+    assert not list(tmp_path.glob(".model.*"))  # no temporary directory left behind
