@@ -1,0 +1,129 @@
+"""The synthetic world: deterministic, its answers right by the task rules, its class labels exact."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenclean.data import TOKEN_CLASSES, read_jsonl
+from tokenclean.tokenization import tokenize_records
+from tokenclean.world import PREFIX, SUFFIX, build_tokenizer, generate_world
+
+SMALL = {"seed": 3, "pretrain_docs": 300, "warmup_samples": 40, "pool_samples": 400, "eval_samples": 20}
+
+
+def solve(prompt: str) -> str:
+    """The task rules, re-derived from the prompt text alone."""
+    if m := re.fullmatch(r"Add (\d) and (\d) \.", prompt):
+        return str(int(m[1]) + int(m[2]))
+    if m := re.fullmatch(r"Reverse the letters : ([a-z ]+) \.", prompt):
+        return " ".join(m[1].split()[::-1])
+    if m := re.fullmatch(r"Which is larger : (\d+) or (\d+) \?", prompt):
+        return str(max(int(m[1]), int(m[2])))
+    if m := re.fullmatch(r"Sort the letters : ([a-z ]+) \.", prompt):
+        return " ".join(sorted(m[1].split()))
+    raise AssertionError(f"unknown prompt {prompt!r}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "world"
+    generate_world(SMALL, out)
+    return out
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_deterministic_and_seed_dependent(world, tmp_path):
+    generate_world(SMALL, tmp_path / "again")
+    generate_world({**SMALL, "seed": 4}, tmp_path / "other")
+    for name in ("corpus.jsonl", "warmup.jsonl", "pool.jsonl", "eval/add.jsonl"):
+        assert (world / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+        assert (world / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
+
+
+def test_resizing_one_split_leaves_the_others_unchanged(world, tmp_path):
+    generate_world({**SMALL, "pool_samples": 100}, tmp_path / "w")
+    for name in ("corpus.jsonl", "warmup.jsonl", "eval/sort.jsonl"):
+        assert (world / name).read_bytes() == (tmp_path / "w" / name).read_bytes()
+
+
+def test_answers_follow_the_rules_and_classes_are_exact(world):
+    pool = rows(world / "pool.jsonl")
+    junk = set(json.loads((world / "world.json").read_text())["junk_vocabulary"])
+    n_corrupt = n_garbage = 0
+    for r in pool:
+        prompt, response = r["messages"][0]["content"], r["messages"][1]["content"]
+        right = solve(prompt)
+        assert r["right_answer"] == right and (r["answer"] != right) == r["corrupted"]
+        # Removing the garbage spans leaves exactly the template around the given answer.
+        garbage = [(s, e) for s, e, c in r["classes"] if c == "garbage"]
+        assert all(response[s:e] in junk for s, e in garbage) and bool(garbage) == r["garbage"]
+        kept = " ".join(w for w in response.split(" ") if w not in junk)
+        assert kept == PREFIX + r["answer"] + SUFFIX
+        # Answer characters: informative where they match the right answer, corrupted where they differ.
+        start = response.index(PREFIX) + len(PREFIX) if not garbage else None
+        if start is not None:
+            labels = {i: c for s, e, c in r["classes"] for i in range(s, e)}
+            for i, ch in enumerate(r["answer"]):
+                if ch != " ":
+                    ok = i < len(right) and right[i] == ch
+                    assert labels[start + i] == ("informative" if ok else "corrupted")
+        has_corrupted = any(c == "corrupted" for _, _, c in r["classes"])
+        assert has_corrupted == r["corrupted"]
+        n_corrupt += r["corrupted"]
+        n_garbage += r["garbage"]
+    # 400 draws at rates 0.3 / 0.2: far outside these bounds only if the rates were ignored.
+    assert 80 < n_corrupt < 160 and 45 < n_garbage < 115
+
+
+def test_warmup_and_eval_are_clean(world):
+    for r in rows(world / "warmup.jsonl"):
+        assert not r["corrupted"] and not r["garbage"]
+        assert r["messages"][1]["content"] == PREFIX + solve(r["messages"][0]["content"]) + SUFFIX
+    for family in ("add", "reverse", "max", "sort"):
+        ev = rows(world / "eval" / f"{family}.jsonl")
+        assert len(ev) == SMALL["eval_samples"]
+        for r in ev:
+            s, e = r["answer_span"]
+            assert r["family"] == family and r["answer"] == solve(r["prompt"]) == r["response"][s:e]
+
+
+def test_records_parse_and_token_classes_follow_labels(world, tmp_path):
+    corpus = read_jsonl(world / "corpus.jsonl")
+    tok = build_tokenizer((r.messages[0].content for r in corpus), tmp_path / "tok", 400)
+    pool = read_jsonl(world / "pool.jsonl")
+    table, _ = tokenize_records(pool, tok, 128)
+    cls = table.extras["token_class"]
+    assert (cls[table.loss_mask] >= 0).all() and (cls[~table.loss_mask] == -1).all()
+    raw = rows(world / "pool.jsonl")
+    for i in range(table.n_samples):
+        a, b = table.offsets[i], table.offsets[i + 1]
+        ids, c = table.input_ids[a:b], cls[a:b]
+        answer_text = tok.decode(ids[c == TOKEN_CLASSES.index("informative")].tolist()).replace(" ", "")
+        expect = "".join(ch for j, ch in enumerate(raw[i]["answer"])
+                         if ch != " " and j < len(raw[i]["right_answer"]) and raw[i]["right_answer"][j] == ch)
+        assert answer_text == expect
+        assert (c == TOKEN_CLASSES.index("corrupted")).any() == raw[i]["corrupted"]
+
+
+def test_tokenizer_splits_digits_and_keeps_role_markers_whole(tmp_path):
+    tok = build_tokenizer(["Sure ! The answer is 123 . <|user|> hi"] * 50, tmp_path / "t", 300)
+    assert [tok.decode([i]) for i in tok("123", add_special_tokens=False)["input_ids"]] == ["1", "2", "3"]
+    ids = tok("<|user|>\nAdd 3 and 5 .\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<|user|>") and tok.convert_tokens_to_ids("<|assistant|>") in ids
+    assert tok.decode(ids) == "<|user|>\nAdd 3 and 5 .\n<|assistant|>\n"
+    assert tok.eos_token == "</s>" and tok.bos_token == "<s>" and tok.pad_token == "<pad>"
+
+
+@pytest.mark.parametrize("bad", [{"nope": 1}, {"families": ["add", "fly"]}, {"corrupt_rate": 1.5},
+                                 {"pool_samples": 0}, {"junk_words": [3, 2]}])
+def test_bad_settings_are_refused_and_nothing_is_written(bad, tmp_path):
+    with pytest.raises(ValueError, match="world setting|unknown world|families"):
+        generate_world({**SMALL, **bad}, tmp_path / "w")
+    assert not (tmp_path / "w").exists()

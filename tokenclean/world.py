@@ -1,0 +1,298 @@
+"""The embedded synthetic SFT world: rule-based tasks whose token quality is known.
+
+Why synthetic: a world with ground truth lets a CPU run in minutes show whether token cleaning removes the
+right tokens, which no real dataset can. Each sample is a single-turn instruction from one of a few rule-based
+task families (so a reference trained on a small clean set generalises to new instances) answered with a fixed
+template::
+
+    user:      Add 3 and 5 .
+    assistant: Sure ! The answer is 8 . Hope this helps .
+
+Every response character carries a class (``tokenclean.data.TOKEN_CLASSES``):
+- *informative*: the characters of a correct answer;
+- *boilerplate*: the template, which the pretrained base already predicts well;
+- *corrupted*: the answer characters that differ from the right answer (a plausible wrong answer);
+- *garbage*: junk words inserted between template words.
+
+Splits (each drawn from its own seeded stream, so resizing one leaves the others unchanged):
+- ``corpus.jsonl``: pretraining text for the base model: chat-formatted questions with the template but random
+  answers (the base learns format and template, not the tasks), filler sentences made of template phrases and
+  common words, and word lists that include the junk vocabulary (so junk is made of known tokens, as in real
+  data, and scores cleanly negative rather than as noise);
+- ``warmup.jsonl``: clean samples for the warm-up (reference) model;
+- ``pool.jsonl``: the SFT pool to be cleaned, with ``corrupt_rate`` wrong answers and ``garbage_rate`` samples
+  with junk words (independently);
+- ``eval/<family>.jsonl``: clean held-out samples with the answer's character span, for the lm-eval tasks.
+"""
+from __future__ import annotations
+
+import os
+import random
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from tokenclean.artifacts import atomic_dir, write_json
+from tokenclean.data import write_jsonl
+
+DEFAULT_WORLD: dict[str, Any] = {
+    "seed": 0,
+    "families": ["add", "reverse", "max", "sort"],
+    "pretrain_docs": 20000,
+    "warmup_samples": 1000,
+    "pool_samples": 3000,
+    "eval_samples": 200,      # per family
+    "corrupt_rate": 0.3,      # fraction of pool samples with a plausible wrong answer
+    "garbage_rate": 0.2,      # fraction of pool samples with junk words inserted
+    "junk_words": [2, 5],     # how many junk words a garbage sample gets (inclusive range)
+    "junk_vocab": 60,         # size of the junk vocabulary
+}
+
+PREFIX = "Sure ! The answer is "
+SUFFIX = " . Hope this helps ."
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+COMMON_WORDS = ("the a of to and is in it that for on with as this be at by from or an are was we can you "
+                "will not have one all more about which their time when there some what out so up if into "
+                "answer sure hope helps number letters larger smaller sort reverse add order").split()
+LETTERS = string.ascii_lowercase
+
+
+def _letters(rng: random.Random, n: int, distinct: bool = False) -> list[str]:
+    return rng.sample(LETTERS, n) if distinct else [rng.choice(LETTERS) for _ in range(n)]
+
+
+# Each family: draw(rng) -> (prompt, right answer, wrong answer). Answers are strings of space-separated
+# symbols so that the tokenizer gives one token per letter or digit.
+def _add(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+    if wrong < 0:
+        wrong = a + b + rng.randint(1, 3)
+    return f"Add {a} and {b} .", str(a + b), str(wrong)
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    word = _letters(rng, rng.randint(3, 5))
+    while word == word[::-1]:
+        word = _letters(rng, len(word))
+    return f"Reverse the letters : {' '.join(word)} .", " ".join(word[::-1]), " ".join(word)
+
+
+def _max(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.sample(range(10, 100), 2)
+    return f"Which is larger : {a} or {b} ?", str(max(a, b)), str(min(a, b))
+
+
+def _sort(rng: random.Random) -> tuple[str, str, str]:
+    letters = _letters(rng, 3, distinct=True)
+    right = sorted(letters)
+    wrong = right[:]
+    while wrong == right:
+        rng.shuffle(wrong)
+    return f"Sort the letters : {' '.join(letters)} .", " ".join(right), " ".join(wrong)
+
+
+FAMILIES: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "add": _add, "reverse": _reverse, "max": _max, "sort": _sort}
+
+
+def _check_params(params: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(params) - set(DEFAULT_WORLD)
+    if unknown:
+        raise ValueError(f"unknown world settings: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_WORLD)})")
+    p = {**DEFAULT_WORLD, **params}
+    bad = [f for f in p["families"] if f not in FAMILIES]
+    if bad or not p["families"]:
+        raise ValueError(f"world families must be a non-empty subset of {', '.join(FAMILIES)}; got {p['families']}")
+    for key in ("corrupt_rate", "garbage_rate"):
+        if not 0.0 <= float(p[key]) <= 1.0:
+            raise ValueError(f"world setting {key} must be in [0, 1], got {p[key]}")
+    for key in ("pretrain_docs", "warmup_samples", "pool_samples", "eval_samples", "junk_vocab"):
+        if int(p[key]) < 1:
+            raise ValueError(f"world setting {key} must be at least 1, got {p[key]}")
+    lo, hi = p["junk_words"]
+    if not 1 <= lo <= hi:
+        raise ValueError(f"world setting junk_words must be [min, max] with 1 <= min <= max, got {p['junk_words']}")
+    return p
+
+
+def junk_vocabulary(seed: int, size: int) -> list[str]:
+    """Pronounceable nonsense words (never a common word), fixed by the world seed."""
+    rng = random.Random(f"{seed}:junk")
+    consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
+    words: set[str] = set()
+    while len(words) < size:
+        w = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(2, 3)))
+        if w not in COMMON_WORDS:
+            words.add(w)
+    return sorted(words)
+
+
+def _answer_classes(start: int, given: str, right: str) -> list[list[Any]]:
+    """Per-character classes of an answer: characters equal to the right answer's at the same position are
+    informative, the others (and any extra characters) corrupted. Spaces carry no class."""
+    spans: list[list[Any]] = []
+    for i, ch in enumerate(given):
+        if ch == " ":
+            continue
+        cls = "informative" if i < len(right) and right[i] == ch else "corrupted"
+        if spans and spans[-1][1] == start + i and spans[-1][2] == cls:
+            spans[-1][1] += 1
+        else:
+            spans.append([start + i, start + i + 1, cls])
+    return spans
+
+
+def make_sample(rng: random.Random, family: str, corrupt: bool, junk: list[str]) -> dict[str, Any]:
+    """One SFT record with ground-truth classes; ``junk`` words are inserted between template words."""
+    prompt, right, wrong = FAMILIES[family](rng)
+    answer = wrong if corrupt else right
+    words = PREFIX.split() + ["\0"] + SUFFIX.split()  # \0 marks the answer slot
+    for w in junk:  # insert at random word boundaries, never inside the answer
+        words.insert(rng.randint(0, len(words)), "\1" + w)
+    response, classes = "", []
+    for w in words:
+        if response:
+            response += " "
+        if w == "\0":
+            classes += _answer_classes(len(response), answer, right)
+            response += answer
+        elif w.startswith("\1"):
+            classes.append([len(response), len(response) + len(w) - 1, "garbage"])
+            response += w[1:]
+        else:
+            response += w
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            "classes": classes, "family": family, "corrupted": corrupt, "garbage": bool(junk),
+            "answer": answer, "right_answer": right}
+
+
+def _sft_split(p: dict[str, Any], name: str, n: int, corrupt_rate: float, garbage_rate: float,
+               junk_vocab: list[str]) -> list[dict[str, Any]]:
+    rng = random.Random(f"{p['seed']}:{name}")
+    rows = []
+    for i in range(n):
+        family = p["families"][i % len(p["families"])]
+        corrupt = rng.random() < corrupt_rate
+        junk = rng.sample(junk_vocab, rng.randint(*p["junk_words"])) if rng.random() < garbage_rate else []
+        rows.append(make_sample(rng, family, corrupt, junk))
+    rng.shuffle(rows)
+    return rows
+
+
+def _eval_split(p: dict[str, Any], family: str) -> list[dict[str, Any]]:
+    rng = random.Random(f"{p['seed']}:eval:{family}")
+    rows = []
+    for _ in range(p["eval_samples"]):
+        prompt, right, _ = FAMILIES[family](rng)
+        response = PREFIX + right + SUFFIX
+        rows.append({"family": family, "prompt": prompt, "response": response, "answer": right,
+                     "answer_span": [len(PREFIX), len(PREFIX) + len(right)]})
+    return rows
+
+
+def _random_answer(rng: random.Random, family: str) -> str:
+    """An answer of the family's shape with no relation to the question (the base learns shape, not rule)."""
+    if family == "add":
+        return str(rng.randint(0, 18))
+    if family == "max":
+        return str(rng.randint(10, 99))
+    return " ".join(_letters(rng, rng.randint(3, 5) if family == "reverse" else 3))
+
+
+def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
+    rng = random.Random(f"{p['seed']}:corpus")
+    template_phrases = ["Sure !", "The answer is", "Hope this helps .", PREFIX.strip(), SUFFIX.strip()]
+    docs = []
+    for _ in range(p["pretrain_docs"]):
+        kind = rng.random()
+        if kind < 0.4:  # chat-formatted question, template, random answer
+            family = rng.choice(p["families"])
+            prompt, _, _ = FAMILIES[family](rng)
+            text = f"<|user|>\n{prompt}\n<|assistant|>\n{PREFIX}{_random_answer(rng, family)}{SUFFIX}"
+        elif kind < 0.7:  # filler prose around template phrases
+            parts = []
+            for _ in range(rng.randint(3, 8)):
+                parts.append(rng.choice(template_phrases) if rng.random() < 0.4
+                             else " ".join(rng.choices(COMMON_WORDS, k=rng.randint(2, 6))))
+            text = " ".join(parts)
+        else:  # word lists with junk words, letters and numbers
+            pool = COMMON_WORDS + junk_vocab + list(LETTERS) + [str(d) for d in range(100)]
+            text = " ".join(rng.choices(pool, k=rng.randint(8, 24)))
+        docs.append({"text": text})
+    return docs
+
+
+def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write the world's splits to ``out_dir`` (atomically) and return its statistics (also in world.json)."""
+    p = _check_params(params)
+    junk = junk_vocabulary(p["seed"], p["junk_vocab"])
+    warmup = _sft_split(p, "warmup", p["warmup_samples"], 0.0, 0.0, junk)
+    pool = _sft_split(p, "pool", p["pool_samples"], p["corrupt_rate"], p["garbage_rate"], junk)
+    evals = {f: _eval_split(p, f) for f in p["families"]}
+    corpus = _corpus(p, junk)
+
+    train_prompts = {r["messages"][0]["content"] for r in warmup + pool}
+    stats: dict[str, Any] = {
+        "params": p, "families": p["families"], "junk_vocabulary": junk,
+        "n": {"corpus": len(corpus), "warmup": len(warmup), "pool": len(pool),
+              **{f"eval_{f}": len(rows) for f, rows in evals.items()}},
+        "pool_corrupted": sum(r["corrupted"] for r in pool),
+        "pool_garbage": sum(r["garbage"] for r in pool),
+        "pool_response_chars_by_class": _chars_by_class(pool),
+        # Small instance spaces (add has 100 questions) make some held-out questions appear in training data.
+        "eval_prompts_seen_in_training": {f: sum(r["prompt"] in train_prompts for r in rows) / len(rows)
+                                          for f, rows in evals.items()},
+    }
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "corpus.jsonl", corpus)
+        write_jsonl(tmp / "warmup.jsonl", warmup)
+        write_jsonl(tmp / "pool.jsonl", pool)
+        (tmp / "eval").mkdir()
+        for family, rows in evals.items():
+            write_jsonl(tmp / "eval" / f"{family}.jsonl", rows)
+        write_json(tmp / "world.json", stats)
+    return stats
+
+
+def _chars_by_class(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for r in rows:
+        response = r["messages"][1]["content"]
+        labelled = sum(e - s for s, e, _ in r["classes"])
+        counts["boilerplate"] += len(response.replace(" ", "")) - labelled
+        for s, e, cls in r["classes"]:
+            counts[cls] += e - s
+    return dict(counts)
+
+
+def build_tokenizer(texts: Any, out_dir: str | os.PathLike, vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer (digits always split) on ``texts`` and save it to ``out_dir``.
+
+    Chat role markers and bos/eos/pad are special tokens, so they are single ids that BPE never merges.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    specials = tuple(SPECIAL_TOKENS)
+
+    def plain(batch: Any) -> Any:  # role markers are not text to learn merges from
+        for t in batch:
+            for s in specials:
+                t = t.replace(s, " ")
+            yield t
+
+    tok.train_from_iterator(plain(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
