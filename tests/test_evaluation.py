@@ -1,0 +1,292 @@
+"""lm-eval evaluation: task files, token alignment with training, metrics against a direct computation."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenclean.data import Message, Record
+from tokenclean.evaluation import check_alignment, evaluate, make_lm, samples_path, write_tasks
+from tokenclean.tokenization import format_prompt, tokenize_records
+
+PREFIX, SUFFIX = "Sure ! The answer is ", " . Hope this helps ."
+TRAIN_PAIRS = [("Add 3 and 5 .", "8"), ("Add 2 and 7 .", "9"), ("Reverse the letters : c a t .", "t a c"),
+               ("Reverse the letters : a b c .", "c b a")]
+UNSEEN_PAIRS = [("Add 4 and 1 .", "5"), ("Which is larger : 37 or 52 ?", "52"), ("Reverse the letters : b a d .", "d a b")]
+
+
+def row(family: str, prompt: str, response: str, answer: str) -> dict:
+    start = len(PREFIX)
+    assert response[start:start + len(answer)] == answer
+    return {"family": family, "prompt": prompt, "response": response, "answer": answer,
+            "answer_span": [start, start + len(answer)]}
+
+
+def write_eval(eval_dir: Path, rows_by_family: dict[str, list[dict]]) -> None:
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for family, rows in rows_by_family.items():
+        (eval_dir / f"{family}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def training_ids(tok, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of the sample in the training table and the number of ids before the response."""
+    table, _ = tokenize_records([Record((Message("user", prompt), Message("assistant", response)))], tok, 1 << 20)
+    return [int(i) for i in table.input_ids], int(table.loss_mask.argmax())
+
+
+def answer_token_range(tok, response: str, span) -> tuple[int, int]:
+    offsets = tok(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    hit = [i for i, (a, b) in enumerate(offsets) if a < span[1] and b > span[0]]
+    return hit[0], hit[-1] + 1
+
+
+def direct_generate(model, tok, prompt: str) -> str:
+    """Greedy generation with plain transformers from the training prefix, cut at </s> or <|user|>."""
+    ids, n_prefix = training_ids(tok, prompt, "x")
+    x = torch.tensor([ids[:n_prefix]])
+    stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<|user|>")]
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=48, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    new = out[0, x.shape[1]:].tolist()
+    for i, t in enumerate(new):
+        if t in stops:
+            new = new[:i]
+            break
+    return tok.decode(new, skip_special_tokens=False)
+
+
+def direct_answer_nll(model, tok, r: dict) -> float:
+    ids, n_prefix = training_ids(tok, r["prompt"], r["response"])
+    a, b = answer_token_range(tok, r["response"], r["answer_span"])
+    a, b = n_prefix + a, n_prefix + b
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:b]])).logits[0].double(), -1)
+    return -sum(float(logp[i - 1, ids[i]]) for i in range(a, b))
+
+
+def extract(text: str):
+    at = text.find("The answer is")
+    if at < 0:
+        return None
+    rest = text[at + len("The answer is"):]
+    return (rest.split(" .")[0]).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny Llama briefly fitted to the chat template, so greedy generations are answers, not noise."""
+    from transformers import AutoTokenizer
+
+    from tokenclean.models import save_model, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    recs = [Record((Message("user", p), Message("assistant", PREFIX + a + SUFFIX))) for p, a in TRAIN_PAIRS]
+    table, _ = tokenize_records(recs, tok, 256)
+    seqs = [table.input_ids[s:e] for s, e in zip(table.offsets[:-1], table.offsets[1:])]
+    ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = labels[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    model = tiny_llama(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hidden=32, layers=2,
+                       heads=2, intermediate=64, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d = tmp_path_factory.mktemp("trained") / "model"
+    save_model(model.eval(), tok, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, trained_model_dir):
+    """One evaluate() run over three families.
+
+    ``add`` and ``reverse`` hold the training prompts with the model's own greedy generation as the gold response
+    (and its extracted answer as the gold answer): a model that is right by construction. ``unseen`` holds new
+    prompts with their true answers: whatever the model does there is checked against a direct computation.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir, dtype=torch.float32).eval()
+    rows: dict[str, list[dict]] = {"add": [], "reverse": [], "unseen": []}
+    for prompt, _ in TRAIN_PAIRS:
+        gen = direct_generate(model, tok, prompt).strip()
+        answer = extract(gen)
+        assert answer, f"the fitted tiny model did not learn the template: {gen!r}"
+        start = gen.index(answer, gen.index("The answer is"))
+        family = "add" if prompt.startswith("Add") else "reverse"
+        rows[family].append({"family": family, "prompt": prompt, "response": gen, "answer": answer,
+                             "answer_span": [start, start + len(answer)]})
+    for prompt, answer in UNSEEN_PAIRS:
+        rows["unseen"].append(row("unseen", prompt, PREFIX + answer + SUFFIX, answer))
+
+    world = tmp_path_factory.mktemp("world")
+    write_eval(world / "eval", rows)
+    write_tasks(world / "eval", world / "tasks", list(rows))
+    out = world / "evals" / "base.json"
+    result = evaluate(trained_model_dir, world / "tasks", list(rows), out, device="cpu", seed=3)
+    samples = [json.loads(line) for line in samples_path(out).read_text().splitlines()]
+    return {"result": result, "out": out, "samples": samples, "rows": rows, "model": model, "tok": tok,
+            "world": world}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# task files
+# ---------------------------------------------------------------------------------------------------------
+def test_write_tasks_is_self_contained_and_movable(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    world = tmp_path / "results" / "world"
+    write_eval(world / "eval", {"add": [row("add", "Add 3 and 5 .", PREFIX + "8" + SUFFIX, "8")] * 3,
+                                "max": [row("max", "Which is larger : 37 or 52 ?", PREFIX + "52" + SUFFIX, "52")] * 2})
+    names = write_tasks(world / "eval", world / "tasks", ["add", "max"])
+    assert names == ["tc_add_gen", "tc_add_nll", "tc_max_gen", "tc_max_nll"]
+    assert sorted(p.name for p in (world / "tasks").iterdir()) == sorted(
+        [f"{n}.yaml" for n in names] + ["tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml"])
+    assert not [p for p in world.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+    assert "../eval/add.jsonl" in (world / "tasks" / "tc_add_gen.yaml").read_text()
+
+    # move the whole results tree and work from an unrelated directory: the tasks still find their data
+    moved = tmp_path / "elsewhere" / "w"
+    shutil.move(str(world), moved)
+    monkeypatch.chdir(tmp_path)
+    tm = TaskManager(include_path=str(moved / "tasks"), include_defaults=False)
+    assert set(tm.all_subtasks) == set(names)
+    assert set(tm.all_tags) >= {"tc_add", "tc_max", "tokenclean"}
+    tasks = tm.load(["tc_add_gen", "tc_max_nll"])["tasks"]
+    assert len(tasks["tc_add_gen"].eval_docs) == 3 and len(tasks["tc_max_nll"].eval_docs) == 2
+    doc = tasks["tc_add_gen"].eval_docs[0]
+    assert tasks["tc_add_gen"].doc_to_text(doc) == format_prompt("Add 3 and 5 .")
+    assert tasks["tc_max_nll"].doc_to_text(tasks["tc_max_nll"].eval_docs[0]) == \
+        format_prompt("Which is larger : 37 or 52 ?") + PREFIX
+    assert tasks["tc_max_nll"].doc_to_target(tasks["tc_max_nll"].eval_docs[0]) == "52"
+
+
+def test_write_tasks_errors(tmp_path):
+    write_eval(tmp_path / "eval", {"add": [row("add", "Add 3 and 5 .", PREFIX + "8" + SUFFIX, "8")]})
+    with pytest.raises(FileNotFoundError, match="reverse"):
+        write_tasks(tmp_path / "eval", tmp_path / "tasks", ["add", "reverse"])
+    with pytest.raises(ValueError, match="family"):
+        write_tasks(tmp_path / "eval", tmp_path / "tasks", [])
+    assert not (tmp_path / "tasks").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token alignment with training
+# ---------------------------------------------------------------------------------------------------------
+def _world_tokenizer_model(tmp_path: Path) -> Path:
+    from tokenclean.models import save_model, tiny_llama
+    from tokenclean.world import build_tokenizer
+
+    texts = [f"<|user|>\nAdd {a} and {b} .\n<|assistant|>\n{PREFIX}{a + b}{SUFFIX}" for a in range(10) for b in range(10)]
+    texts += ["Reverse the letters : c a t . t a c Which is larger : 37 or 52 ? 52"] * 20
+    tok = build_tokenizer(texts, tmp_path / "tok", vocab_size=320)
+    d = tmp_path / "model"
+    save_model(tiny_llama(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hidden=16, layers=1,
+                          heads=2, intermediate=32), tok, d)
+    return d
+
+
+@pytest.mark.parametrize("which", ["fixture_tokenizer", "world_tokenizer"])
+def test_lm_eval_ids_equal_training_ids(which, tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir if which == "fixture_tokenizer" else _world_tokenizer_model(tmp_path)
+    lm = make_lm(model_dir, device="cpu")
+    tok = lm.tokenizer
+    for prompt, answer in TRAIN_PAIRS + UNSEEN_PAIRS + [(" leading space , 12 + 30", "42")]:
+        r = row("f", prompt, PREFIX + answer + SUFFIX, answer)
+        ids, n_prefix = training_ids(tok, prompt, r["response"])
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        # generation: what HFLM feeds the model (tok_batch_encode) is the training prefix, <s> included
+        fed, mask = lm.tok_batch_encode([format_prompt(prompt)])
+        assert fed[0].tolist() == ids[:n_prefix] and bool(mask.all())
+        assert lm.tok_encode(format_prompt(prompt)) == ids[:n_prefix]
+        # answer likelihood: context + continuation are the training ids, continuation = the answer's tokens
+        a, b = answer_token_range(tok, r["response"], r["answer_span"])
+        ctx, cont = lm._encode_pair(format_prompt(prompt) + r["response"][:r["answer_span"][0]], answer)
+        assert ctx == ids[:n_prefix + a] and cont == ids[n_prefix + a:n_prefix + b]
+        check_alignment(lm, prompt, r["response"], r["answer_span"])  # the guard evaluate() runs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------
+def test_model_that_is_right_scores_one(evaluated):
+    m = evaluated["result"]["metrics"]
+    for family in ("add", "reverse"):
+        assert m[family]["answer_acc"] == 1.0 and m[family]["response_em"] == 1.0
+    assert all(s["answer_correct"] for s in evaluated["samples"] if s["family"] != "unseen")
+
+
+def test_metrics_match_direct_computation(evaluated):
+    model, tok, result = evaluated["model"], evaluated["tok"], evaluated["result"]
+    samples = {(s["family"], s["prompt"]): s for s in evaluated["samples"]}
+    for family, rows in evaluated["rows"].items():
+        acc, em, nll = [], [], []
+        for r in rows:
+            s = samples[(family, r["prompt"])]
+            gen = direct_generate(model, tok, r["prompt"])
+            assert s["generated"] == gen
+            assert s["gold"] == r["response"] and s["answer"] == r["answer"]
+            acc.append(float(extract(gen) == r["answer"]))
+            em.append(float(gen.strip() == r["response"].strip()))
+            nll.append(direct_answer_nll(model, tok, r))
+            assert s["answer_correct"] == bool(acc[-1])
+            assert s["answer_nll"] == pytest.approx(nll[-1], abs=1e-4)
+        got = result["metrics"][family]
+        assert got["answer_acc"] == pytest.approx(sum(acc) / len(acc))
+        assert got["response_em"] == pytest.approx(sum(em) / len(em))
+        assert got["answer_nll"] == pytest.approx(sum(nll) / len(nll), abs=1e-4)
+        assert result["n_examples"][family] == len(rows)
+    for metric in ("answer_acc", "response_em", "answer_nll"):
+        fams = result["metrics"].values()
+        assert result["average"][metric] == pytest.approx(sum(f[metric] for f in fams) / len(result["metrics"]))
+
+
+def test_output_files(evaluated):
+    import lm_eval
+
+    out = evaluated["out"]
+    on_disk = json.loads(out.read_text())
+    assert on_disk == json.loads(json.dumps(evaluated["result"]))
+    assert on_disk["tasks"] == ["add", "reverse", "unseen"]
+    assert on_disk["seed"] == 3 and on_disk["limit"] is None and on_disk["lm_eval_version"] == lm_eval.__version__
+    assert set(on_disk["metrics"]["add"]) >= {"answer_acc", "response_em", "answer_nll"}
+    assert {"family", "prompt", "gold", "generated", "answer_correct"} <= set(evaluated["samples"][0])
+    assert len(evaluated["samples"]) == sum(map(len, evaluated["rows"].values()))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["base.json", "base.samples.jsonl"]
+
+    from tokenclean.report import collect
+
+    tasks, rows = collect([out])
+    assert tasks == ["add", "reverse", "unseen"] and rows[0]["add_mean"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------------
+def test_errors_are_clear(evaluated, tmp_path):
+    world = evaluated["world"]
+    tasks_dir = world / "tasks"
+    with pytest.raises(ValueError, match=r"unknown task 'nope'.*add, reverse, unseen"):
+        evaluate(tmp_path / "no_model", tasks_dir, ["add", "nope"], tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="model directory .*no_model"):
+        evaluate(tmp_path / "no_model", tasks_dir, ["add"], tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="tasks directory"):
+        evaluate(tmp_path / "no_model", tmp_path / "no_tasks", ["add"], tmp_path / "x.json")
+    copy = tmp_path / "w"
+    shutil.copytree(world / "tasks", copy / "tasks")
+    with pytest.raises(FileNotFoundError, match=r"eval data file .*add\.jsonl"):
+        evaluate(tmp_path / "no_model", copy / "tasks", ["add"], tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()

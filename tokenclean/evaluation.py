@@ -1,0 +1,333 @@
+"""Held-out evaluation with lm-eval on the world's task families.
+
+Tasks are declared in YAML (lm-eval's own format). :func:`write_tasks` writes, for each family ``f``:
+
+- ``tc_<f>_gen.yaml`` (task ``tc_<f>_gen``): greedy generation after the chat-formatted prompt, until ``</s>`` or
+  ``<|user|>`` (48 new tokens at most); metrics ``answer_acc`` (the text between ``The answer is`` and the next
+  `` .`` equals the gold answer) and ``response_em`` (the stripped generation equals the gold response);
+- ``tc_<f>_nll.yaml`` (task ``tc_<f>_nll``): ``answer_nll``, the summed negative log-likelihood (nats) of the
+  gold answer's tokens, teacher-forced after the prompt and the gold response up to the answer;
+
+both tagged ``tc_<f>`` (and ``tokenclean``), plus the two shared templates they include and ``tc_utils.py``
+(dataset loading and scoring), copied from the package.
+
+Paths: each task YAML names its data file *relative to the tasks directory* (``../eval/<f>.jsonl`` in a world
+directory) and ``tc_utils.py`` -- which lm-eval imports from the YAML's own directory -- resolves it against its
+own location. Nothing depends on the working directory, and a results tree stays usable after it is moved as
+long as ``tasks/`` and ``eval/`` keep their relative position. The same directory also works with the plain
+lm-eval CLI (``lm_eval --include_path <tasks_dir> --tasks tc_add ...``) provided ``tokenclean`` is importable.
+
+:func:`evaluate` runs lm-eval's Python API with a Hugging Face model. The token ids lm-eval feeds are the ids
+the training table holds for the same sample (``<s>`` + prompt tokens, then the response's own tokens); see
+:func:`check_alignment`, which also runs at the start of every evaluation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenclean.artifacts import atomic_dir, atomic_file, write_json
+
+log = logging.getLogger(__name__)
+
+PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"
+SHARED_FILES = ("tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml")
+GEN_SUFFIX, NLL_SUFFIX = "_gen", "_nll"
+METRICS = ("answer_acc", "response_em", "answer_nll")
+
+
+def task_names(family: str) -> tuple[str, str]:
+    """The generation and answer-likelihood task of a family."""
+    return f"tc_{family}{GEN_SUFFIX}", f"tc_{family}{NLL_SUFFIX}"
+
+
+def _family_yaml(task: str, template: str, family: str, data_file: str) -> str:
+    # json.dumps gives a valid double-quoted YAML scalar for any family name / path
+    return (f"# written by tokenclean.evaluation.write_tasks; data_file is relative to this directory\n"
+            f"include: {template}\n"
+            f"task: {json.dumps(task)}\n"
+            f"tag: [{json.dumps(f'tc_{family}')}, tokenclean]\n"
+            f"dataset_kwargs:\n  data_file: {json.dumps(data_file)}\n")
+
+
+def write_tasks(eval_dir: str | os.PathLike, tasks_dir: str | os.PathLike, families: Sequence[str]) -> list[str]:
+    """Write the lm-eval task directory for ``families`` (data in ``eval_dir/<family>.jsonl``); atomic.
+
+    Returns the task names written. Data file paths are stored relative to ``tasks_dir`` (see module docstring).
+    """
+    families = list(families or [])
+    if not families:
+        raise ValueError("no task families given; the world settings must list at least one family")
+    for f in families:
+        if not f or not all(c.isalnum() or c in "_-" for c in f):
+            raise ValueError(f"family name {f!r} is not usable as a task name (letters, digits, '_' and '-' only)")
+    eval_dir, tasks_dir = Path(eval_dir), Path(tasks_dir)
+    missing = [f for f in families if not (eval_dir / f"{f}.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(f"eval data for {', '.join(missing)} not found in {eval_dir} "
+                                f"(expected {eval_dir}/<family>.jsonl); generate the world first")
+    names = []
+    with atomic_dir(tasks_dir) as tmp:
+        for name in SHARED_FILES:
+            shutil.copyfile(PACKAGE_TASKS / name, tmp / name)
+        for f in families:
+            # relative to the final tasks directory (tmp is its sibling, so the same relative path holds)
+            rel = os.path.relpath((eval_dir / f"{f}.jsonl").resolve(), tasks_dir.resolve())
+            gen, nll = task_names(f)
+            (tmp / f"{gen}.yaml").write_text(_family_yaml(gen, "tc_generate_template.yaml", f, rel))
+            (tmp / f"{nll}.yaml").write_text(_family_yaml(nll, "tc_answer_nll_template.yaml", f, rel))
+            names += [gen, nll]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model wrapper
+# ---------------------------------------------------------------------------------------------------------
+def load_eval_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The model's tokenizer, set up so that ``encode(text)`` starts with exactly one ``<s>`` like training."""
+    from tokenclean.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    if tok.bos_token_id is None:
+        raise ValueError(f"tokenizer of {model_dir} has no bos token; training prepends one, so evaluation needs it")
+    # Our tokenizers have no post-processor adding <s>, so HFLM's add_bos_token=True alone would feed no <s>.
+    tok.add_bos_token = True
+    if hasattr(tok, "add_eos_token"):
+        tok.add_eos_token = False
+    probe = tok.encode("x", add_special_tokens=True)
+    if probe[:1] != [tok.bos_token_id] or probe.count(tok.bos_token_id) != 1:
+        raise ValueError(f"tokenizer of {model_dir} cannot be made to prepend exactly one bos token; "
+                         "evaluation would not see what training saw")
+    return tok
+
+
+def _hflm_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class TokencleanHFLM(HFLM):
+        """HFLM with two changes that keep evaluation on the training token ids.
+
+        - ``_encode_pair``: lm-eval moves the context's trailing spaces into the continuation. With our
+          tokenizers (digits split, the space before an answer is its own token) that would score the space
+          token as part of the answer. We split the whole encoding at the context's own tokens instead when
+          they are a prefix of it (they are for our tokenizers), else fall back to lm-eval's behaviour.
+        - ``tok_decode`` keeps special tokens, so a generation that emits ``<|user|>`` is cut there by the stop
+          sequences rather than having the marker silently dropped (and text after it kept) in a batch.
+        """
+
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            if self.backend == "causal" and context:
+                whole = self.tok_encode(context + continuation)
+                ctx = self.tok_encode(context)
+                if len(ctx) < len(whole) and whole[:len(ctx)] == ctx:
+                    return ctx, whole[len(ctx):]
+            return super()._encode_pair(context, continuation)
+
+        def tok_decode(self, tokens: Any, skip_special_tokens: bool = False) -> str:
+            return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    return TokencleanHFLM
+
+
+def make_lm(model_dir: str | os.PathLike, device: str | None = None, batch_size: int | None = None) -> Any:
+    """The lm-eval model: fp32 on CPU, bf16 on CUDA, ``<s>`` prepended, no chat template.
+
+    ``batch_size`` defaults to 8 on CPU and 16 on CUDA; lm-eval left-pads batched generation (the tests check that
+    the generations equal unbatched greedy decoding with plain transformers).
+    """
+    from tokenclean.models import pick_device
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {model_dir} not found (or has no config.json); run the workflow "
+                                "step that trains it or fix --model")
+    dev = pick_device(device)
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if batch_size is None:
+        batch_size = 16 if dev.type == "cuda" else 8
+    return _hflm_class()(pretrained=str(model_dir), tokenizer=load_eval_tokenizer(model_dir), device=str(dev),
+                         dtype=dtype, batch_size=batch_size, add_bos_token=True)
+
+
+def check_alignment(lm: Any, prompt: str, response: str, answer_span: Sequence[int]) -> None:
+    """Fail unless lm-eval's token ids for this sample equal the training table's ids for it.
+
+    Generation context == the training prefix before the first response token; the answer-likelihood request's
+    context + continuation == the training ids up to the answer's end, with the continuation being exactly the
+    tokens of the answer.
+    """
+    from tokenclean.data import Message, Record
+    from tokenclean.tokenization import format_prompt, tokenize_records
+
+    tok = lm.tokenizer
+    table, _ = tokenize_records([Record((Message("user", prompt), Message("assistant", response)))], tok, 1 << 30)
+    ids = [int(i) for i in table.input_ids]
+    n_prefix = int(table.loss_mask.argmax())
+    context = format_prompt(prompt)
+    fed = lm.tok_batch_encode([context])[0][0].tolist()
+    if fed != ids[:n_prefix]:
+        raise ValueError(f"lm-eval's generation context ids {fed} differ from the training prefix {ids[:n_prefix]} "
+                         f"for prompt {prompt!r}")
+    start, end = answer_span
+    ctx, cont = lm._encode_pair(context + response[:start], response[start:end])
+    # the answer's tokens in training: the response tokens whose characters overlap the answer span
+    offsets = tok(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    hit = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    if (ctx + cont != ids[:len(ctx) + len(cont)] or not hit
+            or (len(ctx), len(cont)) != (n_prefix + hit[0], hit[-1] + 1 - hit[0])):
+        raise ValueError(f"lm-eval's answer-likelihood ids {ctx} | {cont} differ from the training ids {ids} "
+                         f"(answer tokens at {[n_prefix + i for i in hit]}) for prompt {prompt!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+def _family_of(name: str) -> str:
+    """``add`` / ``tc_add`` / ``tc_add_gen`` -> ``add``."""
+    for suffix in (GEN_SUFFIX, NLL_SUFFIX):
+        if name.startswith("tc_") and name.endswith(suffix):
+            return name[3:-len(suffix)]
+    return name[3:] if name.startswith("tc_") else name
+
+
+def _task_manager(tasks_dir: Path) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    if not tasks_dir.is_dir():
+        raise FileNotFoundError(f"tasks directory {tasks_dir} not found; run `tokenclean world` to write it")
+    return TaskManager(include_path=str(tasks_dir), include_defaults=False)  # only our tasks: ms, not ~15 s
+
+
+def _data_file(tm: Any, task: str) -> Path:
+    from tokenclean.tasks.tc_utils import resolve_data_file
+
+    entry = tm.task_index[task]
+    data_file = ((entry.cfg or {}).get("dataset_kwargs") or {}).get("data_file")
+    if not data_file:
+        raise ValueError(f"task {task} ({entry.yaml_path}) names no dataset_kwargs.data_file; "
+                         "regenerate the tasks with `tokenclean world`")
+    return resolve_data_file(data_file, Path(entry.yaml_path).parent)
+
+
+def _check_tasks(tm: Any, tasks_dir: Path, families: list[str]) -> dict[str, Path]:
+    """Every family has both tasks in ``tasks_dir`` and its data file exists; returns family -> data file."""
+    known = sorted({_family_of(t) for t in tm.all_subtasks if t.startswith("tc_")})
+    files = {}
+    for f in families:
+        for task in task_names(f):
+            if task not in tm.task_index:
+                raise ValueError(f"unknown task {f!r}: {tasks_dir} has no {task}.yaml (it has tasks for "
+                                 f"{', '.join(known) or 'no family'}); fix the task list or regenerate the world")
+        data = _data_file(tm, task_names(f)[0])
+        if not data.is_file():
+            raise FileNotFoundError(f"eval data file {data} of task {f!r} not found; tasks/ and eval/ must stay "
+                                    "side by side (re-run `tokenclean world`)")
+        files[f] = data
+    return files
+
+
+def _check_lm_alignment(lm: Any, data_files: dict[str, Path]) -> None:
+    from tokenclean.tasks.tc_utils import read_rows
+
+    for f, path in data_files.items():
+        row = read_rows(path)[0]
+        check_alignment(lm, row["prompt"], row["response"], row["answer_span"])
+
+
+def _set_seeds(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_list: Sequence[str],
+             out_json: str | os.PathLike, device: str | None = None, limit: int | None = None, seed: int = 0,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate ``model_dir`` on the families ``tasks_list`` (``add`` or ``tc_add``) and write ``out_json``.
+
+    Writes ``out_json`` = ``{"model", "tasks", "metrics": {family: {answer_acc, response_em, answer_nll}},
+    "average": {...} (unweighted over families), "n_examples": {family: n}, "seed", "limit", "lm_eval_version",
+    "batch_size", "device", "seconds"}`` and the per-sample generations to ``<out_json minus .json>.samples.jsonl``.
+    Both are written atomically (samples first). Returns the results dict.
+    """
+    import lm_eval
+    from lm_eval import simple_evaluate
+
+    t0 = time.perf_counter()
+    tasks_dir = Path(tasks_dir)
+    families = []
+    for name in tasks_list:
+        f = _family_of(str(name).strip())
+        if f and f not in families:
+            families.append(f)
+    if not families:
+        raise ValueError("no tasks given; pass --tasks add,reverse,... (the families of the world)")
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit must be a positive number of examples per task, got {limit}")
+    tm = _task_manager(tasks_dir)
+    data_files = _check_tasks(tm, tasks_dir, families)
+    lm = make_lm(model_dir, device=device, batch_size=batch_size)
+    _check_lm_alignment(lm, data_files)
+    t_setup = time.perf_counter() - t0
+
+    _set_seeds(seed)
+    names = [n for f in families for n in task_names(f)]
+    out = simple_evaluate(
+        model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=True, bootstrap_iters=0,
+        apply_chat_template=False, num_fewshot=None, random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    if out is None:  # only on non-zero ranks of a distributed run
+        raise RuntimeError("lm-eval returned no results")
+    metrics: dict[str, dict[str, float]] = {}
+    n_examples: dict[str, int] = {}
+    sample_rows: list[dict[str, Any]] = []
+    for f in families:
+        gen, nll = task_names(f)
+        res_gen, res_nll = out["results"][gen], out["results"][nll]
+        metrics[f] = {"answer_acc": float(res_gen["answer_acc,none"]), "response_em": float(res_gen["response_em,none"]),
+                      "answer_nll": float(res_nll["answer_nll,none"])}
+        gen_samples = sorted(out["samples"][gen], key=lambda s: s["doc_id"])
+        nll_by_doc = {s["doc_id"]: s for s in out["samples"][nll]}
+        n_examples[f] = len(gen_samples)
+        for s in gen_samples:
+            doc = s["doc"]
+            generated = s["filtered_resps"][0]
+            generated = generated[0] if isinstance(generated, list) else generated
+            from_nll = nll_by_doc.get(s["doc_id"])
+            sample_rows.append({
+                "family": f, "doc_id": s["doc_id"], "prompt": doc["prompt"], "gold": doc["response"],
+                "answer": doc["answer"], "generated": generated,
+                "answer_correct": bool(s["answer_acc"]), "response_em": bool(s["response_em"]),
+                "answer_nll": None if from_nll is None else float(from_nll["answer_nll"]),
+            })
+    average = {m: sum(metrics[f][m] for f in families) / len(families) for m in METRICS}
+    result = {
+        "model": str(model_dir), "tasks": families, "metrics": metrics, "average": average,
+        "n_examples": n_examples, "seed": int(seed), "limit": limit, "lm_eval_version": lm_eval.__version__,
+        "batch_size": lm.batch_size, "device": str(lm.device),
+        "seconds": {"setup": round(t_setup, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    with atomic_file(samples_path(out_json)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in sample_rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_json(out_json, result)
+    log.info("%s: answer_acc %.4f (%s)", out_json, average["answer_acc"],
+             ", ".join(f"{f} {metrics[f]['answer_acc']:.3f}" for f in families))
+    return result
+
+
+def samples_path(out_json: str | os.PathLike) -> Path:
+    """``evals/x.json`` -> ``evals/x.samples.jsonl``."""
+    p = Path(out_json)
+    return p.with_name(p.name.removesuffix(".json") + ".samples.jsonl")
