@@ -23,10 +23,16 @@ def ratio_tag(ratio) -> str:
     return f"{float(ratio):g}"
 
 
+# Methods without a ratio: one mask (and one SFT row per seed). `full+warmup` trains every response token of
+# the pool and the warm-up set together (the fair baseline for methods that use the warm-up data through the
+# reference); `oracle` drops exactly the corrupted and garbage tokens (embedded world only: the ceiling).
+UNRATIOED = ("full", "oracle", "full+warmup")
+
+
 def mask_name(method: str, ratio, seed: int) -> str:
     """Masks depend on the seed only for the random method; scoring-based masks are shared across seeds."""
-    if method == "full":
-        return "full"
+    if method in UNRATIOED:
+        return method
     if method == "random":
         return f"random_r{ratio_tag(ratio)}_s{seed}"
     return f"{method}_r{ratio_tag(ratio)}"
@@ -36,8 +42,8 @@ def sft_runs() -> list[str]:
     runs = []
     for method in config["methods"]:
         for seed in config["seeds"]:
-            if method == "full":
-                runs.append(f"full_s{seed}")
+            if method in UNRATIOED:
+                runs.append(f"{method}_s{seed}")
             else:
                 runs.extend(f"{method}_r{ratio_tag(r)}_s{seed}" for r in config["ratios"])
     return runs
@@ -50,9 +56,22 @@ def parse_run(run: str) -> tuple[str, str | None, int]:
     return method, (ratio or None), int(seed)
 
 
-def mask_for_run(run: str) -> str:
-    method, ratio, seed = parse_run(run)
-    return f"{R}/masks/{mask_name(method, ratio, seed)}.mask.npy"
+def sft_inputs(wildcards) -> dict[str, str]:
+    """The token table an SFT row trains on and, except for full+warmup (every token), its mask."""
+    method, ratio, seed = parse_run(wildcards.run)
+    if method == "full+warmup":
+        return {"tokens": f"{R}/tokens/pool+warmup.tokens.npz"}
+    return {"tokens": f"{R}/tokens/pool.tokens.npz", "mask": f"{R}/masks/{mask_name(method, ratio, seed)}.mask.npy"}
+
+
+def pool_masks() -> list[str]:
+    """Every mask over the pool that the configured rows use (for the cleaning-quality table)."""
+    names = []
+    for run in sft_runs():
+        method, ratio, seed = parse_run(run)
+        if method != "full+warmup" and mask_name(method, ratio, seed) not in names:
+            names.append(mask_name(method, ratio, seed))
+    return [f"{R}/masks/{name}.mask.npy" for name in names]
 
 
 def model_dir(run: str) -> str:

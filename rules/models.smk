@@ -35,6 +35,21 @@ rule tokenize:
         " --max-length {config[max_length]} --out {output} > {log} 2>&1"
 
 
+rule concat_tokens:
+    """The pool and the warm-up set in one token table, for the full+warmup row."""
+    input:
+        pool=f"{R}/tokens/pool.tokens.npz",
+        warmup=f"{R}/tokens/warmup.tokens.npz",
+    output:
+        f"{R}/tokens/pool+warmup.tokens.npz",
+    log:
+        f"{R}/logs/tokenize/pool+warmup.log",
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} concat --tokens {input.pool} {input.warmup} --out {output} > {log} 2>&1"
+
+
 rule warmup:
     """Full-token SFT of the base model on the clean warm-up set: the reference model (and the warm-up row)."""
     input:

@@ -14,3 +14,18 @@ rule report:
         "../envs/tokenclean.yaml"
     shell:
         "{TC} report {input} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
+rule cleaning_quality:
+    """Kept fraction of each ground-truth token class per mask (embedded world: the pool carries classes)."""
+    input:
+        tokens=f"{R}/tokens/pool.tokens.npz",
+        masks=pool_masks(),
+    output:
+        f"{R}/cleaning_quality.csv",
+    log:
+        f"{R}/logs/cleaning_quality.log",
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} quality {input.masks} --tokens {input.tokens} --out {output} > {log} 2>&1"

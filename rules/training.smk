@@ -1,14 +1,14 @@
 rule sft:
     """Fine-tune the base model on the pool's selected tokens (one row x seed of the table)."""
     input:
+        unpack(sft_inputs),
         model=f"{R}/models/base",
-        tokens=f"{R}/tokens/pool.tokens.npz",
-        mask=lambda w: mask_for_run(w.run),
     output:
         directory(f"{R}/models/sft/{{run}}"),
     params:
         train=train_flags(config["sft"]),
         seed=lambda w: parse_run(w.run)[2],
+        mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     threads: THREADS
     log:
         f"{R}/logs/sft/{{run}}.log",
@@ -17,5 +17,5 @@ rule sft:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} --mask {input.mask}"
+        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.mask}"
         " {params.train} --seed {params.seed} --out {output} > {log} 2>&1"

@@ -197,6 +197,22 @@ class TokenTable:
     def fingerprint(self) -> str:
         return fingerprint_arrays(self.input_ids, self.offsets, self.loss_mask)
 
+    @classmethod
+    def concat(cls, tables: list["TokenTable"]) -> "TokenTable":
+        """Samples of ``tables`` back to back; extras kept where every table has them (per-token or per-sample)."""
+        if not tables:
+            raise ValueError("nothing to concatenate")
+        starts = np.cumsum([0] + [t.n_tokens for t in tables])
+        offsets = np.concatenate([[0]] + [t.offsets[1:] + s for t, s in zip(tables, starts)])
+        extras = {}
+        for key in set.intersection(*(set(t.extras) for t in tables)):
+            kinds = {len(t.extras[key]) == t.n_tokens for t in tables}
+            if len(kinds) == 1:
+                extras[key] = np.concatenate([t.extras[key] for t in tables])
+        extras["source"] = np.concatenate([np.full(t.n_samples, i, dtype=np.int64) for i, t in enumerate(tables)])
+        return cls(np.concatenate([t.input_ids for t in tables]), offsets,
+                   np.concatenate([t.loss_mask for t in tables]), extras)
+
     def save(self, path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
         meta = {
             **meta,

@@ -9,6 +9,7 @@ import sys
 from typing import Any, Callable
 
 from tokenclean import __version__
+from tokenclean.selection import METHODS as SELECTION_METHODS
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -69,6 +70,19 @@ def cmd_loss(a: argparse.Namespace) -> None:
 
     meta = loss_file(a.model, a.tokens, a.out, a.token_budget, a.device, a.dtype, a.trust_remote_code)
     logging.info("%s: mean response-token loss %.4f", a.out, meta["mean_response_loss"])
+
+
+def cmd_concat(a: argparse.Namespace) -> None:
+    from tokenclean.tokenization import concat_files
+
+    meta = concat_files(a.tokens, a.out)
+    logging.info("%s: %d samples, %d tokens", a.out, meta["n_samples"], meta["n_tokens"])
+
+
+def cmd_quality(a: argparse.Namespace) -> None:
+    from tokenclean.quality import write_quality
+
+    write_quality(a.tokens, a.masks, a.out)
 
 
 def cmd_select(a: argparse.Namespace) -> None:
@@ -137,8 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true")
 
-    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample) or fixed (global).")
-    p.add_argument("--method", required=True, choices=["full", "random", "rho", "fixed"])
+    p = add("concat", cmd_concat, "Concatenate token tables made with one tokenizer (e.g. pool + warm-up set).")
+    p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files, in order")
+    p.add_argument("--out", required=True, help="output X.tokens.npz")
+
+    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global) or "
+                                  "oracle (ground truth, embedded world only).")
+    p.add_argument("--method", required=True, choices=list(SELECTION_METHODS))
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
@@ -162,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = add("quality", cmd_quality, "Kept fraction per ground-truth token class for each mask (embedded world).")
+    p.add_argument("masks", nargs="+", help="X.mask.npy files made on --tokens")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz with ground-truth token classes")
+    p.add_argument("--out", required=True, help="output CSV")
 
     p = add("report", cmd_report, "Aggregate evaluation JSONs into table.csv / table.md.")
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")

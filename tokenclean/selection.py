@@ -17,8 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
+from tokenclean.data import TOKEN_CLASSES
 
-METHODS = ("full", "random", "rho", "fixed")
+METHODS = ("full", "random", "rho", "fixed", "oracle")
 SCORED_METHODS = ("rho", "fixed")
 
 
@@ -65,6 +66,17 @@ def select_full(loss_mask: np.ndarray) -> np.ndarray:
     return loss_mask.copy()
 
 
+def select_oracle(loss_mask: np.ndarray, token_class: np.ndarray | None) -> np.ndarray:
+    """Ground truth (embedded world only): every response token except the corrupted and garbage ones.
+
+    The ceiling of any cleaning method: it removes exactly the harmful tokens and nothing else.
+    """
+    if token_class is None or not np.any(token_class[loss_mask] >= 0):
+        raise ValueError("method 'oracle' needs ground-truth token classes, which only the embedded world has")
+    harmful = np.isin(token_class, [TOKEN_CLASSES.index("corrupted"), TOKEN_CLASSES.index("garbage")])
+    return loss_mask & ~harmful
+
+
 def select_random(loss_mask: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """A uniformly random floor(ratio*N) of all N response tokens of the dataset, fixed by ``seed``."""
     positions = np.flatnonzero(loss_mask)
@@ -108,6 +120,7 @@ def select(method: str, table: TokenTable, ratio: float = 1.0, seed: int = 0,
         "random": lambda: select_random(table.loss_mask, ratio, seed),
         "fixed": lambda: select_fixed(_need(score, method), table.loss_mask, ratio),
         "rho": lambda: select_rho(_need(score, method), table.loss_mask, table.offsets, ratio),
+        "oracle": lambda: select_oracle(table.loss_mask, table.extras.get("token_class")),
     }
     if method not in rules:
         raise ValueError(f"unknown selection method {method!r} (expected one of {', '.join(METHODS)})")

@@ -167,3 +167,22 @@ def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int,
         **stats,
     }
     return table.save(Path(out), meta)
+
+
+def concat_files(tokens: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """CLI entry: one token table holding the samples of ``tokens`` in order (e.g. the pool plus the warm-up set).
+
+    The tables must come from the same tokenizer; the per-sample ``source`` extra records which input each
+    sample came from.
+    """
+    loaded = [TokenTable.load(t) for t in tokens]
+    fingerprints = {m.get("tokenizer_fingerprint") for _, m in loaded}
+    if len(fingerprints) != 1:
+        raise ValueError(f"{', '.join(map(str, tokens))} were tokenized with different tokenizers; re-tokenize them "
+                         "with one tokenizer before concatenating")
+    table = TokenTable.concat([t for t, _ in loaded])
+    meta = {"kind": "tokens", "data": [m.get("data") for _, m in loaded], "sources": [str(t) for t in tokens],
+            "source_fingerprints": [m["fingerprint"] for _, m in loaded],
+            "tokenizer": loaded[0][1].get("tokenizer"), "tokenizer_fingerprint": fingerprints.pop(),
+            "max_length": loaded[0][1].get("max_length")}
+    return table.save(Path(out), meta)
