@@ -32,11 +32,18 @@ def smoke_run(tmp_path_factory) -> Path:
 def test_smoke_workflow_writes_the_table(smoke_run):
     with open(smoke_run / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed"]
+    assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "oracle", "full+warmup"]
     for r in rows:
         for task in ("add", "reverse", "max", "sort", "average"):
             assert 0.0 <= float(r[f"{task}_mean"]) <= 1.0
-    assert (smoke_run / "table.md").read_text().count("\n|") >= 7
+    assert (smoke_run / "table.md").read_text().count("\n|") >= 9
+
+
+def test_cleaning_quality_reports_every_pool_mask(smoke_run):
+    with open(smoke_run / "cleaning_quality.csv") as f:
+        rows = {r["mask"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"full", "random_r0.6_s1", "rho_r0.6", "fixed_r0.6", "oracle"}
+    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["oracle"]["kept_garbage"]) == 0.0
 
 
 def test_every_rule_logged_and_every_model_records_its_provenance(smoke_run):

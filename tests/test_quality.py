@@ -1,0 +1,91 @@
+"""Ground-truth rows and measures: the oracle mask, concatenated tables, the cleaning-quality table."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from tokenclean.artifacts import TokenTable, save_array
+from tokenclean.data import TOKEN_CLASSES
+from tokenclean.quality import class_counts, write_quality
+from tokenclean.selection import select
+from tokenclean.tokenization import concat_files
+
+
+def labelled_table(seed: int, n_samples: int = 12) -> TokenTable:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 20, n_samples)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(offsets[-1])
+    loss_mask = rng.random(n) < 0.6
+    loss_mask[offsets[:-1]] = False
+    token_class = np.where(loss_mask, rng.integers(0, len(TOKEN_CLASSES), n), -1).astype(np.int8)
+    return TokenTable(rng.integers(0, 50, n), offsets, loss_mask,
+                      {"token_class": token_class, "sample_index": np.arange(n_samples)})
+
+
+def test_oracle_drops_exactly_the_harmful_tokens():
+    table = labelled_table(0)
+    mask = select("oracle", table)
+    for p in range(table.n_tokens):
+        cls = table.extras["token_class"][p]
+        expect = bool(table.loss_mask[p]) and TOKEN_CLASSES[cls] in ("informative", "boilerplate")
+        assert mask[p] == expect
+
+
+def test_oracle_refuses_data_without_labels():
+    table = labelled_table(1)
+    table.extras.pop("token_class")
+    with pytest.raises(ValueError, match="ground-truth"):
+        select("oracle", table)
+
+
+def test_class_counts_match_a_plain_count():
+    table = labelled_table(2)
+    rng = np.random.default_rng(3)
+    keep = table.loss_mask & (rng.random(table.n_tokens) < 0.5)
+    row = class_counts(table.extras["token_class"], table.loss_mask, keep)
+    resp = [p for p in range(table.n_tokens) if table.loss_mask[p]]
+    for c, name in enumerate(TOKEN_CLASSES):
+        members = [p for p in resp if table.extras["token_class"][p] == c]
+        assert row[f"kept_{name}"] == pytest.approx(sum(keep[p] for p in members) / len(members))
+    kept = [p for p in resp if keep[p]]
+    informative_kept = [p for p in kept if table.extras["token_class"][p] == 0]
+    assert row["precision_informative"] == pytest.approx(len(informative_kept) / len(kept))
+    assert row["recall_informative"] == pytest.approx(
+        len(informative_kept) / sum(table.extras["token_class"][p] == 0 for p in resp))
+
+
+def test_quality_csv_and_concat(tmp_path):
+    a, b = labelled_table(4), labelled_table(5, n_samples=7)
+    meta = {"tokenizer_fingerprint": "same"}
+    a.save(tmp_path / "a.tokens.npz", meta)
+    b.save(tmp_path / "b.tokens.npz", meta)
+    both = concat_files([tmp_path / "a.tokens.npz", tmp_path / "b.tokens.npz"], tmp_path / "ab.tokens.npz")
+    ab, _ = TokenTable.load(tmp_path / "ab.tokens.npz")
+    assert both["n_samples"] == 19 and ab.n_tokens == a.n_tokens + b.n_tokens
+    for i in range(a.n_samples):
+        assert np.array_equal(ab.input_ids[ab.offsets[i]:ab.offsets[i + 1]], a.input_ids[a.offsets[i]:a.offsets[i + 1]])
+    for j in range(b.n_samples):
+        i = a.n_samples + j
+        assert np.array_equal(ab.loss_mask[ab.offsets[i]:ab.offsets[i + 1]], b.loss_mask[b.offsets[j]:b.offsets[j + 1]])
+    assert list(ab.extras["source"]) == [0] * 12 + [1] * 7
+    assert np.array_equal(ab.extras["token_class"], np.concatenate([a.extras["token_class"], b.extras["token_class"]]))
+
+    fingerprint = TokenTable.load(tmp_path / "a.tokens.npz")[1]["fingerprint"]
+    save_array(tmp_path / "oracle.mask.npy", select("oracle", a), {"tokens_fingerprint": fingerprint})
+    save_array(tmp_path / "full.mask.npy", a.loss_mask.copy(), {"tokens_fingerprint": fingerprint})
+    write_quality(tmp_path / "a.tokens.npz", [tmp_path / "full.mask.npy", tmp_path / "oracle.mask.npy"],
+                  tmp_path / "q.csv")
+    rows = {r["mask"]: r for r in csv.DictReader(open(tmp_path / "q.csv"))}
+    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["oracle"]["kept_garbage"]) == 0.0
+    assert float(rows["oracle"]["kept_corrupted"]) == 0.0 and float(rows["oracle"]["recall_informative"]) == 1.0
+
+
+def test_concat_refuses_mixed_tokenizers(tmp_path):
+    labelled_table(6).save(tmp_path / "a.tokens.npz", {"tokenizer_fingerprint": "x"})
+    labelled_table(7).save(tmp_path / "b.tokens.npz", {"tokenizer_fingerprint": "y"})
+    with pytest.raises(ValueError, match="different tokenizers"):
+        concat_files([tmp_path / "a.tokens.npz", tmp_path / "b.tokens.npz"], tmp_path / "ab.tokens.npz")
+    assert not (tmp_path / "ab.tokens.npz").exists()
