@@ -58,3 +58,13 @@ def test_a_finished_workflow_has_nothing_left_to_do(smoke_run):
     proc = snakemake(smoke_run.parents[1], "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run):
+    proc = snakemake(smoke_run.parents[1], "--dry-run", "--config", "ratios=[0.6, 0.3]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    stats = out[out.index("Job stats"):]
+    jobs = {line.split()[0] for line in stats.splitlines()[3:] if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert {"select", "sft", "evaluate", "report"} <= jobs
+    assert not jobs & {"world", "pretrain_base", "tokenize", "warmup", "token_loss"}
