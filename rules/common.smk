@@ -8,7 +8,15 @@ from snakemake.settings.types import DeploymentMethod
 
 R = f"{config['results_dir']}/{config['experiment']}"
 THREADS = config.get("threads", 1)
-TASKS = ",".join(config["evaluation"]["tasks"])
+def _tasks() -> list[str]:
+    """Evaluation tasks: as configured, else every family of the embedded world (the schema requires one)."""
+    tasks = config["evaluation"].get("tasks") or config.get("world", {}).get("families")
+    if not tasks:
+        raise ValueError("config: set evaluation.tasks (or world.families for an embedded experiment)")
+    return tasks
+
+
+TASKS = ",".join(_tasks())
 
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
 # snakemake (the project's venv) does. Either way every rule is one `tokenclean` command.

@@ -12,11 +12,15 @@ from tokenclean.data import TOKEN_CLASSES, read_jsonl
 from tokenclean.tokenization import tokenize_records
 from tokenclean.world import PREFIX, SUFFIX, build_tokenizer, generate_world
 
-SMALL = {"seed": 3, "pretrain_docs": 300, "warmup_samples": 40, "pool_samples": 400, "eval_samples": 20}
+SMALL = {"seed": 3, "pretrain_docs": 300, "warmup_samples": 40, "pool_samples": 400, "eval_samples": 20,
+         "families": ["add", "reverse", "max", "sort", "capital"], "entities": 12}
+FAMILIES = SMALL["families"]
 
 
-def solve(prompt: str) -> str:
-    """The task rules, re-derived from the prompt text alone."""
+def solve(prompt: str, capitals: dict[str, str] | None = None) -> str:
+    """The task rules, re-derived from the prompt text alone (and the world's table of invented capitals)."""
+    if m := re.fullmatch(r"What is the capital of (\w+) \?", prompt):
+        return capitals[m[1]]
     if m := re.fullmatch(r"Add (\d) and (\d) \.", prompt):
         return str(int(m[1]) + int(m[2]))
     if m := re.fullmatch(r"Reverse the letters : ([a-z ]+) \.", prompt):
@@ -39,6 +43,10 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def capitals(world: Path) -> dict[str, str]:
+    return dict(json.loads((world / "world.json").read_text())["entities"])
+
+
 def test_deterministic_and_seed_dependent(world, tmp_path):
     generate_world(SMALL, tmp_path / "again")
     generate_world({**SMALL, "seed": 4}, tmp_path / "other")
@@ -59,7 +67,7 @@ def test_answers_follow_the_rules_and_classes_are_exact(world):
     n_corrupt = n_garbage = 0
     for r in pool:
         prompt, response = r["messages"][0]["content"], r["messages"][1]["content"]
-        right = solve(prompt)
+        right = solve(prompt, capitals(world))
         assert r["right_answer"] == right and (r["answer"] != right) == r["corrupted"]
         # Removing the garbage spans leaves exactly the template around the given answer.
         garbage = [(s, e) for s, e, c in r["classes"] if c == "garbage"]
@@ -85,13 +93,13 @@ def test_answers_follow_the_rules_and_classes_are_exact(world):
 def test_warmup_and_eval_are_clean(world):
     for r in rows(world / "warmup.jsonl"):
         assert not r["corrupted"] and not r["garbage"]
-        assert r["messages"][1]["content"] == PREFIX + solve(r["messages"][0]["content"]) + SUFFIX
-    for family in ("add", "reverse", "max", "sort"):
+        assert r["messages"][1]["content"] == PREFIX + solve(r["messages"][0]["content"], capitals(world)) + SUFFIX
+    for family in FAMILIES:
         ev = rows(world / "eval" / f"{family}.jsonl")
         assert len(ev) == SMALL["eval_samples"]
         for r in ev:
             s, e = r["answer_span"]
-            assert r["family"] == family and r["answer"] == solve(r["prompt"]) == r["response"][s:e]
+            assert r["family"] == family and r["answer"] == solve(r["prompt"], capitals(world)) == r["response"][s:e]
 
 
 def test_records_parse_and_token_classes_follow_labels(world, tmp_path):
@@ -122,8 +130,24 @@ def test_tokenizer_splits_digits_and_keeps_role_markers_whole(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"nope": 1}, {"families": ["add", "fly"]}, {"corrupt_rate": 1.5},
-                                 {"pool_samples": 0}, {"junk_words": [3, 2]}])
+                                 {"pool_samples": 0}, {"junk_words": [3, 2]}, {"corpus_mix": {"chat": -1}},
+                                 {"corpus_mix": {"poetry": 1}}, {"entities": 1}])
 def test_bad_settings_are_refused_and_nothing_is_written(bad, tmp_path):
     with pytest.raises(ValueError, match="world setting|unknown world|families"):
         generate_world({**SMALL, **bad}, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_corpus_states_rule_facts_in_prose_and_never_the_invented_facts(world):
+    corpus = [json.loads(line)["text"] for line in (world / "corpus.jsonl").read_text().splitlines()]
+    facts = [t for t in corpus if " plus " in t or " backwards is " in t or " in order is " in t]
+    assert facts and not any("<|assistant|>" in t for t in facts)
+    for t in facts:  # every prose fact is true
+        for a, b, c in re.findall(r"(\d) plus (\d) makes (\d+) \.", t):
+            assert int(a) + int(b) == int(c)
+    table = capitals(world)
+    for t in corpus:  # capitals appear only as random chat answers, never next to their country
+        for country, capital in table.items():
+            assert not (country in t and capital in t and "<|assistant|>" not in t)
+        if m := re.search(r"capital of (\w+) \?\n<\|assistant\|>\n.*The answer is (\w+)", t):
+            assert m[2] in table.values()

@@ -1,9 +1,8 @@
 """The embedded synthetic SFT world: rule-based tasks whose token quality is known.
 
 Why synthetic: a world with ground truth lets a CPU run in minutes show whether token cleaning removes the
-right tokens, which no real dataset can. Each sample is a single-turn instruction from one of a few rule-based
-task families (so a reference trained on a small clean set generalises to new instances) answered with a fixed
-template::
+right tokens, which no real dataset can. Each sample is a single-turn instruction from one of a few task
+families answered with a fixed template::
 
     user:      Add 3 and 5 .
     assistant: Sure ! The answer is 8 . Hope this helps .
@@ -14,11 +13,19 @@ Every response character carries a class (``tokenclean.data.TOKEN_CLASSES``):
 - *corrupted*: the answer characters that differ from the right answer (a plausible wrong answer);
 - *garbage*: junk words inserted between template words.
 
+Families: ``add`` (two digits), ``reverse`` (3-5 letters), ``max`` (the larger of two numbers), ``sort``
+(3 letters) are rules, so a reference trained on a small clean set can generalise to new instances;
+``capital`` asks for the capital of an invented country: facts that exist only in the SFT data.
+
+As with a real pretrained LLM, the base model brings skills that SFT has to connect to the chat format: the
+corpus states true instances of the rule families in prose ("3 plus 5 makes 8 ."), never in the chat format.
+
 Splits (each drawn from its own seeded stream, so resizing one leaves the others unchanged):
-- ``corpus.jsonl``: pretraining text for the base model: chat-formatted questions with the template but random
-  answers (the base learns format and template, not the tasks), filler sentences made of template phrases and
-  common words, and word lists that include the junk vocabulary (so junk is made of known tokens, as in real
-  data, and scores cleanly negative rather than as noise);
+- ``corpus.jsonl``: pretraining text for the base model (shares set by ``corpus_mix``): chat-formatted
+  questions with the template but random answers (the base learns format and template, not the answers),
+  facts in prose, filler sentences made of template phrases and common words, and word lists that include the
+  junk vocabulary (so junk is made of known tokens, as in real data, and scores cleanly negative rather than
+  as noise);
 - ``warmup.jsonl``: clean samples for the warm-up (reference) model;
 - ``pool.jsonl``: the SFT pool to be cleaned, with ``corrupt_rate`` wrong answers and ``garbage_rate`` samples
   with junk words (independently);
@@ -31,7 +38,7 @@ import random
 import string
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from tokenclean.artifacts import atomic_dir, write_json
 from tokenclean.data import write_jsonl
@@ -47,6 +54,11 @@ DEFAULT_WORLD: dict[str, Any] = {
     "garbage_rate": 0.2,      # fraction of pool samples with junk words inserted
     "junk_words": [2, 5],     # how many junk words a garbage sample gets (inclusive range)
     "junk_vocab": 60,         # size of the junk vocabulary
+    "entities": 40,           # invented countries of the `capital` family
+    # Shares of the pretraining corpus: chat-formatted questions with random answers (format and template),
+    # facts stating task instances in prose (the skills a pretrained model brings), prose of template phrases
+    # and common words, word lists with the junk vocabulary.
+    "corpus_mix": {"chat": 0.3, "facts": 0.3, "prose": 0.2, "words": 0.2},
 }
 
 PREFIX = "Sure ! The answer is "
@@ -62,39 +74,84 @@ def _letters(rng: random.Random, n: int, distinct: bool = False) -> list[str]:
     return rng.sample(LETTERS, n) if distinct else [rng.choice(LETTERS) for _ in range(n)]
 
 
-# Each family: draw(rng) -> (prompt, right answer, wrong answer). Answers are strings of space-separated
-# symbols so that the tokenizer gives one token per letter or digit.
-def _add(rng: random.Random) -> tuple[str, str, str]:
+class Draw(NamedTuple):
+    """One task instance. ``fact`` states the same instance as plain prose for the pretraining corpus (None for
+    families whose knowledge exists only in the SFT data)."""
+
+    prompt: str
+    right: str
+    wrong: str
+    fact: str | None
+
+
+# Answers are strings of space-separated symbols so that the tokenizer gives one token per letter or digit.
+def _add(rng: random.Random) -> Draw:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
     if wrong < 0:
         wrong = a + b + rng.randint(1, 3)
-    return f"Add {a} and {b} .", str(a + b), str(wrong)
+    return Draw(f"Add {a} and {b} .", str(a + b), str(wrong), f"{a} plus {b} makes {a + b} .")
 
 
-def _reverse(rng: random.Random) -> tuple[str, str, str]:
+def _reverse(rng: random.Random) -> Draw:
     word = _letters(rng, rng.randint(3, 5))
     while word == word[::-1]:
         word = _letters(rng, len(word))
-    return f"Reverse the letters : {' '.join(word)} .", " ".join(word[::-1]), " ".join(word)
+    w, r = " ".join(word), " ".join(word[::-1])
+    return Draw(f"Reverse the letters : {w} .", r, w, f"{w} backwards is {r} .")
 
 
-def _max(rng: random.Random) -> tuple[str, str, str]:
+def _max(rng: random.Random) -> Draw:
     a, b = rng.sample(range(10, 100), 2)
-    return f"Which is larger : {a} or {b} ?", str(max(a, b)), str(min(a, b))
+    return Draw(f"Which is larger : {a} or {b} ?", str(max(a, b)), str(min(a, b)),
+                f"of {a} and {b} the larger is {max(a, b)} .")
 
 
-def _sort(rng: random.Random) -> tuple[str, str, str]:
+def _sort(rng: random.Random) -> Draw:
     letters = _letters(rng, 3, distinct=True)
     right = sorted(letters)
     wrong = right[:]
     while wrong == right:
         rng.shuffle(wrong)
-    return f"Sort the letters : {' '.join(letters)} .", " ".join(right), " ".join(wrong)
+    w, r = " ".join(letters), " ".join(right)
+    return Draw(f"Sort the letters : {w} .", r, " ".join(wrong), f"{w} in order is {r} .")
 
 
-FAMILIES: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
-    "add": _add, "reverse": _reverse, "max": _max, "sort": _sort}
+def invented_entities(seed: int, n: int) -> list[tuple[str, str]]:
+    """(country, capital) pairs of made-up names, fixed by the world seed: facts no pretraining text states."""
+    rng = random.Random(f"{seed}:entities")
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+
+    def name(syllables: int) -> str:
+        return "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables)).capitalize()
+
+    countries: set[str] = set()
+    while len(countries) < n:
+        countries.add(name(3) + "ia")
+    capitals: list[str] = []
+    while len(capitals) < n:
+        c = name(2)
+        if c not in capitals:
+            capitals.append(c)
+    return list(zip(sorted(countries), capitals))
+
+
+def _capital(entities: list[tuple[str, str]]) -> Callable[[random.Random], Draw]:
+    def draw(rng: random.Random) -> Draw:
+        i = rng.randrange(len(entities))
+        j = rng.choice([k for k in range(len(entities)) if k != i])
+        country, capital = entities[i]
+        return Draw(f"What is the capital of {country} ?", capital, entities[j][1], None)
+    return draw
+
+
+def task_families(seed: int, n_entities: int) -> dict[str, Callable[[random.Random], Draw]]:
+    """Every available family: arithmetic, two string transformations, a comparison, and invented facts."""
+    return {"add": _add, "reverse": _reverse, "max": _max, "sort": _sort,
+            "capital": _capital(invented_entities(seed, n_entities))}
+
+
+FAMILIES = tuple(task_families(0, 2))
 
 
 def _check_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -102,6 +159,13 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown world settings: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_WORLD)})")
     p = {**DEFAULT_WORLD, **params}
+    mix = p["corpus_mix"]
+    if (not isinstance(mix, dict) or set(mix) - set(DEFAULT_WORLD["corpus_mix"])
+            or any(float(v) < 0 for v in mix.values()) or sum(map(float, mix.values())) <= 0):
+        raise ValueError(f"world setting corpus_mix must map some of {', '.join(DEFAULT_WORLD['corpus_mix'])} "
+                         f"to non-negative shares with a positive sum, got {mix}")
+    if int(p["entities"]) < 2:
+        raise ValueError(f"world setting entities must be at least 2, got {p['entities']}")
     bad = [f for f in p["families"] if f not in FAMILIES]
     if bad or not p["families"]:
         raise ValueError(f"world families must be a non-empty subset of {', '.join(FAMILIES)}; got {p['families']}")
@@ -144,9 +208,10 @@ def _answer_classes(start: int, given: str, right: str) -> list[list[Any]]:
     return spans
 
 
-def make_sample(rng: random.Random, family: str, corrupt: bool, junk: list[str]) -> dict[str, Any]:
+def make_sample(rng: random.Random, family: str, draw: Callable[[random.Random], Draw], corrupt: bool,
+                junk: list[str]) -> dict[str, Any]:
     """One SFT record with ground-truth classes; ``junk`` words are inserted between template words."""
-    prompt, right, wrong = FAMILIES[family](rng)
+    prompt, right, wrong, _ = draw(rng)
     answer = wrong if corrupt else right
     words = PREFIX.split() + ["\0"] + SUFFIX.split()  # \0 marks the answer slot
     for w in junk:  # insert at random word boundaries, never inside the answer
@@ -171,47 +236,51 @@ def make_sample(rng: random.Random, family: str, corrupt: bool, junk: list[str])
 def _sft_split(p: dict[str, Any], name: str, n: int, corrupt_rate: float, garbage_rate: float,
                junk_vocab: list[str]) -> list[dict[str, Any]]:
     rng = random.Random(f"{p['seed']}:{name}")
+    families = task_families(p["seed"], p["entities"])
     rows = []
     for i in range(n):
         family = p["families"][i % len(p["families"])]
         corrupt = rng.random() < corrupt_rate
         junk = rng.sample(junk_vocab, rng.randint(*p["junk_words"])) if rng.random() < garbage_rate else []
-        rows.append(make_sample(rng, family, corrupt, junk))
+        rows.append(make_sample(rng, family, families[family], corrupt, junk))
     rng.shuffle(rows)
     return rows
 
 
 def _eval_split(p: dict[str, Any], family: str) -> list[dict[str, Any]]:
     rng = random.Random(f"{p['seed']}:eval:{family}")
+    draw = task_families(p["seed"], p["entities"])[family]
     rows = []
     for _ in range(p["eval_samples"]):
-        prompt, right, _ = FAMILIES[family](rng)
+        prompt, right, _, _ = draw(rng)
         response = PREFIX + right + SUFFIX
         rows.append({"family": family, "prompt": prompt, "response": response, "answer": right,
                      "answer_span": [len(PREFIX), len(PREFIX) + len(right)]})
     return rows
 
 
-def _random_answer(rng: random.Random, family: str) -> str:
-    """An answer of the family's shape with no relation to the question (the base learns shape, not rule)."""
-    if family == "add":
-        return str(rng.randint(0, 18))
-    if family == "max":
-        return str(rng.randint(10, 99))
-    return " ".join(_letters(rng, rng.randint(3, 5) if family == "reverse" else 3))
+def _random_answer(rng: random.Random, draw: Callable[[random.Random], Draw]) -> str:
+    """The right answer of an unrelated instance of the same family: the right shape, no relation to the question
+    (the base learns what answers look like, not the rule)."""
+    return draw(rng).right
 
 
 def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
     rng = random.Random(f"{p['seed']}:corpus")
+    families = task_families(p["seed"], p["entities"])
+    with_facts = [f for f in p["families"] if families[f](random.Random(0)).fact is not None]
+    kinds = [k for k, share in p["corpus_mix"].items() if share > 0 and (k != "facts" or with_facts)]
+    weights = [p["corpus_mix"][k] for k in kinds]
     template_phrases = ["Sure !", "The answer is", "Hope this helps .", PREFIX.strip(), SUFFIX.strip()]
     docs = []
     for _ in range(p["pretrain_docs"]):
-        kind = rng.random()
-        if kind < 0.4:  # chat-formatted question, template, random answer
-            family = rng.choice(p["families"])
-            prompt, _, _ = FAMILIES[family](rng)
-            text = f"<|user|>\n{prompt}\n<|assistant|>\n{PREFIX}{_random_answer(rng, family)}{SUFFIX}"
-        elif kind < 0.7:  # filler prose around template phrases
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "chat":  # chat-formatted question, template, random answer
+            family = families[rng.choice(p["families"])]
+            text = f"<|user|>\n{family(rng).prompt}\n<|assistant|>\n{PREFIX}{_random_answer(rng, family)}{SUFFIX}"
+        elif kind == "facts":  # a few true statements of task instances, in prose
+            text = " ".join(families[rng.choice(with_facts)](rng).fact for _ in range(rng.randint(1, 4)))
+        elif kind == "prose":  # filler prose around template phrases
             parts = []
             for _ in range(rng.randint(3, 8)):
                 parts.append(rng.choice(template_phrases) if rng.random() < 0.4
@@ -236,6 +305,7 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     train_prompts = {r["messages"][0]["content"] for r in warmup + pool}
     stats: dict[str, Any] = {
         "params": p, "families": p["families"], "junk_vocabulary": junk,
+        "entities": invented_entities(p["seed"], p["entities"]) if "capital" in p["families"] else [],
         "n": {"corpus": len(corpus), "warmup": len(warmup), "pool": len(pool),
               **{f"eval_{f}": len(rows) for f, rows in evals.items()}},
         "pool_corrupted": sum(r["corrupted"] for r in pool),
