@@ -7,7 +7,7 @@ rule pretrain_base:
     params:
         model=as_json(config["base_model"]["pretrain"].get("model", {})),
         train=train_flags(config["base_model"]["pretrain"]),
-    threads: THREADS
+    threads: SERIAL_THREADS
     log:
         f"{R}/logs/pretrain_base.log",
     benchmark:
@@ -59,7 +59,7 @@ rule warmup:
         directory(f"{R}/models/warmup"),
     params:
         train=train_flags(config.get("warmup", {})),
-    threads: THREADS
+    threads: SERIAL_THREADS
     log:
         f"{R}/logs/warmup.log",
     benchmark:
