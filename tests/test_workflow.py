@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, overrides: Path | None = None) -> subprocess.CompletedProcess:
+    configs = [str(ROOT / "configs" / "smoke.yaml")] + ([str(overrides)] if overrides else [])
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(ROOT / "configs" / "smoke.yaml"), "--cores", "2", *args]
+           "--configfile", *configs, "--cores", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=900)
 
 
@@ -60,8 +61,9 @@ def test_a_finished_workflow_has_nothing_left_to_do(smoke_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run):
-    proc = snakemake(smoke_run.parents[1], "--dry-run", "--config", "ratios=[0.6, 0.3]")
+def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run, tmp_path):
+    (tmp_path / "more.yaml").write_text("ratios: [0.6, 0.3]\n")
+    proc = snakemake(smoke_run.parents[1], "--dry-run", overrides=tmp_path / "more.yaml")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     stats = out[out.index("Job stats"):]
