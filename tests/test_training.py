@@ -120,3 +120,41 @@ def test_train_cli_saves_plain_hf_directory_with_lora_merged(tmp_path, tiny_mode
     changed = any(not torch.equal(a, b) for a, b in zip(reloaded.parameters(), base.parameters()))
     assert changed
     assert not list(tmp_path.glob(".model.*"))  # no temporary directory left behind
+
+
+def test_packed_rows_hold_every_sample_once_with_restarting_positions(table):
+    from tokenclean.batching import pack
+
+    samples = np.arange(table.n_samples)
+    width = int(table.lengths.max()) - 1  # the longest sample cannot share a row, nor fit: it gets its own
+    batch = pack(table, samples, width, pad_id=0)
+    index, pos = batch["index"].numpy(), batch["position_ids"].numpy()
+    assert sorted(index[index >= 0].tolist()) == list(range(table.n_tokens))
+    for s in samples:
+        cells = np.argwhere(np.isin(index, np.arange(table.offsets[s], table.offsets[s + 1])))
+        assert len(set(cells[:, 0])) == 1, "a sample is split across rows"
+        row, cols = cells[0, 0], cells[:, 1]
+        assert pos[row, cols].tolist() == list(range(table.lengths[s]))
+        assert batch["input_ids"].numpy()[row, cols].tolist() == table.input_ids[table.offsets[s]:table.offsets[s + 1]].tolist()
+    assert batch["target"].numpy()[index >= 0].sum() == table.loss_mask.sum()
+
+
+def test_packing_gives_the_same_update_as_padding(tiny_model_dir, table, tok):
+    mask = half_mask(table)
+    weights = []
+    for pack_length in (0, 12, 64):  # 12: rows shorter than some samples
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        cfg = TrainConfig(steps=2, batch_size=6, pack_length=pack_length, lr=1e-2, warmup_ratio=0, seed=3,
+                          max_grad_norm=0)
+        train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
+        weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-4) and torch.allclose(weights[0], weights[2], atol=1e-4)
+
+
+def test_packing_refuses_a_model_that_lets_samples_see_each_other(model, table, tok, monkeypatch):
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)  # plain causal mask
+    cfg = TrainConfig(steps=1, batch_size=6, pack_length=64)
+    with pytest.raises(ValueError, match="pack_length: 0"):
+        train_model(model, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False)

@@ -52,3 +52,46 @@ def collate(table: TokenTable, samples: np.ndarray, pad_id: int, mask: np.ndarra
         "attention_mask": torch.from_numpy(attn).to(device),
         "target": torch.from_numpy(target).to(device),
     }
+
+
+def pack(table: TokenTable, samples: np.ndarray, width: int, pad_id: int, mask: np.ndarray | None = None,
+         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Samples packed end to end into rows of ``width`` tokens (first-fit, longest first), no padding between.
+
+    ``position_ids`` restart at 0 for every sample; a model that derives a block-diagonal causal mask from them
+    (transformers' Llama family does when no ``attention_mask`` is given) then computes exactly the per-sample
+    losses of :func:`collate`, on about a third fewer positions for short ragged samples. A sample longer than
+    ``width`` gets a row of its own. ``target`` as in :func:`collate`; ``index`` (CPU) holds each cell's token
+    index in the table, -1 in a row's padded tail.
+    """
+    mask = table.loss_mask if mask is None else mask
+    lengths = table.lengths[samples]
+    width = max(width, int(lengths.max()))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        row = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(int(samples[i]))
+        free[row] -= int(lengths[i])
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)
+    target = np.zeros((len(rows), width), dtype=bool)
+    index = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, members in enumerate(rows):
+        col = 0
+        for s in members:
+            a, b = table.offsets[s], table.offsets[s + 1]
+            ids[r, col: col + b - a] = table.input_ids[a:b]
+            pos[r, col: col + b - a] = np.arange(b - a)
+            target[r, col: col + b - a] = mask[a:b]
+            index[r, col: col + b - a] = np.arange(a, b)
+            if mask[a]:
+                raise ValueError(f"sample {s}: its first token is a target, but it has no context")
+            col += b - a
+        pos[r, col:] = np.arange(width - col)  # the padded tail is a segment of its own, never a target
+    return {"input_ids": torch.from_numpy(ids).to(device), "position_ids": torch.from_numpy(pos).to(device),
+            "target": torch.from_numpy(target).to(device), "index": torch.from_numpy(index)}

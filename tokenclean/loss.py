@@ -35,20 +35,24 @@ def _has_plain_head(model: Any) -> bool:
         return False
 
 
-def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
-               head_only_at_targets: bool = True) -> torch.Tensor:
+def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
+               head_only_at_targets: bool = True, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Negative log-likelihood of every target token, in row-major order of ``target``.
 
-    Token p is predicted from the hidden state at p-1; ``target[:, 0]`` must be False.
+    Token p is predicted from the hidden state at p-1; ``target[:, 0]`` must be False. Packed rows (see
+    :func:`tokenclean.batching.pack`) pass ``position_ids`` and no ``attention_mask``.
     """
     if target[:, 0].any():
         raise ValueError("position 0 cannot be a target: it has no context")
     rows, cols = target.nonzero(as_tuple=True)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs.update(position_ids=position_ids, use_cache=False)
     if head_only_at_targets and _has_plain_head(model):
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = model.get_decoder()(**inputs).last_hidden_state
         logits = model.get_output_embeddings()(hidden[rows, cols - 1])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols - 1]
+        logits = model(**inputs).logits[rows, cols - 1]
     return F.cross_entropy(logits.float(), input_ids[rows, cols], reduction="none")
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array
-from tokenclean.batching import collate
+from tokenclean.batching import collate, pack
 from tokenclean.loss import target_nll
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class TrainConfig:
     epochs: float = 0.0                    # used when steps == 0: steps = ceil(epochs * samples / batch_size)
     batch_size: int = 32                   # samples per optimizer step
     micro_batch_size: int = 0              # samples per forward pass (gradient accumulation); 0 = batch_size
+    pack_length: int = 0                   # > 0: pack samples into rows of this many tokens; 0 = pad each sample
     lr: float = 1e-3
     schedule: str = "cosine"               # cosine | linear | constant
     warmup_ratio: float = 0.03
@@ -53,6 +54,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ValueError("set steps > 0, or steps = 0 and epochs > 0")
+        if self.pack_length < 0:
+            raise ValueError("pack_length must be >= 0 (0 = no packing)")
         if self.batch_size < 1 or self.micro_batch_size < 0:
             raise ValueError("batch_size must be >= 1 and micro_batch_size >= 0")
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -98,6 +101,32 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def check_packing(model: Any, table: TokenTable, samples: np.ndarray, mask: np.ndarray, width: int,
+                  pad_id: int) -> None:
+    """Fail unless packed rows give every token the loss it has on its own (the model isolates samples).
+
+    Packing relies on the model building a block-diagonal causal mask from restarting ``position_ids``; a model
+    that ignores them would let samples attend to each other and train on the wrong context, silently.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        packed = pack(table, samples, width, pad_id, mask=mask, device=device)
+        packed_nll = target_nll(model, packed["input_ids"], None, packed["target"],
+                                position_ids=packed["position_ids"])
+        padded = collate(table, samples, pad_id, mask=mask, device=device)
+        padded_nll = target_nll(model, padded["input_ids"], padded["attention_mask"], padded["target"])
+    packed_index = packed["index"][packed["target"].cpu()].numpy()
+    padded_index = np.concatenate([np.flatnonzero(mask[table.offsets[s]:table.offsets[s + 1]]) + table.offsets[s]
+                                   for s in samples])
+    by_index = dict(zip(packed_index.tolist(), packed_nll.float().cpu().numpy().tolist()))
+    gap = float(np.max(np.abs(np.array([by_index[i] for i in padded_index.tolist()])
+                              - padded_nll.float().cpu().numpy())))
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    if gap > tolerance:
+        raise ValueError(f"{type(model).__name__} does not keep packed samples apart (a token's loss changes by "
+                         f"{gap:.3g} when packed); set pack_length: 0")
+
+
 def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfig, pad_id: int,
                 log_path: str | os.PathLike | None = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Train ``model`` in place on the selected tokens; returns the (merged) model and a summary."""
@@ -134,8 +163,15 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             step_loss = 0.0
             for start in range(0, len(samples), micro):
                 chunk = samples[start:start + micro]
-                batch = collate(table, chunk, pad_id, mask=mask, device=device)
-                nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"])
+                if cfg.pack_length:
+                    if step == 0 and start == 0:
+                        check_packing(model, table, chunk, mask, cfg.pack_length, pad_id)
+                    batch = pack(table, chunk, cfg.pack_length, pad_id, mask=mask, device=device)
+                    nll = target_nll(model, batch["input_ids"], None, batch["target"],
+                                     position_ids=batch["position_ids"])
+                else:
+                    batch = collate(table, chunk, pad_id, mask=mask, device=device)
+                    nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"])
                 loss = nll.sum() / n_selected  # the step's mean over its selected tokens
                 loss.backward()
                 step_loss += float(loss.detach())
