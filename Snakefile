@@ -26,4 +26,4 @@ rule all:
         f"{R}/table.csv",
         f"{R}/table.md",
         # ground-truth token classes exist only in the embedded world
-        [f"{R}/cleaning_quality.csv"] if "world" in config else [],
+        [f"{R}/cleaning_quality.csv", f"{R}/score_separation.csv"] if "world" in config else [],

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.003)
+    ap.add_argument("--pack-length", type=int, default=128, help="0 = pad every sample")
     ap.add_argument("--held-out", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
@@ -52,7 +53,7 @@ def main() -> None:
     model = load_model(f"{a.results}/models/base", "cpu", None)
     mask = select(a.method, train, a.ratio, a.seed)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, schedule="cosine", warmup_ratio=0.03,
-                      seed=a.seed)
+                      seed=a.seed, pack_length=a.pack_length)
     model, summary = train_model(model, train, mask, cfg, pad_id=model.config.pad_token_id or 0, progress=False)
     losses = token_losses(model, test, progress=False)
     cls = test.extras["token_class"]

@@ -8,7 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 
 R = f"{config['results_dir']}/{config['experiment']}"
 THREADS = config.get("threads", 1)
-SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base and warmup: nothing runs beside them
+SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base: every other job waits for it
 def _tasks() -> list[str]:
     """Evaluation tasks: as configured, else every family of the embedded world (the schema requires one)."""
     tasks = config["evaluation"].get("tasks") or config.get("world", {}).get("families")

@@ -28,6 +28,8 @@ rule tokenize:
         f"{R}/tokens/{{dataset}}.tokens.npz",
     log:
         f"{R}/logs/tokenize/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokenize/{{dataset}}.tsv",
     conda:
         "../envs/tokenclean.yaml"
     shell:
@@ -44,6 +46,8 @@ rule concat_tokens:
         f"{R}/tokens/pool+warmup.tokens.npz",
     log:
         f"{R}/logs/tokenize/pool+warmup.log",
+    benchmark:
+        f"{R}/benchmarks/tokenize/pool+warmup.tsv",
     conda:
         "../envs/tokenclean.yaml"
     shell:
@@ -59,7 +63,7 @@ rule warmup:
         directory(f"{R}/models/warmup"),
     params:
         train=train_flags(config.get("warmup", {})),
-    threads: SERIAL_THREADS
+    threads: THREADS
     log:
         f"{R}/logs/warmup.log",
     benchmark:

@@ -25,6 +25,8 @@ rule select:
         args=select_args,
     log:
         f"{R}/logs/select/{{mask}}.log",
+    benchmark:
+        f"{R}/benchmarks/select/{{mask}}.tsv",
     conda:
         "../envs/tokenclean.yaml"
     shell:

@@ -89,3 +89,34 @@ def test_concat_refuses_mixed_tokenizers(tmp_path):
     with pytest.raises(ValueError, match="different tokenizers"):
         concat_files([tmp_path / "a.tokens.npz", tmp_path / "b.tokens.npz"], tmp_path / "ab.tokens.npz")
     assert not (tmp_path / "ab.tokens.npz").exists()
+
+
+def test_auroc_matches_counting_every_pair():
+    from tokenclean.quality import auroc
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        pos = rng.integers(0, 6, rng.integers(1, 15)).astype(float)  # small integers: many ties
+        neg = rng.integers(0, 6, rng.integers(1, 15)).astype(float)
+        pairs = [(1.0 if p > q else 0.5 if p == q else 0.0) for p in pos for q in neg]
+        assert auroc(pos, neg) == pytest.approx(np.mean(pairs))
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+
+
+def test_separation_rows_follow_the_classes():
+    from tokenclean.quality import separation_rows
+
+    table = labelled_table(4, n_samples=40)
+    cls, resp = table.extras["token_class"], table.loss_mask
+    rng = np.random.default_rng(0)
+    base = rng.random(table.n_tokens).astype(np.float32) + 2
+    ref = base.copy()
+    ref[resp & (cls == TOKEN_CLASSES.index("informative"))] -= 1.0      # the reference learned the answers
+    ref[resp & (cls == TOKEN_CLASSES.index("garbage"))] += 1.0          # and unlearned the junk
+    ref[~resp] = np.nan
+    rows = {r["class"]: r for r in separation_rows(cls, resp, base, ref)}
+    assert rows["informative"]["mean_score"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["garbage"]["mean_score"] == pytest.approx(-1.0, abs=1e-6)
+    assert rows["informative"]["auroc_vs_noisy"] == 1.0
+    assert 0.3 < rows["boilerplate"]["auroc_vs_noisy"] < 1.0  # ties with corrupted (score 0), above garbage
+    assert sum(r["n_tokens"] for r in rows.values()) == int(resp.sum())

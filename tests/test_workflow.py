@@ -45,6 +45,9 @@ def test_cleaning_quality_reports_every_pool_mask(smoke_run):
         rows = {r["mask"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"full", "random_r0.6_s1", "rho_r0.6", "fixed_r0.6", "oracle"}
     assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["oracle"]["kept_garbage"]) == 0.0
+    with open(smoke_run / "score_separation.csv") as f:
+        classes = [r["class"] for r in csv.DictReader(f)]
+    assert classes == ["informative", "boilerplate", "corrupted", "garbage"]
 
 
 def test_every_rule_logged_and_every_model_records_its_provenance(smoke_run):

@@ -85,6 +85,12 @@ def cmd_quality(a: argparse.Namespace) -> None:
     write_quality(a.tokens, a.masks, a.out)
 
 
+def cmd_separation(a: argparse.Namespace) -> None:
+    from tokenclean.quality import separation_table, write_csv
+
+    write_csv(separation_table(a.tokens, a.base_loss, a.ref_loss), a.out)
+
+
 def cmd_select(a: argparse.Namespace) -> None:
     from tokenclean.selection import select_file
 
@@ -185,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("quality", cmd_quality, "Kept fraction per ground-truth token class for each mask (embedded world).")
     p.add_argument("masks", nargs="+", help="X.mask.npy files made on --tokens")
     p.add_argument("--tokens", required=True, help="X.tokens.npz with ground-truth token classes")
+    p.add_argument("--out", required=True, help="output CSV")
+
+    p = add("separation", cmd_separation, "How the scores fall by ground-truth token class (embedded world).")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz with ground-truth token classes")
+    p.add_argument("--base-loss", required=True, help="loss file of the base model")
+    p.add_argument("--ref-loss", required=True, help="loss file of the reference model")
     p.add_argument("--out", required=True, help="output CSV")
 
     p = add("report", cmd_report, "Aggregate evaluation JSONs into table.csv / table.md.")

@@ -135,6 +135,20 @@ def _need(score: np.ndarray | None, method: str) -> np.ndarray:
     return score
 
 
+def load_losses(tmeta: dict[str, Any], tokens: str | os.PathLike, base_loss: str | os.PathLike,
+                ref_loss: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The base and reference loss arrays, checked to be computed on ``tokens``; and their provenance."""
+    base, bmeta = load_array(base_loss)
+    ref, rmeta = load_array(ref_loss)
+    for path, m in ((base_loss, bmeta), (ref_loss, rmeta)):
+        if m.get("tokens_fingerprint") != tmeta["fingerprint"]:
+            raise ArtifactError(f"{path} was computed on {m.get('tokens')} (fingerprint "
+                                f"{m.get('tokens_fingerprint')}), not on {tokens} ({tmeta['fingerprint']})")
+    provenance = {"base_model": bmeta.get("model"), "base_model_fingerprint": bmeta.get("model_fingerprint"),
+                  "ref_model": rmeta.get("model"), "ref_model_fingerprint": rmeta.get("model_fingerprint")}
+    return base, ref, provenance
+
+
 def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, ratio: float = 1.0, seed: int = 0,
                 base_loss: str | os.PathLike | None = None, ref_loss: str | os.PathLike | None = None) -> dict[str, Any]:
     """CLI entry: build a mask from a token table (and, for scored methods, two loss files)."""
@@ -145,15 +159,9 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
     if method in SCORED_METHODS:
         if base_loss is None or ref_loss is None:
             raise ValueError(f"method {method!r} needs --base-loss and --ref-loss")
-        base, bmeta = load_array(base_loss)
-        ref, rmeta = load_array(ref_loss)
-        for path, m in ((base_loss, bmeta), (ref_loss, rmeta)):
-            if m.get("tokens_fingerprint") != tmeta["fingerprint"]:
-                raise ArtifactError(f"{path} was computed on {m.get('tokens')} (fingerprint "
-                                    f"{m.get('tokens_fingerprint')}), not on {tokens} ({tmeta['fingerprint']})")
+        base, ref, provenance = load_losses(tmeta, tokens, base_loss, ref_loss)
         score = scores(base, ref, table.loss_mask)
-        meta.update(base_model=bmeta.get("model"), base_model_fingerprint=bmeta.get("model_fingerprint"),
-                    ref_model=rmeta.get("model"), ref_model_fingerprint=rmeta.get("model_fingerprint"))
+        meta.update(provenance)
     mask = select(method, table, ratio, seed, score)
     meta.update(n_response_tokens=int(table.loss_mask.sum()), n_selected=int(mask.sum()),
                 n_samples_without_selected=int(np.count_nonzero(np.add.reduceat(mask, table.offsets[:-1]) == 0))
