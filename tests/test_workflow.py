@@ -35,8 +35,9 @@ def test_smoke_workflow_writes_the_table(smoke_run):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "oracle", "full+warmup"]
     for r in rows:
-        for task in ("add", "reverse", "max", "sort", "average"):
+        for task in ("add", "reverse", "max", "sort", "average", "average_response_em"):
             assert 0.0 <= float(r[f"{task}_mean"]) <= 1.0
+        assert float(r["average_answer_nll_mean"]) > 0.0
     assert (smoke_run / "table.md").read_text().count("\n|") >= 9
 
 

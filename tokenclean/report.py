@@ -18,6 +18,9 @@ from tokenclean.artifacts import atomic_file, read_json
 
 RUN_NAME = re.compile(r"^(?P<method>[a-z0-9_+-]+?)(?:_r(?P<ratio>[0-9.]+))?(?:_s(?P<seed>\d+))?$")
 HEADLINE = "answer_acc"
+# Shown beside the headline as averages over tasks: whole-response match falls when a method drops template
+# tokens and the model stops producing the format; the answer NLL has the lowest variance.
+SECONDARY = ("response_em", "answer_nll")
 
 
 def parse_run_name(path: str | os.PathLike) -> tuple[str, str, int | None]:
@@ -47,12 +50,17 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
             if task not in tasks:
                 tasks.append(task)
         scores["average"] = float(result["average"][metric])
+        for extra in SECONDARY:
+            if extra != metric and extra in result["average"]:
+                scores[f"average_{extra}"] = float(result["average"][extra])
         runs[(method, ratio)].append(scores)
     rows = []
     for (method, ratio), seeds in runs.items():
         row: dict[str, Any] = {"method": method, "ratio": ratio, "n_seeds": len(seeds)}
-        for task in tasks + ["average"]:
-            row[f"{task}_mean"], row[f"{task}_std"] = mean_std([s[task] for s in seeds if task in s])
+        for task in tasks + ["average"] + [f"average_{x}" for x in SECONDARY if x != metric]:
+            values = [s[task] for s in seeds if task in s]
+            if values:
+                row[f"{task}_mean"], row[f"{task}_std"] = mean_std(values)
         rows.append(row)
     return tasks, rows
 
@@ -60,20 +68,23 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
 def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike, out_md: str | os.PathLike | None = None,
                 metric: str = HEADLINE) -> list[dict[str, Any]]:
     tasks, rows = collect(eval_files, metric)
-    columns = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"] for s in ("mean", "std")]
+    extras = [f"average_{x}" for x in SECONDARY if x != metric and all(f"average_{x}_mean" in r for r in rows)]
+    columns = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"] + extras
+                                                for s in ("mean", "std")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k]) for k in columns})
     with atomic_file(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
     if out_md:
-        lines = [f"| method | ratio | seeds | {' | '.join(tasks)} | average |",
-                 "|---" * (len(tasks) + 4) + "|"]
+        headers = tasks + ["average"] + [e.replace("average_", "avg ") for e in extras]
+        lines = [f"| method | ratio | seeds | {' | '.join(headers)} |", "|---" * (len(headers) + 3) + "|"]
         for row in rows:
-            cells = [f"{row[f'{t}_mean']:.3f} ± {row[f'{t}_std']:.3f}" for t in tasks + ["average"]]
+            cells = [f"{row[f'{t}_mean']:.3f} ± {row[f'{t}_std']:.3f}" for t in tasks + ["average"] + extras]
             lines.append(f"| {row['method']} | {row['ratio'] or '–'} | {row['n_seeds']} | {' | '.join(cells)} |")
         with atomic_file(out_md) as tmp:
-            tmp.write_text(f"Metric: {metric} (mean ± std over seeds)\n\n" + "\n".join(lines) + "\n")
+            tmp.write_text(f"Metric: {metric} (mean ± std over seeds); the last columns average other metrics over "
+                           f"tasks\n\n" + "\n".join(lines) + "\n")
     return rows
