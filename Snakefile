@@ -17,6 +17,7 @@ include: "rules/models.smk"
 include: "rules/scoring.smk"
 include: "rules/selection.smk"
 include: "rules/training.smk"
+include: "rules/self_evolving.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
 
@@ -27,3 +28,4 @@ rule all:
         f"{R}/table.md",
         # ground-truth token classes exist only in the embedded world
         [f"{R}/cleaning_quality.csv", f"{R}/score_separation.csv"] if "world" in config else [],
+        [f"{R}/rounds.csv"] if set(CHAINED) & set(config["methods"]) else [],

@@ -36,6 +36,9 @@ def ratio_tag(ratio) -> str:
 # the pool and the warm-up set together (the fair baseline for methods that use the warm-up data through the
 # reference); `oracle` drops exactly the corrupted and garbage tokens (embedded world only: the ceiling).
 UNRATIOED = ("full", "oracle", "full+warmup")
+# Methods trained as a chain of rounds over chunks of the pool (rules/self_evolving.smk), not by the sft rule.
+CHAINED = ("self_evolving",)
+ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
 
 
 def mask_name(method: str, ratio, seed: int) -> str:
@@ -78,13 +81,20 @@ def pool_masks() -> list[str]:
     names = []
     for run in sft_runs():
         method, ratio, seed = parse_run(run)
-        if method != "full+warmup" and mask_name(method, ratio, seed) not in names:
+        if method != "full+warmup" and method not in CHAINED and mask_name(method, ratio, seed) not in names:
             names.append(mask_name(method, ratio, seed))
     return [f"{R}/masks/{name}.mask.npy" for name in names]
 
 
 def model_dir(run: str) -> str:
-    return {"base": f"{R}/models/base", "warmup": f"{R}/models/warmup"}.get(run, f"{R}/models/sft/{run}")
+    """The model a run's evaluation reads: a self-evolving row is the last model of its chain."""
+    if run in ("base", "warmup"):
+        return f"{R}/models/{run}"
+    if run.startswith("rounds/"):
+        return f"{R}/models/{run}"
+    if parse_run(run)[0] in CHAINED:
+        return f"{R}/models/rounds/{run}_t{ROUNDS}"
+    return f"{R}/models/sft/{run}"
 
 
 def train_flags(section: dict) -> str:
@@ -100,7 +110,7 @@ def as_json(obj) -> str:
 
 
 wildcard_constraints:
-    dataset="warmup|pool",
-    model="base|warmup",
-    run="[A-Za-z0-9_.+-]+",
+    dataset="warmup|pool|pool\.c[0-9]+of[0-9]+",
+    model="base|warmup|rounds/[A-Za-z0-9_.+-]+",
+    run="(rounds/)?[A-Za-z0-9_.+-]+",
     mask="[A-Za-z0-9_.+-]+",

@@ -26,6 +26,8 @@ rule tokenize:
         tokenizer=f"{R}/models/base",
     output:
         f"{R}/tokens/{{dataset}}.tokens.npz",
+    wildcard_constraints:
+        dataset="warmup|pool",
     log:
         f"{R}/logs/tokenize/{{dataset}}.log",
     benchmark:

@@ -158,3 +158,69 @@ def test_packing_refuses_a_model_that_lets_samples_see_each_other(model, table, 
     cfg = TrainConfig(steps=1, batch_size=6, pack_length=64)
     with pytest.raises(ValueError, match="pack_length: 0"):
         train_model(model, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False)
+
+
+def weights_of(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(tiny_model_dir, table, tok,
+                                                                                  tmp_path):
+    from tokenclean.training import TrainingInterrupted
+
+    mask = half_mask(table)
+    cfg = TrainConfig(steps=6, batch_size=3, lr=1e-2, warmup_ratio=0.2, seed=5, checkpoint_every=2)
+    straight, _ = train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, mask, cfg,
+                              tok.pad_token_id, progress=False, checkpoint_dir=tmp_path / "a")
+    with pytest.raises(TrainingInterrupted):  # killed after step 3: its last checkpoint is from step 2
+        train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, mask, cfg, tok.pad_token_id,
+                    progress=False, checkpoint_dir=tmp_path / "b", stop_after=3)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 2
+    resumed, summary = train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, mask, cfg,
+                                   tok.pad_token_id, progress=False, checkpoint_dir=tmp_path / "b")
+    assert torch.allclose(weights_of(straight), weights_of(resumed), atol=1e-6)
+    assert summary["selected_tokens_trained"] == _["selected_tokens_trained"]
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tiny_model_dir, table, tok, tmp_path):
+    from tokenclean.training import TrainingInterrupted
+
+    mask = half_mask(table)
+    cfg = TrainConfig(steps=4, batch_size=3, lr=1e-2, seed=5, checkpoint_every=1)
+    with pytest.raises(TrainingInterrupted):
+        train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, mask, cfg, tok.pad_token_id,
+                    progress=False, checkpoint_dir=tmp_path / "c", stop_after=2)
+    other = TrainConfig(steps=4, batch_size=3, lr=2e-2, seed=5, checkpoint_every=1)  # another learning rate
+    fresh, _ = train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, mask, other,
+                           tok.pad_token_id, progress=False, checkpoint_dir=tmp_path / "d")
+    reused, _ = train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, mask, other,
+                            tok.pad_token_id, progress=False, checkpoint_dir=tmp_path / "c")
+    assert torch.allclose(weights_of(fresh), weights_of(reused), atol=1e-6)
+
+
+def test_micro_batch_normalisation_is_the_mean_of_micro_batch_means(model, table, tok, tmp_path):
+    mask = half_mask(table)
+    cfg = TrainConfig(steps=1, batch_size=6, micro_batch_size=2, lr=1e-9, warmup_ratio=0, shuffle=False,
+                      loss_normalization="micro_batch")
+    before = token_losses(copy.deepcopy(model), table, pad_id=tok.pad_token_id, progress=False)
+    usable = [i for i in range(table.n_samples) if mask[table.offsets[i]:table.offsets[i + 1]].any()]
+    per_micro = []
+    for j in range(0, len(usable), 2):
+        picked = np.concatenate([np.flatnonzero(mask[table.offsets[i]:table.offsets[i + 1]]) + table.offsets[i]
+                                 for i in usable[j:j + 2]])
+        per_micro.append(before[picked].mean())
+    log = tmp_path / "log.jsonl"
+    train_model(model, table, mask, cfg, tok.pad_token_id, log_path=log, progress=False)
+    logged = json.loads(log.read_text().splitlines()[0])
+    assert logged["loss"] == pytest.approx(float(np.mean(per_micro)), abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, table, tok):
+    mask = half_mask(table)
+    results = []
+    for checkpointing in (False, True):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        cfg = TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_ratio=0, seed=3, gradient_checkpointing=checkpointing)
+        train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
+        results.append(weights_of(m))
+    assert torch.allclose(results[0], results[1], atol=1e-5)

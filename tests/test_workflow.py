@@ -33,7 +33,8 @@ def smoke_run(tmp_path_factory) -> Path:
 def test_smoke_workflow_writes_the_table(smoke_run):
     with open(smoke_run / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "oracle", "full+warmup"]
+    assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "oracle", "full+warmup",
+                                         "self_evolving"]
     for r in rows:
         for task in ("add", "reverse", "max", "sort", "average", "average_response_em"):
             assert 0.0 <= float(r[f"{task}_mean"]) <= 1.0
@@ -57,6 +58,22 @@ def test_every_rule_logged_and_every_model_records_its_provenance(smoke_run):
         assert expected in logs
     info = json.loads((smoke_run / "models" / "sft" / "fixed_r0.6_s1" / "tokenclean.json").read_text())
     assert info["mask"].endswith("masks/fixed_r0.6.mask.npy")
+
+
+def test_self_evolving_chain_starts_from_the_warmup_model_and_evaluates_every_round(smoke_run):
+    with open(smoke_run / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]  # configs/smoke.yaml: 2 rounds
+    steps = []
+    for t, parent in ((1, "models/warmup"), (2, "models/rounds/self_evolving_r0.6_s1_t1")):
+        info = json.loads((smoke_run / "models" / "rounds" / f"self_evolving_r0.6_s1_t{t}" / "tokenclean.json").read_text())
+        assert info["base_model"].endswith(parent)
+        assert info["tokens"].endswith(f"tokens/pool.c{t}of2.tokens.npz")
+        steps.append(info["steps"])
+    assert sum(steps) == 5  # the rounds share the sft step budget of configs/smoke.yaml
+    chunk_sizes = [json.loads((smoke_run / "tokens" / f"pool.c{t}of2.tokens.json").read_text())["n_samples"]
+                   for t in (1, 2)]
+    assert sum(chunk_sizes) == 80
 
 
 def test_a_finished_workflow_has_nothing_left_to_do(smoke_run):

@@ -213,6 +213,21 @@ class TokenTable:
         return cls(np.concatenate([t.input_ids for t in tables]), offsets,
                    np.concatenate([t.loss_mask for t in tables]), extras)
 
+    def take(self, samples: np.ndarray) -> "TokenTable":
+        """The given samples, in the given order; per-token and per-sample extras follow them."""
+        samples = np.asarray(samples, dtype=np.int64)
+        lengths = self.lengths[samples]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = (np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in samples])
+                  if len(samples) else np.zeros(0, dtype=np.int64))
+        extras = {}
+        for key, values in self.extras.items():
+            if len(values) == self.n_tokens:
+                extras[key] = values[tokens]
+            elif len(values) == self.n_samples:
+                extras[key] = values[samples]
+        return TokenTable(self.input_ids[tokens], offsets, self.loss_mask[tokens], extras)
+
     def save(self, path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
         meta = {
             **meta,

@@ -91,6 +91,13 @@ def cmd_separation(a: argparse.Namespace) -> None:
     write_csv(separation_table(a.tokens, a.base_loss, a.ref_loss), a.out)
 
 
+def cmd_chunk(a: argparse.Namespace) -> None:
+    from tokenclean.tokenization import chunk_file
+
+    meta = chunk_file(a.tokens, a.chunks, a.index, a.out)
+    logging.info("%s: chunk %d of %d, %d samples", a.out, a.index, a.chunks, meta["n_samples"])
+
+
 def cmd_select(a: argparse.Namespace) -> None:
     from tokenclean.selection import select_file
 
@@ -100,9 +107,12 @@ def cmd_select(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from tokenclean.training import train_file
+    from tokenclean.training import round_config, train_file
 
-    summary = train_file(a.model, a.tokens, a.out, _train_config(a), a.mask, a.trust_remote_code)
+    cfg = _train_config(a)
+    if a.rounds:
+        cfg = round_config(cfg, a.rounds, a.round)
+    summary = train_file(a.model, a.tokens, a.out, cfg, a.mask, a.trust_remote_code)
     logging.info("%s: %s", a.out, summary)
 
 
@@ -116,6 +126,12 @@ def cmd_report(a: argparse.Namespace) -> None:
     from tokenclean.report import write_table
 
     write_table(a.evals, a.out_csv, a.out_md)
+
+
+def cmd_rounds(a: argparse.Namespace) -> None:
+    from tokenclean.report import write_rounds
+
+    write_rounds(a.evals, a.rounds, a.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files, in order")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
 
+    p = add("chunk", cmd_chunk, "One of N contiguous, near-equal chunks of a token table (self-evolving rounds).")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz")
+    p.add_argument("--chunks", type=int, required=True, help="how many chunks the table is cut into")
+    p.add_argument("--index", type=int, required=True, help="which chunk, 1-based")
+    p.add_argument("--out", required=True, help="output X.tokens.npz")
+
     p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global) or "
                                   "oracle (ground truth, embedded world only).")
     p.add_argument("--method", required=True, choices=list(SELECTION_METHODS))
@@ -177,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="X.mask.npy (default: every response token)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--round", type=int, default=1, help="self-evolving round (1-based) of --rounds")
+    p.add_argument("--rounds", type=int, default=0, help="> 0: train round --round's share of --steps")
     _add_train_flags(p)
 
     p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
@@ -203,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
+
+    p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
+    p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
+    p.add_argument("--rounds", type=int, required=True, help="number of rounds (a row's own file is the last)")
+    p.add_argument("--out", required=True, help="output CSV")
     return parser
 
 

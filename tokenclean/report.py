@@ -88,3 +88,50 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
             tmp.write_text(f"Metric: {metric} (mean ± std over seeds); the last columns average other metrics over "
                            f"tasks\n\n" + "\n".join(lines) + "\n")
     return rows
+
+
+def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str | os.PathLike,
+                 metric: str = HEADLINE) -> list[dict[str, Any]]:
+    """The self-evolving curve: per (method, ratio, round), the mean and std over seeds of ``metric``.
+
+    Round 0 is ``warmup.json`` (the first reference, where every chain starts); ``<row>_t<t>.json`` is round t of
+    the chain ``<row>`` (e.g. ``self_evolving_r0.6_s1_t1``); a row's own file (``self_evolving_r0.6_s1.json``)
+    is its last round, ``rounds``.
+    """
+    start: list[dict[str, float]] = []
+    per_round: dict[tuple[str, str, int], list[dict[str, float]]] = defaultdict(list)
+    tasks: list[str] = []
+    for f in eval_files:
+        result = read_json(f)
+        scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
+        tasks += [t for t in scores if t not in tasks]
+        scores["average"] = float(result["average"][metric])
+        name = Path(f).name.removesuffix(".json")
+        if name == "warmup":
+            start.append(scores)
+            continue
+        m = re.match(r"^(?P<row>.+)_t(?P<round>\d+)$", name)
+        row, round_ = (m["row"], int(m["round"])) if m else (name, rounds)
+        method, ratio, _ = parse_run_name(row)
+        per_round[(method, ratio, round_)].append(scores)
+    if not per_round:
+        raise ValueError("no round evaluations given")
+    rows = []
+    for method, ratio in sorted({(m, r) for m, r, _ in per_round}):
+        chain = ([(0, start)] if start else []) + sorted(
+            (t, seeds) for (m, r, t), seeds in per_round.items() if (m, r) == (method, ratio))
+        for round_, seeds in chain:
+            row: dict[str, Any] = {"method": method, "ratio": ratio, "round": round_, "n_seeds": len(seeds)}
+            for task in tasks + ["average"]:
+                row[f"{task}_mean"], row[f"{task}_std"] = mean_std([s[task] for s in seeds if task in s])
+            rows.append(row)
+    columns = ["method", "ratio", "round", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"]
+                                                         for s in ("mean", "std")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k]) for k in columns})
+    with atomic_file(out_csv) as tmp:
+        tmp.write_text(buf.getvalue())
+    return rows

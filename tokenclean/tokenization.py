@@ -186,3 +186,23 @@ def concat_files(tokens: list[str | os.PathLike], out: str | os.PathLike) -> dic
             "tokenizer": loaded[0][1].get("tokenizer"), "tokenizer_fingerprint": fingerprints.pop(),
             "max_length": loaded[0][1].get("max_length")}
     return table.save(Path(out), meta)
+
+
+def chunk_range(n_samples: int, chunks: int, index: int) -> range:
+    """Samples of chunk ``index`` (1-based) when ``n_samples`` are cut into ``chunks`` contiguous, near-equal
+    parts in file order (the self-evolving rounds' data; sizes differ by at most one)."""
+    if chunks < 1 or not 1 <= index <= chunks:
+        raise ValueError(f"chunk {index} of {chunks}: need 1 <= index <= chunks")
+    if n_samples < chunks:
+        raise ValueError(f"cannot cut {n_samples} samples into {chunks} chunks")
+    return range((index - 1) * n_samples // chunks, index * n_samples // chunks)
+
+
+def chunk_file(tokens: str | os.PathLike, chunks: int, index: int, out: str | os.PathLike) -> dict[str, Any]:
+    """CLI entry: chunk ``index`` of ``chunks`` of a token table, as a token table of its own."""
+    table, meta = TokenTable.load(tokens)
+    part = chunk_range(table.n_samples, chunks, index)
+    chunk = table.take(np.arange(part.start, part.stop))
+    chunk.extras["source_sample"] = np.arange(part.start, part.stop, dtype=np.int64)
+    return chunk.save(Path(out), {**meta, "source": str(tokens), "source_fingerprint": meta["fingerprint"],
+                                  "chunk": index, "chunks": chunks})

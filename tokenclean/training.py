@@ -1,8 +1,14 @@
 """Masked supervised fine-tuning: one trainer for every row of the table (and for pretraining the tiny base).
 
 Loss normalisation: the mean NLL over the *selected* tokens of the whole optimizer step (all micro-batches),
-so a micro-batch with few kept tokens is not over-weighted relative to one with many. Samples without any
-selected token are dropped before batching (they would cost compute and contribute nothing).
+so a micro-batch with few kept tokens is not over-weighted relative to one with many. ``micro_batch`` gives
+the Hugging Face Trainer's rule instead (each micro-batch's own mean, averaged over the accumulation window),
+under which a token of a sparsely kept micro-batch weighs more: the rule the paper's runs used. Samples without
+any selected token are dropped before batching (they would cost compute and contribute nothing).
+
+Interruption: with ``checkpoint_every`` the trainer writes model, optimizer and RNG state (safetensors and JSON,
+no pickle) to ``<out>.resume/`` atomically; re-running the same command continues from there and ends with
+the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +43,9 @@ class TrainConfig:
     batch_size: int = 32                   # samples per optimizer step
     micro_batch_size: int = 0              # samples per forward pass (gradient accumulation); 0 = batch_size
     pack_length: int = 0                   # > 0: pack samples into rows of this many tokens; 0 = pad each sample
+    loss_normalization: str = "step"       # step: mean over the step's selected tokens; micro_batch: as HF Trainer
+    gradient_checkpointing: bool = False   # recompute activations in the backward pass (less memory, ~30% slower)
+    checkpoint_every: int = 0              # > 0: save a resumable checkpoint every this many steps
     lr: float = 1e-3
     schedule: str = "cosine"               # cosine | linear | constant
     warmup_ratio: float = 0.03
@@ -54,6 +64,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ValueError("set steps > 0, or steps = 0 and epochs > 0")
+        if self.loss_normalization not in ("step", "micro_batch"):
+            raise ValueError(f"unknown loss_normalization {self.loss_normalization!r} (step, micro_batch)")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0 (0 = no checkpoints)")
         if self.pack_length < 0:
             raise ValueError("pack_length must be >= 0 (0 = no packing)")
         if self.batch_size < 1 or self.micro_batch_size < 0:
@@ -72,6 +86,22 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def round_steps(total_steps: int, rounds: int, index: int) -> int:
+    """Optimizer steps of round ``index`` (1-based) when ``rounds`` share ``total_steps``: the rounds together
+    train exactly as many steps as any other row, and differ by at most one."""
+    if rounds < 1 or not 1 <= index <= rounds:
+        raise ValueError(f"round {index} of {rounds}: need 1 <= index <= rounds")
+    return index * total_steps // rounds - (index - 1) * total_steps // rounds
+
+
+def round_config(cfg: TrainConfig, rounds: int, index: int) -> TrainConfig:
+    """A row's training settings for one self-evolving round: the rounds split the row's step budget (in epoch
+    mode each round runs the row's epochs over its own chunk)."""
+    if cfg.steps == 0:
+        return cfg
+    return dataclasses.replace(cfg, steps=round_steps(cfg.steps, rounds, index))
 
 
 def step_schedule(n_samples: int, cfg: TrainConfig) -> list[np.ndarray]:
@@ -127,9 +157,77 @@ def check_packing(model: Any, table: TokenTable, samples: np.ndarray, mask: np.n
                          f"{gap:.3g} when packed); set pack_length: 0")
 
 
+class TrainingInterrupted(RuntimeError):
+    """Raised when ``stop_after`` ends a run early (the checkpoint, if any, lets a re-run continue)."""
+
+
+def _run_identity(table: TokenTable, mask: np.ndarray, cfg: TrainConfig, start: str) -> str:
+    """What a checkpoint must match to be resumed: the starting model, the data, the selection and every
+    setting but the schedule of checkpoints itself."""
+    from tokenclean.artifacts import fingerprint_arrays
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "log_every")}
+    settings["start"] = start
+    return fingerprint_arrays(table.input_ids, table.offsets, mask,
+                              np.frombuffer(json.dumps(settings, sort_keys=True).encode(), dtype=np.uint8))
+
+
+def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                    state: dict[str, Any]) -> None:
+    """Trainable weights, AdamW moments and the torch RNG state as safetensors; counters as JSON; atomically."""
+    from safetensors.torch import save_file
+
+    from tokenclean.artifacts import atomic_dir
+
+    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    moments: dict[str, torch.Tensor] = {"rng": torch.get_rng_state()}
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            moments[f"{i}.{key}"] = value.detach().cpu().reshape(-1).clone() if value.dim() == 0 else value.detach().cpu().contiguous()
+    with atomic_dir(directory) as tmp:
+        save_file(weights, str(tmp / "weights.safetensors"))
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
+
+
+def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                    identity: str) -> dict[str, Any] | None:
+    """Restore a checkpoint of this very run into ``model`` and ``optimizer``; None if there is none (or it is
+    from another run, which is then left alone and overwritten by this run's first checkpoint)."""
+    from safetensors.torch import load_file
+
+    state_file = directory / "state.json"
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    if state.get("identity") != identity:
+        log.warning("%s holds a checkpoint of another run (other data, mask or settings); starting over", directory)
+        return None
+    weights = load_file(str(directory / "weights.safetensors"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(weights[name].to(p.device, p.dtype))
+    moments = load_file(str(directory / "optimizer.safetensors"))
+    torch.set_rng_state(moments.pop("rng"))
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        p = params[int(index)]
+        optimizer.state[p][name] = value.reshape(()) if name == "step" else value.to(p.device)
+    log.info("resuming from %s at step %d", directory, state["step"])
+    return state
+
+
 def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfig, pad_id: int,
-                log_path: str | os.PathLike | None = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train ``model`` in place on the selected tokens; returns the (merged) model and a summary."""
+                log_path: str | os.PathLike | None = None, progress: bool = True,
+                checkpoint_dir: str | os.PathLike | None = None, stop_after: int | None = None,
+                start_fingerprint: str = "") -> tuple[Any, dict[str, Any]]:
+    """Train ``model`` in place on the selected tokens; returns the (merged) model and a summary.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every``, resumes from a checkpoint of the same run found there
+    (``start_fingerprint`` identifies the starting model, so a checkpoint made from another one is not resumed).
+    ``stop_after`` ends the run after that many steps with :class:`TrainingInterrupted` (a time-limited job).
+    """
     if mask.shape != table.loss_mask.shape:
         raise ArtifactError("mask and token table have different lengths")
     if np.any(mask & ~table.loss_mask):
@@ -145,22 +243,38 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     if cfg.lora_r > 0:
         model = _wrap_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     micro = cfg.micro_batch_size or cfg.batch_size
-    log_file = open(log_path, "w") if log_path else None
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress, mininterval=2.0)
-    started = time.perf_counter()
-    seen_tokens, trained_tokens, last_loss = 0, 0, float("nan")
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
+    identity = _run_identity(table, mask, cfg, start_fingerprint)
+    resumed = load_checkpoint(checkpoints, model, optimizer, params, identity) if checkpoints else None
+    first_step = resumed["step"] if resumed else 0
+    seen_tokens, trained_tokens = (resumed["seen_tokens"], resumed["trained_tokens"]) if resumed else (0, 0)
+    last_loss = resumed["loss"] if resumed else float("nan")
+    log_file = open(log_path, "a" if resumed else "w") if log_path else None
+    bar = tqdm(total=total_steps, initial=first_step, desc="training", unit="step", disable=not progress,
+               mininterval=2.0)
+    started, seen_at_start = time.perf_counter(), seen_tokens
     try:
         for step, batch_samples in enumerate(schedule):
+            if step < first_step:
+                continue
+            if stop_after is not None and step >= stop_after:
+                raise TrainingInterrupted(f"stopped after {stop_after} steps")
             samples = usable[batch_samples]
             n_selected = int(per_sample[samples].sum())
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
+            n_micro = math.ceil(len(samples) / micro)
             for start in range(0, len(samples), micro):
                 chunk = samples[start:start + micro]
                 if cfg.pack_length:
@@ -172,7 +286,10 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 else:
                     batch = collate(table, chunk, pad_id, mask=mask, device=device)
                     nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"])
-                loss = nll.sum() / n_selected  # the step's mean over its selected tokens
+                if cfg.loss_normalization == "step":
+                    loss = nll.sum() / n_selected  # the step's mean over its selected tokens
+                else:
+                    loss = nll.mean() / n_micro  # each micro-batch's mean, averaged over the window
                 loss.backward()
                 step_loss += float(loss.detach())
                 seen_tokens += int(table.lengths[chunk].sum())
@@ -181,14 +298,18 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             optimizer.step()
             trained_tokens += n_selected
             last_loss = step_loss
-            elapsed = time.perf_counter() - started
+            tokens_per_s = (seen_tokens - seen_at_start) / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{seen_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             if log_file and (step % cfg.log_every == 0 or step == total_steps - 1):
                 log_file.write(json.dumps({"step": step + 1, "loss": round(step_loss, 6),
                                            "lr": optimizer.param_groups[0]["lr"], "selected_tokens": n_selected,
-                                           "tokens_per_s": round(seen_tokens / max(elapsed, 1e-9), 1)}) + "\n")
+                                           "tokens_per_s": round(tokens_per_s, 1)}) + "\n")
                 log_file.flush()
+            if checkpoints and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+                save_checkpoint(checkpoints, model, optimizer, params, {
+                    "identity": identity, "step": step + 1, "seen_tokens": seen_tokens,
+                    "trained_tokens": trained_tokens, "loss": last_loss})
     finally:
         bar.close()
         if log_file:
@@ -222,11 +343,20 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     device = pick_device(cfg.device)
     model = load_model(model_name, device, cfg.dtype, trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    resume_dir = Path(f"{out}.resume")  # survives a killed job (not an output of the rule)
+    start = model_fingerprint(model_name)
     with atomic_dir(out) as tmp:
-        model, summary = train_model(model, table, mask, cfg, pad_id, log_path=Path(tmp) / "train_log.jsonl")
+        log_path = resume_dir / "train_log.jsonl" if cfg.checkpoint_every else Path(tmp) / "train_log.jsonl"
+        if cfg.checkpoint_every:
+            resume_dir.mkdir(parents=True, exist_ok=True)
+        model, summary = train_model(model, table, mask, cfg, pad_id, log_path=log_path,
+                                     checkpoint_dir=resume_dir / "checkpoint", start_fingerprint=start)
+        if cfg.checkpoint_every:
+            shutil.copy(log_path, Path(tmp) / "train_log.jsonl")
         write_model_dir(model, tokenizer, tmp, {
-            "kind": "model", "base_model": str(model_name), "base_model_fingerprint": model_fingerprint(model_name),
+            "kind": "model", "base_model": str(model_name), "base_model_fingerprint": start,
             "tokens": str(tokens), "tokens_fingerprint": tmeta["fingerprint"],
             "mask": str(mask_path) if mask_path else None, "mask_meta": mmeta,
             "train_config": dataclasses.asdict(cfg), **summary})
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the model is saved: nothing left to resume
     return summary

@@ -1,0 +1,107 @@
+# The self-evolving chain (the paper's Self-Evolving Cleaning): the pool is cut into ROUNDS contiguous chunks;
+# round t scores chunk t with the base model and model t-1 (the warm-up model for t = 1), keeps the chunk's global
+# top fraction and trains model t-1 further on it. The rounds share the sft step budget and each restarts the
+# learning-rate schedule (and, with LoRA, gets a fresh adapter on the merged model). A row
+# `self_evolving_r<ratio>_s<seed>` is the last model of its chain; every round is evaluated (rounds.csv).
+
+
+def chunk_tokens_path(t) -> str:
+    return f"{R}/tokens/pool.c{t}of{ROUNDS}.tokens.npz"
+
+
+def previous_model(row: str, t) -> str:
+    """Model t-1 of the chain, relative to models/: the warm-up model starts every chain."""
+    return "warmup" if int(t) == 1 else f"rounds/{row}_t{int(t) - 1}"
+
+
+def round_flags(wildcards) -> str:
+    """The row's sft flags; `tokenclean train --round t --rounds R` gives round t its share of the steps."""
+    return f"{train_flags(config['sft'])} --seed {parse_run(wildcards.row)[2]} --round {wildcards.t} --rounds {ROUNDS}"
+
+
+rule chunk_tokens:
+    """Chunk `index` of `chunks` of the pool's token table (samples in file order)."""
+    input:
+        f"{R}/tokens/pool.tokens.npz",
+    output:
+        f"{R}/tokens/pool.c{{index}}of{{chunks}}.tokens.npz",
+    log:
+        f"{R}/logs/tokenize/pool.c{{index}}of{{chunks}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokenize/pool.c{{index}}of{{chunks}}.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} chunk --tokens {input} --chunks {wildcards.chunks} --index {wildcards.index} --out {output} > {log} 2>&1"
+
+
+rule select_round:
+    """Round t's mask: the global top fraction of chunk t by loss(base) - loss(model t-1)."""
+    input:
+        tokens=lambda w: chunk_tokens_path(w.t),
+        base_loss=lambda w: f"{R}/losses/base/pool.c{w.t}of{ROUNDS}.loss.npy",
+        ref_loss=lambda w: f"{R}/losses/{previous_model(w.row, w.t)}/pool.c{w.t}of{ROUNDS}.loss.npy",
+    output:
+        f"{R}/masks/rounds/{{row}}_t{{t}}.mask.npy",
+    params:
+        ratio=lambda w: parse_run(w.row)[1],
+    wildcard_constraints:
+        row="self_evolving_r[0-9.]+_s[0-9]+",
+        t="[0-9]+",
+    log:
+        f"{R}/logs/select/rounds/{{row}}_t{{t}}.log",
+    benchmark:
+        f"{R}/benchmarks/select/rounds/{{row}}_t{{t}}.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} select --method fixed --ratio {params.ratio} --tokens {input.tokens} --base-loss {input.base_loss}"
+        " --ref-loss {input.ref_loss} --out {output} > {log} 2>&1"
+
+
+rule train_round:
+    """Round t's model: model t-1 trained further on chunk t's selected tokens."""
+    input:
+        model=lambda w: f"{R}/models/{previous_model(w.row, w.t)}",
+        tokens=lambda w: chunk_tokens_path(w.t),
+        mask=f"{R}/masks/rounds/{{row}}_t{{t}}.mask.npy",
+    output:
+        directory(f"{R}/models/rounds/{{row}}_t{{t}}"),
+    params:
+        train=round_flags,
+    wildcard_constraints:
+        row="self_evolving_r[0-9.]+_s[0-9]+",
+        t="[0-9]+",
+    threads: THREADS
+    log:
+        f"{R}/logs/sft/rounds/{{row}}_t{{t}}.log",
+    benchmark:
+        f"{R}/benchmarks/sft/rounds/{{row}}_t{{t}}.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} --mask {input.mask}"
+        " {params.train} --out {output} > {log} 2>&1"
+
+
+def chain_evals() -> list[str]:
+    """Every round's evaluation (the last round is the row's own evaluation) and the warm-up model's (round 0)."""
+    rows = [run for run in sft_runs() if parse_run(run)[0] in CHAINED]
+    rounds = [f"{R}/eval/rounds/{row}_t{t}.json" for row in rows for t in range(1, ROUNDS)]
+    return [f"{R}/eval/warmup.json"] + rounds + [f"{R}/eval/{row}.json" for row in rows]
+
+
+rule rounds_report:
+    """The self-evolving curve: average score per round (round 0 = the warm-up model), mean and std over seeds."""
+    input:
+        chain_evals(),
+    output:
+        f"{R}/rounds.csv",
+    log:
+        f"{R}/logs/rounds.log",
+    benchmark:
+        f"{R}/benchmarks/rounds.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} rounds {input} --rounds {ROUNDS} --out {output} > {log} 2>&1"
