@@ -22,10 +22,15 @@ TASKS = ",".join(_tasks())
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
 # snakemake (the project's venv) does. Either way every rule is one `tokenclean` command.
 os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
-if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    TC = "python -m tokenclean.cli"
-else:
-    TC = f"{shlex.quote(sys.executable)} -m tokenclean.cli"
+sys.path.insert(0, workflow.basedir)
+from tokenclean.launch import tokenclean_command  # noqa: E402  (pure Python: no torch at planning time)
+
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
+TC = tokenclean_command(PYTHON)
+# Training jobs (warm-up, rows, rounds) may run one process per GPU; the recipe does not change with it.
+HARDWARE = config.get("hardware", {})
+GPUS = HARDWARE.get("gpus", 1)
+TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"))
 
 
 def ratio_tag(ratio) -> str:

@@ -66,6 +66,8 @@ rule warmup:
     params:
         train=train_flags(config.get("warmup", {})),
     threads: THREADS
+    resources:
+        gpu=GPUS if GPUS > 1 else 0,
     log:
         f"{R}/logs/warmup.log",
     benchmark:
@@ -73,5 +75,5 @@ rule warmup:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.train}"
+        "{TRAIN} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.train}"
         " --out {output} > {log} 2>&1"

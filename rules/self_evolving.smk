@@ -73,6 +73,8 @@ rule train_round:
         row="self_evolving_r[0-9.]+_s[0-9]+",
         t="[0-9]+",
     threads: THREADS
+    resources:
+        gpu=GPUS if GPUS > 1 else 0,
     log:
         f"{R}/logs/sft/rounds/{{row}}_t{{t}}.log",
     benchmark:
@@ -80,7 +82,7 @@ rule train_round:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} --mask {input.mask}"
+        "{TRAIN} train --threads {threads} --model {input.model} --tokens {input.tokens} --mask {input.mask}"
         " {params.train} --out {output} > {log} 2>&1"
 
 

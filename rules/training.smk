@@ -10,6 +10,8 @@ rule sft:
         seed=lambda w: parse_run(w.run)[2],
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     threads: THREADS
+    resources:
+        gpu=GPUS if GPUS > 1 else 0,
     log:
         f"{R}/logs/sft/{{run}}.log",
     benchmark:
@@ -17,5 +19,5 @@ rule sft:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.mask}"
+        "{TRAIN} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.mask}"
         " {params.train} --seed {params.seed} --out {output} > {log} 2>&1"

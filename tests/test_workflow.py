@@ -90,4 +90,17 @@ def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     stats = out[out.index("Job stats"):]
     jobs = {line.split()[0] for line in stats.splitlines()[3:] if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert {"select", "sft", "evaluate", "report"} <= jobs
-    assert not jobs & {"world", "pretrain_base", "tokenize", "warmup", "token_loss"}
+    assert not jobs & {"world", "pretrain_base", "tokenize", "warmup"}
+    # the only new losses are those of the new ratio's self-evolving models; base and reference are reused
+    scored = [line.split("model=")[1].split(",")[0] for line in out.splitlines() if "wildcards: model=" in line]
+    assert scored and all(m.startswith("rounds/self_evolving_r0.3_") for m in scored)
+
+
+def test_multi_gpu_hardware_launches_every_training_job_once_per_gpu(tmp_path):
+    hardware = tmp_path / "hardware.yaml"
+    hardware.write_text("hardware: {gpus: 2, launcher: torchrun}\n")
+    proc = snakemake(tmp_path, "--dry-run", "--printshellcmds", overrides=hardware)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_lines = [line for line in proc.stdout.splitlines() if "tokenclean.cli train" in line]
+    assert train_lines and all("torch.distributed.run --standalone --nproc_per_node 2" in line for line in train_lines)
+    assert "tokenclean.cli evaluate" in proc.stdout and "nproc_per_node 2 -m tokenclean.cli evaluate" not in proc.stdout

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokenclean import distributed
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array
 from tokenclean.batching import collate, pack
 from tokenclean.loss import target_nll
@@ -234,6 +235,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         raise ArtifactError("mask selects tokens outside loss_mask")
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
+    rank, world = distributed.setup(device)
     per_sample = np.add.reduceat(mask.astype(np.int64), table.offsets[:-1])
     usable = np.flatnonzero(per_sample > 0)
     if len(usable) == 0:
@@ -258,6 +260,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     first_step = resumed["step"] if resumed else 0
     seen_tokens, trained_tokens = (resumed["seen_tokens"], resumed["trained_tokens"]) if resumed else (0, 0)
     last_loss = resumed["loss"] if resumed else float("nan")
+    if rank != 0:  # one process logs and checkpoints
+        log_path, checkpoints, progress = None, None, False
     log_file = open(log_path, "a" if resumed else "w") if log_path else None
     bar = tqdm(total=total_steps, initial=first_step, desc="training", unit="step", disable=not progress,
                mininterval=2.0)
@@ -269,12 +273,13 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             if stop_after is not None and step >= stop_after:
                 raise TrainingInterrupted(f"stopped after {stop_after} steps")
             samples = usable[batch_samples]
-            n_selected = int(per_sample[samples].sum())
+            n_selected = int(per_sample[samples].sum())  # over the whole step, every process
+            samples = samples[rank::world]
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            n_micro = math.ceil(len(samples) / micro)
+            step_loss, step_tokens = 0.0, 0
+            n_micro = max(1, math.ceil(len(samples) / micro)) * world
             for start in range(0, len(samples), micro):
                 chunk = samples[start:start + micro]
                 if cfg.pack_length:
@@ -292,7 +297,11 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                     loss = nll.mean() / n_micro  # each micro-batch's mean, averaged over the window
                 loss.backward()
                 step_loss += float(loss.detach())
-                seen_tokens += int(table.lengths[chunk].sum())
+                step_tokens += int(table.lengths[chunk].sum())
+            if world > 1:
+                distributed.sum_gradients(params)
+                step_loss, step_tokens = distributed.sum_values(step_loss, step_tokens, device=device)
+            seen_tokens += int(step_tokens)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -340,11 +349,16 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
         raise ArtifactError(f"{tokens} was tokenized with a different tokenizer than that of {model_name!r}")
-    device = pick_device(cfg.device)
+    device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     resume_dir = Path(f"{out}.resume")  # survives a killed job (not an output of the rule)
     start = model_fingerprint(model_name)
+    if distributed.rank_and_size()[0] != 0:  # the other processes train their share; process 0 saves
+        _, summary = train_model(model, table, mask, cfg, pad_id, checkpoint_dir=resume_dir / "checkpoint",
+                                 start_fingerprint=start)
+        distributed.barrier()
+        return summary
     with atomic_dir(out) as tmp:
         log_path = resume_dir / "train_log.jsonl" if cfg.checkpoint_every else Path(tmp) / "train_log.jsonl"
         if cfg.checkpoint_every:
@@ -359,4 +373,5 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
             "mask": str(mask_path) if mask_path else None, "mask_meta": mmeta,
             "train_config": dataclasses.asdict(cfg), **summary})
     shutil.rmtree(resume_dir, ignore_errors=True)  # the model is saved: nothing left to resume
+    distributed.barrier()
     return summary
