@@ -224,3 +224,77 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, table, tok
         train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
         results.append(weights_of(m))
     assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_lora_merge_gives_the_adapter_models_outputs(tiny_model_dir, table, tok):
+    from tokenclean.training import _wrap_lora
+
+    cfg = TrainConfig(steps=3, batch_size=3, lr=5e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=1)
+    adapted = _wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    with torch.no_grad():  # give the adapters non-zero weights, as training would
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    adapted.eval()
+    ids = torch.from_numpy(table.input_ids[table.offsets[0]:table.offsets[1]].astype(np.int64))[None]
+    with torch.no_grad():
+        before = adapted(input_ids=ids).logits
+        merged = adapted.merge_and_unload()
+        after = merged(input_ids=ids).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_packed_and_padded_batches_give_every_token_the_same_loss(model, table, tok):
+    from tokenclean.batching import collate, pack
+    from tokenclean.loss import target_nll
+
+    samples = np.arange(table.n_samples)
+    model.eval()
+    with torch.no_grad():
+        packed = pack(table, samples, 20, tok.pad_token_id)
+        got = target_nll(model, packed["input_ids"], None, packed["target"], position_ids=packed["position_ids"])
+        padded = collate(table, samples, tok.pad_token_id)
+        want = target_nll(model, padded["input_ids"], padded["attention_mask"], padded["target"])
+    by_token = dict(zip(packed["index"][packed["target"]].tolist(), got.tolist()))
+    expected = dict(zip(np.flatnonzero(table.loss_mask).tolist(), want.tolist()))  # collate: table order
+    assert by_token.keys() == expected.keys()
+    assert max(abs(by_token[k] - expected[k]) for k in expected) < 1e-5
+
+
+def test_train_cli_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from tokenclean.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    flags = ["train", "--model", str(tiny_model_dir), "--tokens", str(tokens), "--steps", "300", "--batch-size",
+             "4", "--lr", "0.01", "--seed", "4", "--checkpoint-every", "20", "--threads", "1"]
+    assert main([*flags, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tokenclean.cli", *flags, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed.resume" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not state.exists():
+        pytest.skip("the run ended before its first checkpoint could be interrupted")
+    assert not out.exists()  # nothing half-written where the model belongs
+    assert main([*flags, "--out", str(out)]) == 0
+    assert not (tmp_path / "killed.resume").exists()  # cleaned up once the model is saved
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # one log entry per logged step, to the end

@@ -262,6 +262,10 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     last_loss = resumed["loss"] if resumed else float("nan")
     if rank != 0:  # one process logs and checkpoints
         log_path, checkpoints, progress = None, None, False
+    if resumed and log_path and Path(log_path).exists():  # forget the steps done after the checkpoint
+        kept = [line for line in Path(log_path).read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= first_step]
+        Path(log_path).write_text("".join(line + "\n" for line in kept))
     log_file = open(log_path, "a" if resumed else "w") if log_path else None
     bar = tqdm(total=total_steps, initial=first_step, desc="training", unit="step", disable=not progress,
                mininterval=2.0)
