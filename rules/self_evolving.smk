@@ -1,4 +1,4 @@
-# The self-evolving chain (the paper's Self-Evolving Cleaning): the pool is cut into ROUNDS contiguous chunks;
+# The self-evolving chain, rule self_evolve (the paper's Self-Evolving Cleaning): the pool is cut into ROUNDS contiguous chunks;
 # round t scores chunk t with the base model and model t-1 (the warm-up model for t = 1), keeps the chunk's global
 # top fraction and trains model t-1 further on it. The rounds share the sft step budget and each restarts the
 # learning-rate schedule (and, with LoRA, gets a fresh adapter on the merged model). A row
@@ -59,7 +59,7 @@ rule select_round:
         " --ref-loss {input.ref_loss} --out {output} > {log} 2>&1"
 
 
-rule train_round:
+rule self_evolve:
     """Round t's model: model t-1 trained further on chunk t's selected tokens."""
     input:
         model=lambda w: f"{R}/models/{previous_model(w.row, w.t)}",
