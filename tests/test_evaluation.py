@@ -290,3 +290,23 @@ def test_errors_are_clear(evaluated, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"eval data file .*add\.jsonl"):
         evaluate(tmp_path / "no_model", copy / "tasks", ["add"], tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_benchmark_suite_scores_each_task_with_its_own_shots_and_metric(evaluated, trained_model_dir, tmp_path):
+    from tokenclean.evaluation import evaluate_benchmarks
+
+    suite = [{"task": "tc_add_gen", "num_fewshot": 0, "metric": "answer_acc"},
+             {"task": "tc_reverse_nll", "num_fewshot": 1, "metric": "answer_nll"}]
+    out = tmp_path / "bench.json"
+    result = evaluate_benchmarks(str(trained_model_dir), suite, out, device="cpu",
+                                 include_path=evaluated["world"] / "tasks", model_args={"add_bos_token": True})
+    per_family = evaluated["result"]["metrics"]
+    assert result["metrics"]["tc_add_gen"]["score"] == pytest.approx(per_family["add"]["answer_acc"])
+    assert result["metrics"]["tc_reverse_nll"]["answer_nll"] > 0
+    assert result["average"]["score"] == pytest.approx(
+        (result["metrics"]["tc_add_gen"]["score"] + result["metrics"]["tc_reverse_nll"]["score"]) / 2)
+    assert json.loads(out.read_text())["benchmarks"][1]["num_fewshot"] == 1
+    with pytest.raises(ValueError, match="reports no metric 'acc'"):
+        evaluate_benchmarks(str(trained_model_dir), [{"task": "tc_add_gen"}], tmp_path / "x.json", device="cpu",
+                            include_path=evaluated["world"] / "tasks", model_args={"add_bos_token": True})
+    assert not (tmp_path / "x.json").exists()

@@ -327,6 +327,75 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     return result
 
 
+def check_benchmarks(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validated benchmark entries: ``{"task": lm-eval task or group, "num_fewshot": k, "metric": name}``."""
+    checked = []
+    for i, b in enumerate(benchmarks):
+        if not isinstance(b, dict) or not isinstance(b.get("task"), str) or not b["task"]:
+            raise ValueError(f"benchmark {i}: needs a 'task' name, got {b!r}")
+        shots = b.get("num_fewshot", 0)
+        if not isinstance(shots, int) or shots < 0:
+            raise ValueError(f"benchmark {b['task']}: num_fewshot must be a non-negative integer, got {shots!r}")
+        checked.append({"task": b["task"], "num_fewshot": shots, "metric": str(b.get("metric", "acc"))})
+    if not checked:
+        raise ValueError("no benchmarks given")
+    return checked
+
+
+def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_json: str | os.PathLike,
+                        device: str | None = None, limit: int | float | None = None, seed: int = 0,
+                        batch_size: int | str | None = None, include_path: str | os.PathLike | None = None,
+                        trust_remote_code: bool = False, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate any Hugging Face model (directory or hub id) on lm-eval tasks, each with its own few-shot count
+    and metric (the paper's suite: MMLU 5-shot, the others 0-shot, ``acc``).
+
+    Writes ``out_json`` with ``metrics = {task: {"score": value, <metric>: value}}`` and ``average = {"score":
+    unweighted mean over tasks}``: ``score`` is each task's configured metric, so tasks scored differently
+    (accuracy, F1) share one headline. ``model_args`` go to lm-eval's HFLM as they would on the command line
+    (e.g. ``add_bos_token``); the defaults are stock ``lm_eval --model hf``, as the paper ran it.
+    """
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from tokenclean.models import pick_device
+
+    t0 = time.perf_counter()
+    benchmarks = check_benchmarks(benchmarks)
+    dev = pick_device(device)
+    lm = HFLM(pretrained=str(model), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
+              batch_size=batch_size or (8 if dev.type == "cuda" else 1), trust_remote_code=trust_remote_code,
+              **(model_args or {}))
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    metrics: dict[str, dict[str, float]] = {}
+    for shots in sorted({b["num_fewshot"] for b in benchmarks}):
+        group = [b for b in benchmarks if b["num_fewshot"] == shots]
+        _set_seeds(seed)
+        out = simple_evaluate(model=lm, tasks=[b["task"] for b in group], task_manager=tm, num_fewshot=shots,
+                              limit=limit, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, fewshot_random_seed=seed)
+        if out is None:  # only on non-zero ranks of a distributed run
+            raise RuntimeError("lm-eval returned no results")
+        for b in group:
+            found = out["results"].get(b["task"], {})
+            key = f"{b['metric']},none"
+            if key not in found:
+                have = sorted(k.split(",")[0] for k in found if "," in k and "_stderr" not in k)
+                raise ValueError(f"task {b['task']} reports no metric {b['metric']!r} (it reports: {', '.join(have)})")
+            metrics[b["task"]] = {"score": float(found[key]), b["metric"]: float(found[key])}
+    result = {
+        "model": str(model), "tasks": [b["task"] for b in benchmarks], "benchmarks": benchmarks,
+        "metrics": metrics, "average": {"score": sum(m["score"] for m in metrics.values()) / len(metrics)},
+        "seed": int(seed), "limit": limit, "lm_eval_version": lm_eval.__version__, "device": str(dev),
+        "seconds": {"total": round(time.perf_counter() - t0, 3)},
+    }
+    write_json(out_json, result)
+    log.info("%s: average score %.4f (%s)", out_json, result["average"]["score"],
+             ", ".join(f"{t} {m['score']:.3f}" for t, m in metrics.items()))
+    return result
+
+
 def samples_path(out_json: str | os.PathLike) -> Path:
     """``evals/x.json`` -> ``evals/x.samples.jsonl``."""
     p = Path(out_json)

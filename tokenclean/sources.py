@@ -1,0 +1,105 @@
+"""Bringing SFT data into an experiment: a local JSON-lines file or a hub data set becomes the experiment's
+``pool.jsonl`` and ``warmup.jsonl``, every record validated, with checksums and provenance in ``data.json``.
+
+A source is ``{"path": FILE.jsonl}`` or ``{"hub": NAME, "split": "train", "revision": REV}`` (optionally with
+``"limit": N``, the first N records); the warm-up set may instead be ``{"first_of_pool": N}``: the pool's first
+N records, which is what the paper's release code assumes its 10k warm-up set is (unverified; see the README).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tokenclean.artifacts import atomic_dir, write_json
+from tokenclean.data import DataError, parse_record
+
+FIELDS = ("messages", "prompt", "completion")
+
+
+def _from_file(path: str, limit: int | None) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found; fix data.*.path in the config")
+    rows = []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
+            parse_record(obj, where)
+            rows.append({k: obj[k] for k in FIELDS if k in obj})
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def _from_hub(name: str, split: str, revision: str | None, limit: int | None) -> list[dict[str, Any]]:
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(name, split=split, revision=revision)
+    except Exception as e:  # offline, unknown name, no access: all end the same way for the user
+        raise DataError(f"cannot load the data set {name!r} (split {split!r}) from the hub: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}; without hub access, save it as JSON lines "
+                        f"elsewhere and point the config at it with {{path: FILE.jsonl}}") from None
+    rows = []
+    for i, obj in enumerate(data):
+        if limit is not None and i >= limit:
+            break
+        present = {k: obj[k] for k in FIELDS if obj.get(k) is not None}
+        parse_record(present, f"{name}[{split}]:{i}")
+        rows.append(present)
+    return rows
+
+
+def load_source(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The records of one source (validated) and a description of where they came from."""
+    limit = spec.get("limit")
+    if "path" in spec:
+        return _from_file(spec["path"], limit), {"path": str(spec["path"]), "limit": limit}
+    if "hub" in spec:
+        split = spec.get("split", "train")
+        return (_from_hub(spec["hub"], split, spec.get("revision"), limit),
+                {"hub": spec["hub"], "split": split, "revision": spec.get("revision"), "limit": limit})
+    raise DataError(f"a data source needs 'path' or 'hub', got {sorted(spec)}")
+
+
+def _write(rows: list[dict[str, Any]], path: Path) -> str:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write ``pool.jsonl``, ``warmup.jsonl`` and ``data.json`` (sources, record counts, sha256) into ``out_dir``."""
+    if "pool" not in spec or "warmup" not in spec:
+        raise DataError("the data section needs a 'pool' and a 'warmup' source")
+    pool, pool_from = load_source(spec["pool"])
+    if not pool:
+        raise DataError(f"the pool source {pool_from} holds no records")
+    if "first_of_pool" in spec["warmup"]:
+        n = int(spec["warmup"]["first_of_pool"])
+        if not 0 < n <= len(pool):
+            raise DataError(f"data.warmup.first_of_pool = {n}, but the pool holds {len(pool)} records")
+        warmup, warmup_from = pool[:n], {"first_of_pool": n}
+    else:
+        warmup, warmup_from = load_source(spec["warmup"])
+    if not warmup:
+        raise DataError(f"the warm-up source {warmup_from} holds no records")
+    meta: dict[str, Any] = {}
+    with atomic_dir(out_dir) as tmp:
+        for name, rows, origin in (("pool", pool, pool_from), ("warmup", warmup, warmup_from)):
+            meta[name] = {"source": origin, "records": len(rows), "sha256": _write(rows, tmp / f"{name}.jsonl")}
+        write_json(tmp / "data.json", meta)
+    return meta
