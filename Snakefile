@@ -13,6 +13,7 @@ validate(config, "schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/world.smk"
+include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/scoring.smk"
 include: "rules/selection.smk"

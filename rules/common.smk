@@ -17,7 +17,9 @@ def _tasks() -> list[str]:
     return tasks
 
 
-TASKS = ",".join(_tasks())
+TASKS = ",".join(_tasks()) if not config["evaluation"].get("benchmarks") else ""
+# The table's headline: answer accuracy on the world's tasks, or each benchmark's configured metric ("score").
+METRIC = "score" if config["evaluation"].get("benchmarks") else "answer_acc"
 
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
 # snakemake (the project's venv) does. Either way every rule is one `tokenclean` command.
@@ -44,6 +46,26 @@ UNRATIOED = ("full", "oracle", "full+warmup")
 # Methods trained as a chain of rounds over chunks of the pool (rules/self_evolving.smk), not by the sft rule.
 CHAINED = ("self_evolving",)
 ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
+# The pool is cut into CHUNKS; the rounds use the last ROUNDS of them (the paper: 5 chunks, the first one is the
+# warm-up data, 4 rounds).
+CHUNKS = config.get("self_evolving", {}).get("chunks", ROUNDS)
+
+# An embedded experiment generates its world and pretrains its base model; any other one brings its data
+# (rule `data`) and names its base model (a hub id or a local directory, loaded as it is).
+EMBEDDED = "world" in config
+DATA_DIR = f"{R}/world" if EMBEDDED else f"{R}/data"
+BASE_MODEL = f"{R}/models/base" if EMBEDDED else config["base_model"]["name"]
+TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") else ""
+
+
+def model_ref(name: str) -> str:
+    """What a command loads for model `name` (base, warmup, rounds/...): a workflow directory or the base's id."""
+    return BASE_MODEL if name == "base" else f"{R}/models/{name}"
+
+
+def model_input(name: str) -> list[str]:
+    """Model `name` as a rule input: nothing for a base model the workflow does not make."""
+    return [model_ref(name)] if EMBEDDED or name != "base" else []
 
 
 def mask_name(method: str, ratio, seed: int) -> str:
@@ -94,7 +116,7 @@ def pool_masks() -> list[str]:
 def model_dir(run: str) -> str:
     """The model a run's evaluation reads: a self-evolving row is the last model of its chain."""
     if run in ("base", "warmup"):
-        return f"{R}/models/{run}"
+        return model_ref(run)
     if run.startswith("rounds/"):
         return f"{R}/models/{run}"
     if parse_run(run)[0] in CHAINED:

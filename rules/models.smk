@@ -5,8 +5,8 @@ rule pretrain_base:
     output:
         directory(f"{R}/models/base"),
     params:
-        model=as_json(config["base_model"]["pretrain"].get("model", {})),
-        train=train_flags(config["base_model"]["pretrain"]),
+        model=as_json(config["base_model"].get("pretrain", {}).get("model", {})),
+        train=train_flags(config["base_model"].get("pretrain", {})),
     threads: SERIAL_THREADS
     log:
         f"{R}/logs/pretrain_base.log",
@@ -22,10 +22,12 @@ rule pretrain_base:
 rule tokenize:
     """JSON lines -> flat token table with loss_mask (and ground-truth token classes in the embedded world)."""
     input:
-        world=f"{R}/world",
-        tokenizer=f"{R}/models/base",
+        data=DATA_DIR,
+        tokenizer=model_input("base"),
     output:
         f"{R}/tokens/{{dataset}}.tokens.npz",
+    params:
+        tokenizer=model_ref("base"),
     wildcard_constraints:
         dataset="warmup|pool",
     log:
@@ -35,7 +37,7 @@ rule tokenize:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} tokenize --data {input.world}/{wildcards.dataset}.jsonl --tokenizer {input.tokenizer}"
+        "{TC} tokenize --data {input.data}/{wildcards.dataset}.jsonl --tokenizer {params.tokenizer} {TRUST}"
         " --max-length {config[max_length]} --out {output} > {log} 2>&1"
 
 
@@ -59,11 +61,12 @@ rule concat_tokens:
 rule warmup:
     """Full-token SFT of the base model on the clean warm-up set: the reference model (and the warm-up row)."""
     input:
-        model=f"{R}/models/base",
+        model=model_input("base"),
         tokens=f"{R}/tokens/warmup.tokens.npz",
     output:
         directory(f"{R}/models/warmup"),
     params:
+        model=model_ref("base"),
         train=train_flags(config.get("warmup", {})),
     threads: THREADS
     resources:
@@ -75,5 +78,5 @@ rule warmup:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.train}"
+        "{TRAIN} train --threads {threads} --model {params.model} {TRUST} --tokens {input.tokens} {params.train}"
         " --out {output} > {log} 2>&1"

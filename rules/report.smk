@@ -15,7 +15,7 @@ rule report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} report {input} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        "{TC} report {input} --metric {METRIC} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
 rule cleaning_quality:

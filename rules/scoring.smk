@@ -2,11 +2,12 @@ rule token_loss:
     """Per-token losses of one model on one token table. Depends only on (model, data, tokenizer): changing a
     ratio, a method or a seed never re-runs it."""
     input:
-        model=f"{R}/models/{{model}}",
+        model=lambda w: model_input(w.model),
         tokens=f"{R}/tokens/{{dataset}}.tokens.npz",
     output:
         f"{R}/losses/{{model}}/{{dataset}}.loss.npy",
     params:
+        model=lambda w: model_ref(w.model),
         budget=config.get("scoring", {}).get("token_budget", 16384),
         device=config.get("scoring", {}).get("device", "auto"),
         dtype=config.get("scoring", {}).get("dtype", "auto"),
@@ -18,5 +19,5 @@ rule token_loss:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} loss --threads {threads} --model {input.model} --tokens {input.tokens} --token-budget {params.budget}"
+        "{TC} loss --threads {threads} --model {params.model} {TRUST} --tokens {input.tokens} --token-budget {params.budget}"
         " --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

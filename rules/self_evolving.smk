@@ -5,8 +5,13 @@
 # `self_evolving_r<ratio>_s<seed>` is the last model of its chain; every round is evaluated (rounds.csv).
 
 
+def chunk_name(t) -> str:
+    """The pool chunk of round t: the rounds use the last ROUNDS of CHUNKS chunks."""
+    return f"pool.c{CHUNKS - ROUNDS + int(t)}of{CHUNKS}"
+
+
 def chunk_tokens_path(t) -> str:
-    return f"{R}/tokens/pool.c{t}of{ROUNDS}.tokens.npz"
+    return f"{R}/tokens/{chunk_name(t)}.tokens.npz"
 
 
 def previous_model(row: str, t) -> str:
@@ -16,7 +21,8 @@ def previous_model(row: str, t) -> str:
 
 def round_flags(wildcards) -> str:
     """The row's sft flags; `tokenclean train --round t --rounds R` gives round t its share of the steps."""
-    return f"{train_flags(config['sft'])} --seed {parse_run(wildcards.row)[2]} --round {wildcards.t} --rounds {ROUNDS}"
+    seed = parse_run(wildcards.row)[2]
+    return f"{train_flags(config['sft'])} --seed {seed} --round {wildcards.t} --rounds {ROUNDS} {TRUST}"
 
 
 rule chunk_tokens:
@@ -39,8 +45,8 @@ rule select_round:
     """Round t's mask: the global top fraction of chunk t by loss(base) - loss(model t-1)."""
     input:
         tokens=lambda w: chunk_tokens_path(w.t),
-        base_loss=lambda w: f"{R}/losses/base/pool.c{w.t}of{ROUNDS}.loss.npy",
-        ref_loss=lambda w: f"{R}/losses/{previous_model(w.row, w.t)}/pool.c{w.t}of{ROUNDS}.loss.npy",
+        base_loss=lambda w: f"{R}/losses/base/{chunk_name(w.t)}.loss.npy",
+        ref_loss=lambda w: f"{R}/losses/{previous_model(w.row, w.t)}/{chunk_name(w.t)}.loss.npy",
     output:
         f"{R}/masks/rounds/{{row}}_t{{t}}.mask.npy",
     params:
@@ -106,4 +112,4 @@ rule rounds_report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} rounds {input} --rounds {ROUNDS} --out {output} > {log} 2>&1"
+        "{TC} rounds {input} --rounds {ROUNDS} --metric {METRIC} --out {output} > {log} 2>&1"

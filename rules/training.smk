@@ -2,10 +2,11 @@ rule sft:
     """Fine-tune the base model on the pool's selected tokens (one row x seed of the table)."""
     input:
         unpack(sft_inputs),
-        model=f"{R}/models/base",
+        model=model_input("base"),
     output:
         directory(f"{R}/models/sft/{{run}}"),
     params:
+        model=model_ref("base"),
         train=train_flags(config["sft"]),
         seed=lambda w: parse_run(w.run)[2],
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
@@ -19,5 +20,5 @@ rule sft:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {input.model} --tokens {input.tokens} {params.mask}"
+        "{TRAIN} train --threads {threads} --model {params.model} {TRUST} --tokens {input.tokens} {params.mask}"
         " {params.train} --seed {params.seed} --out {output} > {log} 2>&1"

@@ -22,6 +22,23 @@ def _json_arg(text: str) -> dict[str, Any]:
     return value
 
 
+def _json_list_arg(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
+    return value
+
+
+def _limit_arg(text: str) -> int | float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("limit must be positive")
+    return int(value) if value >= 1 and value == int(value) else value
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from tokenclean.training import TrainConfig
 
@@ -117,21 +134,36 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from tokenclean.evaluation import evaluate
+    from tokenclean.evaluation import evaluate, evaluate_benchmarks
 
-    evaluate(a.model, a.tasks_dir, a.tasks.split(","), a.out, device=a.device, limit=a.limit, seed=a.seed)
+    if a.benchmarks is not None:
+        evaluate_benchmarks(a.model, a.benchmarks, a.out, device=a.device, limit=a.limit, seed=a.seed,
+                            batch_size=int(a.batch_size) if str(a.batch_size).isdigit() else a.batch_size,
+                            include_path=a.include_path,
+                            trust_remote_code=a.trust_remote_code, model_args=a.model_args)
+    elif a.tasks_dir and a.tasks:
+        evaluate(a.model, a.tasks_dir, a.tasks.split(","), a.out, device=a.device, limit=a.limit, seed=a.seed)
+    else:
+        raise ValueError("give --tasks-dir and --tasks (the world's families) or --benchmarks (lm-eval tasks)")
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    from tokenclean.sources import prepare_data
+
+    meta = prepare_data(a.spec, a.out)
+    logging.info("%s: pool %d records, warm-up %d records", a.out, meta["pool"]["records"], meta["warmup"]["records"])
 
 
 def cmd_report(a: argparse.Namespace) -> None:
     from tokenclean.report import write_table
 
-    write_table(a.evals, a.out_csv, a.out_md)
+    write_table(a.evals, a.out_csv, a.out_md, metric=a.metric)
 
 
 def cmd_rounds(a: argparse.Namespace) -> None:
     from tokenclean.report import write_rounds
 
-    write_rounds(a.evals, a.rounds, a.out)
+    write_rounds(a.evals, a.rounds, a.out, metric=a.metric)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,12 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--tasks-dir", required=True, help="directory of lm-eval task YAMLs (include path)")
-    p.add_argument("--tasks", required=True, help="comma-separated families/tasks")
+    p.add_argument("--tasks-dir", help="the world's lm-eval task directory (embedded experiments)")
+    p.add_argument("--tasks", help="comma-separated world families")
+    p.add_argument("--benchmarks", type=_json_list_arg, default=None,
+                   help='JSON list of {"task", "num_fewshot", "metric"}: stock or included lm-eval tasks')
+    p.add_argument("--include-path", default=None, help="extra lm-eval task directory for --benchmarks")
+    p.add_argument("--model-args", type=_json_arg, default=None, help="JSON object of extra lm-eval HFLM arguments")
+    p.add_argument("--batch-size", default=None, help="lm-eval batch size for --benchmarks (an integer or 'auto')")
+    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out", required=True, help="output results JSON")
     p.add_argument("--device", default=None)
-    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    p.add_argument("--limit", type=_limit_arg, default=None,
+                   help="examples per task (an integer), or a fraction of each task below 1 (the paper: 0.99)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = add("data", cmd_data, "Bring SFT data into an experiment: pool and warm-up set as validated JSON lines.")
+    p.add_argument("--spec", type=_json_arg, required=True,
+                   help='JSON: {"pool": {"path"|"hub": ...}, "warmup": {"path"|"hub"|"first_of_pool": ...}}')
+    p.add_argument("--out", required=True, help="output directory (pool.jsonl, warmup.jsonl, data.json)")
 
     p = add("quality", cmd_quality, "Kept fraction per ground-truth token class for each mask (embedded world).")
     p.add_argument("masks", nargs="+", help="X.mask.npy files made on --tokens")
@@ -227,10 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
+    p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
     p.add_argument("--rounds", type=int, required=True, help="number of rounds (a row's own file is the last)")
+    p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
     p.add_argument("--out", required=True, help="output CSV")
     return parser
 

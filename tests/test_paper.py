@@ -1,0 +1,134 @@
+"""Paper-scale configs: planned offline (no model or data is touched), with the job counts the study implies;
+and the data rule on small local files in the formats the real data come in."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenclean.data import DataError
+from tokenclean.sources import prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+def plan(workdir: Path, *configs: Path) -> tuple[Counter, str]:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", *map(str, configs), "--dry-run", "--printshellcmds", "--cores", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = proc.stdout
+    stats = out[out.index("Job stats"):].split("total")[0]
+    counts = Counter({line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:]
+                      if len(line.split()) == 2 and line.split()[1].isdigit()})
+    return counts, out
+
+
+def expected_counts(cfg: dict) -> dict[str, int]:
+    seeds, ratios = len(cfg["seeds"]), len(cfg["ratios"])
+    rounds = cfg["self_evolving"]["rounds"]
+    per_method = {"full": (1, seeds), "random": (ratios * seeds, ratios * seeds), "rho": (ratios, ratios * seeds),
+                  "fixed": (ratios, ratios * seeds)}
+    methods = [m for m in cfg["methods"] if m != "self_evolving"]
+    chains = ratios * seeds
+    sft = sum(per_method[m][1] for m in methods)
+    return {
+        "data": 1, "tokenize": 2, "warmup": 1, "chunk_tokens": rounds,
+        # base and reference score the pool once; the base scores each round's chunk once, the warm-up model
+        # the first round's; each later round is scored by its chain's previous model
+        "token_loss": 2 + rounds + 1 + (rounds - 1) * chains,
+        "select": sum(per_method[m][0] for m in methods), "sft": sft,
+        "select_round": rounds * chains, "self_evolve": rounds * chains,
+        "evaluate": 2 + sft + chains + (rounds - 1) * chains,  # base, warm-up, every row, every earlier round
+        "report": 1, "rounds_report": 1,
+    }
+
+
+@pytest.mark.parametrize("config", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_study_plans_offline_with_the_implied_jobs(config, tmp_path):
+    cfg = yaml.safe_load(config.read_text())
+    counts, out = plan(tmp_path, config)
+    for rule, n in expected_counts(cfg).items():
+        assert counts[rule] == n, f"{rule}: planned {counts[rule]}, expected {n}"
+    assert "world" not in counts and "pretrain_base" not in counts
+    assert f"--model {cfg['base_model']['name']} " in out  # the hub model is loaded by name, never downloaded here
+    assert "--num_fewshot" not in out and '"num_fewshot": 5, "task": "mmlu"' in out
+
+
+def test_scoring_does_not_grow_with_ratios_or_seeds(tmp_path):
+    config = ROOT / "configs" / "paper" / "llama-3.2-3b.yaml"
+    more = tmp_path / "more.yaml"
+    more.write_text("seeds: [1, 2, 3, 4, 5]\nratios: [0.6, 0.3]\n")
+    _, small = plan(tmp_path / "a", config)
+    _, large = plan(tmp_path / "b", config, more)
+
+    def shared_losses(out: str) -> set[str]:
+        return {line.split("--out ")[1].split()[0] for line in out.splitlines()
+                if "tokenclean.cli loss" in line and "/losses/rounds/" not in line}
+
+    assert shared_losses(small) == shared_losses(large) and len(shared_losses(small)) == 7
+
+
+def test_hardware_file_launches_training_on_every_gpu(tmp_path):
+    counts, out = plan(tmp_path, ROOT / "configs" / "paper" / "mistral-7b.yaml",
+                       ROOT / "configs" / "hardware" / "8-gpus.yaml")
+    train = [line for line in out.splitlines() if "tokenclean.cli train" in line]
+    assert len(train) == counts["warmup"] + counts["sft"] + counts["self_evolve"]
+    assert all("accelerate.commands.launch --num_processes 8" in line for line in train)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def write_lines(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def ds2_like(n: int) -> list[dict]:
+    """Rows as the DS2 pool holds them: Tulu-style messages (plus columns the suite does not use)."""
+    return [{"id": f"x{i}", "source": "flan", "messages": [{"role": "user", "content": f"q{i}"},
+                                                          {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(n)]
+
+
+def test_data_rule_writes_pool_and_warmup_with_checksums(tmp_path):
+    pool = write_lines(tmp_path / "pool.jsonl", ds2_like(12))
+    warm = write_lines(tmp_path / "warm.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
+    meta = prepare_data({"pool": {"path": str(pool)}, "warmup": {"path": str(warm)}}, tmp_path / "out")
+    lines = (tmp_path / "out" / "pool.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and set(json.loads(lines[0])) == {"messages"}  # only the fields training reads
+    assert meta["warmup"]["records"] == 3 and json.loads((tmp_path / "out" / "data.json").read_text()) == meta
+    import hashlib
+    assert meta["pool"]["sha256"] == hashlib.sha256((tmp_path / "out" / "pool.jsonl").read_bytes()).hexdigest()
+    first = prepare_data({"pool": {"path": str(pool), "limit": 10}, "warmup": {"first_of_pool": 4}}, tmp_path / "o2")
+    assert first["pool"]["records"] == 10 and first["warmup"]["records"] == 4
+    assert (tmp_path / "o2" / "warmup.jsonl").read_text().splitlines() == \
+        (tmp_path / "o2" / "pool.jsonl").read_text().splitlines()[:4]
+
+
+def test_bad_data_names_file_line_and_field_and_writes_nothing(tmp_path):
+    rows = ds2_like(3)
+    rows[1] = {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}
+    pool = write_lines(tmp_path / "pool.jsonl", rows)
+    with pytest.raises(DataError, match=r"pool\.jsonl:2.*role"):
+        prepare_data({"pool": {"path": str(pool)}, "warmup": {"first_of_pool": 1}}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    good = write_lines(tmp_path / "good.jsonl", ds2_like(3))
+    with pytest.raises(DataError, match="first_of_pool = 5"):
+        prepare_data({"pool": {"path": str(good)}, "warmup": {"first_of_pool": 5}}, tmp_path / "out")
+
+
+def test_unreachable_hub_data_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"jlpang888/DS2_50k.*\{path: FILE\.jsonl\}"):
+        prepare_data({"pool": {"hub": "jlpang888/DS2_50k"}, "warmup": {"first_of_pool": 10}}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
