@@ -104,3 +104,13 @@ def test_multi_gpu_hardware_launches_every_training_job_once_per_gpu(tmp_path):
     train_lines = [line for line in proc.stdout.splitlines() if "tokenclean.cli train" in line]
     assert train_lines and all("torch.distributed.run --standalone --nproc_per_node 2" in line for line in train_lines)
     assert "tokenclean.cli evaluate" in proc.stdout and "nproc_per_node 2 -m tokenclean.cli evaluate" not in proc.stdout
+
+
+def test_smoke_workflow_runs_with_every_job_submitted_separately(tmp_path):
+    """The DAG through `--executor cluster-generic`: each job is a separately submitted process (as on Slurm)."""
+    submit = ROOT / "tests" / "cluster" / "submit.sh"
+    proc = snakemake(tmp_path, "--executor", "cluster-generic", "--cluster-generic-submit-cmd", str(submit),
+                     "--jobs", "2", "--latency-wait", "10", "--seconds-between-status-checks", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "results" / "smoke" / "table.csv")))
+    assert len(rows) == 9 and (tmp_path / "results" / "smoke" / "rounds.csv").exists()
