@@ -29,12 +29,19 @@ class ArtifactError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -51,6 +58,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():
@@ -128,8 +136,15 @@ def require_same(key: str, *named: tuple[str | os.PathLike, dict[str, Any]]) -> 
 # arrays
 # ---------------------------------------------------------------------------------------------------------
 def save_array(path: str | os.PathLike, array: np.ndarray, meta: dict[str, Any]) -> None:
-    """Save a per-token array as ``.npy`` with a sidecar; the sidecar is written first, the array last."""
-    write_sidecar(path, {**meta, "dtype": str(array.dtype), "shape": list(array.shape)})
+    """Save a per-token array as ``.npy`` with a sidecar; the sidecar is written first, the array last.
+
+    The sidecar records the array's own fingerprint, so a sidecar left by a later, interrupted write never
+    passes for the description of an older array (:func:`load_array` checks it).
+    """
+    if array.dtype == object:
+        raise ArtifactError(f"{path}: refusing to save an object array (it could only be read back through pickle)")
+    write_sidecar(path, {**meta, "dtype": str(array.dtype), "shape": list(array.shape),
+                         "fingerprint": fingerprint_arrays(array)})
     with atomic_file(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -142,8 +157,11 @@ def load_array(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     meta = read_sidecar(path)
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ArtifactError(f"{path}: not a plain numpy array ({e})") from None
+    if "fingerprint" in meta and meta["fingerprint"] != fingerprint_arrays(array):
+        raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}; "
+                            "re-create it with tokenclean")
     return array, meta
 
 
@@ -171,8 +189,8 @@ class TokenTable:
         n = len(self.input_ids)
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != n:
             raise ArtifactError("offsets must start at 0 and end at the number of tokens")
-        if np.any(np.diff(self.offsets) < 0):
-            raise ArtifactError("offsets must be non-decreasing")
+        if np.any(np.diff(self.offsets) <= 0):  # an empty sample would break per-sample sums (np.add.reduceat)
+            raise ArtifactError("offsets must be increasing: every sample holds at least one token")
         if self.loss_mask.shape != (n,):
             raise ArtifactError("loss_mask must have one entry per token")
         if n and np.any(self.loss_mask[self.offsets[:-1][np.diff(self.offsets) > 0]]):

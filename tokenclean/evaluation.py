@@ -363,11 +363,15 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
 
     t0 = time.perf_counter()
     benchmarks = check_benchmarks(benchmarks)
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [b["task"] for b in benchmarks if b["task"] not in tm.all_tasks]
+    if unknown:  # before the model loads; lm-eval itself would fail later with a KeyError
+        raise ValueError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: neither a stock task"
+                         f"{f' nor one under {include_path}' if include_path else ''}; fix evaluation.benchmarks")
     dev = pick_device(device)
     lm = HFLM(pretrained=str(model), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
               batch_size=batch_size or (8 if dev.type == "cuda" else 1), trust_remote_code=trust_remote_code,
               **(model_args or {}))
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
     metrics: dict[str, dict[str, float]] = {}
     for shots in sorted({b["num_fewshot"] for b in benchmarks}):
         group = [b for b in benchmarks if b["num_fewshot"] == shots]

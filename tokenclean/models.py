@@ -40,8 +40,9 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
         raise FileNotFoundError(f"model directory {name_or_path} not found; run the workflow step that creates it "
                                 "or fix the path in the config")
     try:
+        # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=pick_dtype(dtype, device),
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise FileNotFoundError(f"model {name_or_path!r} could not be loaded ({str(e).splitlines()[0]}); "
                                 "for an offline run point the config at a local copy") from None
