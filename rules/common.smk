@@ -7,6 +7,10 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 R = f"{config['results_dir']}/{config['experiment']}"
+# Caches the jobs' libraries write (Hugging Face hub and datasets, matplotlib, torch inductor) go to the project's
+# own .cache/ unless the environment names another place; jobs inherit these. lm-eval's request cache is off.
+for _var, _sub in (("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
+    os.environ.setdefault(_var, os.path.join(workflow.basedir, ".cache", _sub))
 THREADS = config.get("threads", 1)
 SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base: every other job waits for it
 def _tasks() -> list[str]:
@@ -49,6 +53,8 @@ ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
 # The pool is cut into CHUNKS; the rounds use the last ROUNDS of them (the paper: 5 chunks, the first one is the
 # warm-up data, 4 rounds).
 CHUNKS = config.get("self_evolving", {}).get("chunks", ROUNDS)
+if CHUNKS < ROUNDS:  # the one cross-key rule the schema cannot state; checked before any job runs
+    raise ValueError(f"config: self_evolving.chunks ({CHUNKS}) must be at least self_evolving.rounds ({ROUNDS})")
 
 # An embedded experiment generates its world and pretrains its base model; any other one brings its data
 # (rule `data`) and names its base model (a hub id or a local directory, loaded as it is).

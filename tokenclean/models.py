@@ -30,15 +30,20 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def require_model_dir(name_or_path: str) -> None:
+    """Fail clearly when ``name_or_path`` looks like a local path (not a hub id) and is no directory."""
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/")) or local.parent != Path(".") or local.exists()) and not local.is_dir():
+        raise FileNotFoundError(f"model directory {name_or_path} not found; run the workflow step that creates it "
+                                "or fix the path in the config")
+
+
 def load_model(name_or_path: str, device: torch.device | str | None = None, dtype: str | None = None,
                trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/")) or local.parent != Path(".") or local.exists()) and not local.is_dir():
-        raise FileNotFoundError(f"model directory {name_or_path} not found; run the workflow step that creates it "
-                                "or fix the path in the config")
+    require_model_dir(name_or_path)
     try:
         # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=pick_dtype(dtype, device),

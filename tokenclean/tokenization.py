@@ -46,6 +46,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    from tokenclean.models import require_model_dir
+
+    require_model_dir(str(name_or_path))
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -139,7 +142,8 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> 
         all_cls.append(np.asarray(cls, dtype=np.int8))
         kept_index.append(index)
     if not kept_index:
-        raise ValueError("no sample has a response token left after truncation; raise max_length")
+        raise ValueError(f"no sample has a response token left after truncation to max_length={max_length}; "
+                         "raise max_length")
     lengths = np.array([len(a) for a in all_ids], dtype=np.int64)
     extras = {"sample_index": np.asarray(kept_index, dtype=np.int64)}
     if any(r.classes for r in records):
@@ -156,7 +160,10 @@ def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int,
     """CLI entry: validate ``data``, tokenize it and write ``out`` (nothing is written if anything fails)."""
     records = read_jsonl(data)
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
-    table, stats = tokenize_records(records, tokenizer, max_length)
+    try:
+        table, stats = tokenize_records(records, tokenizer, max_length)
+    except ValueError as e:
+        raise ValueError(f"{data}: {e}") from None
     meta = {
         "kind": "tokens",
         "data": str(data),
