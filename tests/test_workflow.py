@@ -4,8 +4,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,21 +16,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str, overrides: Path | None = None) -> subprocess.CompletedProcess:
+def snakemake_cmd(workdir: Path, *args: str, overrides: Path | None = None) -> list[str]:
     configs = [str(ROOT / "configs" / "smoke.yaml")] + ([str(overrides)] if overrides else [])
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", *configs, "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=900)
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", *configs, "--cores", "2", *args]
+
+
+def snakemake(workdir: Path, *args: str, overrides: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_cmd(workdir, *args, overrides=overrides), capture_output=True, text=True,
+                          env=env or {**os.environ}, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
+    """The smoke workflow from scratch, with an empty HOME and no HF_HOME: what it writes outside its results
+    (and outside the project's own .cache/, where the workflow points library caches) shows up there."""
     work = tmp_path_factory.mktemp("smoke")
-    proc = snakemake(work)
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR")}
+    proc = snakemake(work, env={**env, "HOME": str(home)})
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in (work / "results").rglob("*.log"))
         pytest.fail(f"smoke workflow failed:\n{proc.stderr[-4000:]}\n{logs}")
+    (work / "home").symlink_to(home)  # for test_nothing_is_written_outside_the_results
     return work / "results" / "smoke"
+
+
+def test_nothing_is_written_outside_the_results(smoke_run):
+    work = smoke_run.parents[1]
+    assert sorted(p.name for p in work.iterdir()) == [".snakemake", "home", "results"]
+    assert sorted(p.name for p in (work / "results").iterdir()) == ["smoke"]
+    # the only thing in HOME is snakemake's own copy of the workflow's sources
+    written = [p for p in (work / "home").resolve().rglob("*") if p.is_file()]
+    assert all(p.relative_to((work / "home").resolve()).parts[:2] == (".cache", "snakemake") for p in written), written
 
 
 def test_smoke_workflow_writes_the_table(smoke_run):
@@ -106,11 +128,79 @@ def test_multi_gpu_hardware_launches_every_training_job_once_per_gpu(tmp_path):
     assert "tokenclean.cli evaluate" in proc.stdout and "nproc_per_node 2 -m tokenclean.cli evaluate" not in proc.stdout
 
 
-def test_smoke_workflow_runs_with_every_job_submitted_separately(tmp_path):
-    """The DAG through `--executor cluster-generic`: each job is a separately submitted process (as on Slurm)."""
+def test_smoke_workflow_runs_with_every_job_submitted_separately_and_gives_identical_results(smoke_run, tmp_path):
+    """The DAG through `--executor cluster-generic`: each job is a separately submitted process (as on Slurm).
+
+    It is also the second run from scratch of the same config, so it checks determinism: byte-identical masks,
+    losses and tables, identical metrics and generations (CPU; timings aside)."""
     submit = ROOT / "tests" / "cluster" / "submit.sh"
     proc = snakemake(tmp_path, "--executor", "cluster-generic", "--cluster-generic-submit-cmd", str(submit),
                      "--jobs", "2", "--latency-wait", "10", "--seconds-between-status-checks", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "results" / "smoke" / "table.csv")))
-    assert len(rows) == 9 and (tmp_path / "results" / "smoke" / "rounds.csv").exists()
+    again = tmp_path / "results" / "smoke"
+    rows = list(csv.DictReader(open(again / "table.csv")))
+    assert len(rows) == 9 and (again / "rounds.csv").exists()
+    compared = 0
+    for pattern in ("masks/**/*.mask.npy", "losses/**/*.loss.npy", "tokens/*.tokens.npz", "eval/**/*.samples.jsonl",
+                    "*.csv", "table.md"):
+        first = sorted(p.relative_to(smoke_run) for p in smoke_run.glob(pattern))
+        assert first and first == sorted(p.relative_to(again) for p in again.glob(pattern)), pattern
+        for rel in first:
+            assert (smoke_run / rel).read_bytes() == (again / rel).read_bytes(), f"{rel} differs between two runs"
+            compared += 1
+    for path in smoke_run.glob("eval/**/*.json"):
+        a, b = json.loads(path.read_text()), json.loads((again / path.relative_to(smoke_run)).read_text())
+        assert {k: v for k, v in a.items() if k not in ("seconds", "model")} == \
+            {k: v for k, v in b.items() if k not in ("seconds", "model")}, path
+        compared += 1
+    assert compared > 40
+
+
+def test_a_workflow_killed_during_training_resumes_to_the_uninterrupted_weights(smoke_run, tmp_path):
+    """SIGKILL the whole snakemake process group while a job trains; unlock, re-run with --rerun-incomplete: it
+    resumes from the job's checkpoint and saves exactly the weights of an uninterrupted run."""
+    import torch
+    from safetensors.torch import load_file
+
+    target = "results/smoke/models/sft/full_s1"
+    longer = tmp_path / "longer.yaml"  # one SFT job long enough to be interrupted, with checkpoints
+    longer.write_text("sft:\n  train: {steps: 120, batch_size: 8, lr: 0.001, checkpoint_every: 20}\n")
+
+    def with_inputs(name: str) -> Path:
+        """A workdir holding the job's inputs, copied from the smoke run (mtimes kept: they count as done)."""
+        work = tmp_path / name
+        for rel in ("world", "models/base", "tokens/pool.tokens.npz", "tokens/pool.tokens.json", "masks/full.mask.npy",
+                    "masks/full.mask.json"):
+            dst = work / "results" / "smoke" / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (smoke_run / rel).is_dir() else shutil.copy2)(smoke_run / rel, dst)
+        return work
+
+    straight = with_inputs("straight")
+    proc = snakemake(straight, target, overrides=longer)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 of 1 steps" in proc.stderr  # only the sft job ran
+
+    killed = with_inputs("killed")
+    job = subprocess.Popen(snakemake_cmd(killed, target, overrides=longer), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    state = killed / f"{target}.resume" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # snakemake and its job, at once
+    job.wait()
+    if not state.exists():
+        pytest.fail("the job ended (or never started) before its first checkpoint; raise the steps in this test")
+    assert not (killed / target).exists()  # nothing at the output path: no rule can take it for finished
+    proc = snakemake(killed, "--unlock")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = snakemake(killed, target, "--rerun-incomplete", overrides=longer)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in (killed / "results" / "smoke" / "logs" / "sft" / "full_s1.log").read_text()
+    assert not (killed / f"{target}.resume").exists()
+    a = load_file(str(straight / target / "model.safetensors"))
+    b = load_file(str(killed / target / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / target / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 120
