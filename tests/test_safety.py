@@ -210,6 +210,11 @@ def test_a_process_killed_mid_write_leaves_no_final_file(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # only a hidden temporary is left, which no rule names as its output
     assert all(p.name.startswith(".") or p.name == "x.loss.json" for p in tmp_path.iterdir())
+    assert any(p.name.startswith(".x.loss.npy.") for p in tmp_path.iterdir())
+    other = tmp_path / ".x.loss.npy.more.abcdefgh.tmp"  # another target's temporary (x.loss.npy.more)
+    other.write_text("")
+    save_array(out, np.ones(3, np.float32), {"kind": "loss"})  # the re-run clears what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "x.loss.json", "x.loss.npy"]
 
 
 def test_a_failing_model_save_leaves_no_model_directory(tmp_path, tiny_model_dir, monkeypatch):

@@ -199,6 +199,7 @@ def test_a_workflow_killed_during_training_resumes_to_the_uninterrupted_weights(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in (killed / "results" / "smoke" / "logs" / "sft" / "full_s1.log").read_text()
     assert not (killed / f"{target}.resume").exists()
+    assert [p.name for p in (killed / target).parent.iterdir()] == ["full_s1"]  # the killed run's temporary: gone
     a = load_file(str(straight / target / "model.safetensors"))
     b = load_file(str(killed / target / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
