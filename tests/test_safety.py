@@ -247,3 +247,22 @@ def test_a_sidecar_left_by_an_interrupted_rewrite_does_not_describe_the_old_arra
     monkeypatch.undo()
     with pytest.raises(ArtifactError, match="m.mask.npy: contents do not match the fingerprint"):
         load_array(path)
+
+
+def test_the_workflow_passes_trust_remote_code_only_when_the_config_asks(tmp_path):
+    root = PACKAGE.parent
+
+    def commands(override: str) -> list[str]:
+        (tmp_path / "o.yaml").write_text(override or "{}\n")
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(root / "Snakefile"),
+                               "--directory", str(tmp_path), "--configfile", str(root / "configs" / "smoke.yaml"),
+                               str(tmp_path / "o.yaml"), "--cores", "1"], capture_output=True, text=True,
+                              env={**os.environ}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [line for line in proc.stdout.splitlines()
+                if any(f"tokenclean.cli {c} " in line for c in ("tokenize", "loss", "train"))]
+
+    default = commands("")
+    assert len(default) > 10 and not any("--trust-remote-code" in line for line in default)
+    asked = commands("base_model: {trust_remote_code: true}\n")
+    assert len(asked) == len(default) and all("--trust-remote-code" in line for line in asked)
