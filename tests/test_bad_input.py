@@ -198,7 +198,6 @@ def dry_run(workdir: Path, override: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("override,key", [
     ("ratios: [0]\n", "['ratios'][0]"),
-    ("ratios: [1.5]\n", "['ratios'][0]"),
     ("methods: [full, cleverest]\n", "['methods'][1]"),
     ("self_evolving: {rounds: 0}\n", "['self_evolving']['rounds']"),
     ("world: {pool_samples: -5}\n", "['world']['pool_samples']"),
