@@ -241,7 +241,7 @@ class TokenTable:
         starts = np.cumsum([0] + [t.n_tokens for t in tables])
         offsets = np.concatenate([[0]] + [t.offsets[1:] + s for t, s in zip(tables, starts)])
         extras = {}
-        for key in set.intersection(*(set(t.extras) for t in tables)):
+        for key in sorted(set.intersection(*(set(t.extras) for t in tables))):  # sorted: set order varies by run
             kinds = {len(t.extras[key]) == t.n_tokens for t in tables}
             if len(kinds) == 1:
                 extras[key] = np.concatenate([t.extras[key] for t in tables])
@@ -274,7 +274,9 @@ class TokenTable:
         }
         write_sidecar(path, meta)
         with atomic_file(path, suffix=".npz") as tmp:
-            np.savez(tmp, input_ids=self.input_ids, offsets=self.offsets, loss_mask=self.loss_mask, **self.extras)
+            # members in a fixed order (numpy fixes their zip timestamps), so equal tables give equal bytes
+            np.savez(tmp, input_ids=self.input_ids, offsets=self.offsets, loss_mask=self.loss_mask,
+                     **{k: self.extras[k] for k in sorted(self.extras)})
         return meta
 
     @classmethod
