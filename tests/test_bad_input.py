@@ -229,3 +229,14 @@ def test_the_schema_refuses_values_out_of_range(section, value):
     with pytest.raises(Exception) as e:
         validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
     assert value in str(e.value)
+
+
+def test_hub_ids_are_not_taken_for_missing_directories(tmp_path):
+    from tokenclean.models import require_model_dir
+
+    for hub_id in ("gpt2", "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-v0.3"):
+        require_model_dir(hub_id)  # left to the hub loader (offline: its own clear error)
+    for local in ("results/smoke/models/warmup", "./base", str(tmp_path / "nope"), "~/nope-tokenclean"):
+        with pytest.raises(FileNotFoundError, match="model directory .* not found"):
+            require_model_dir(local)
+    require_model_dir(str(tmp_path))

@@ -31,9 +31,14 @@ def set_threads(threads: int | None) -> None:
 
 
 def require_model_dir(name_or_path: str) -> None:
-    """Fail clearly when ``name_or_path`` looks like a local path (not a hub id) and is no directory."""
-    local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/")) or local.parent != Path(".") or local.exists()) and not local.is_dir():
+    """Fail clearly when ``name_or_path`` looks like a local path and is no directory.
+
+    Hub ids are ``name`` or ``org/name``; a path starting with ``.``, ``/`` or ``~``, or with two or more ``/``
+    (every workflow path: ``results/<experiment>/models/...``), is local.
+    """
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or local.exists()
+    if looks_local and not local.is_dir():
         raise FileNotFoundError(f"model directory {name_or_path} not found; run the workflow step that creates it "
                                 "or fix the path in the config")
 
