@@ -157,7 +157,14 @@ def cmd_data(a: argparse.Namespace) -> None:
 def cmd_report(a: argparse.Namespace) -> None:
     from tokenclean.report import write_table
 
-    write_table(a.evals, a.out_csv, a.out_md, metric=a.metric)
+    write_table(a.evals, a.out_csv, a.out_md, metric=a.metric, out_tex=a.out_tex,
+                metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference)
+
+
+def cmd_significance(a: argparse.Namespace) -> None:
+    from tokenclean.significance import write_significance
+
+    write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=a.iters, seed=a.seed)
 
 
 def cmd_rounds(a: argparse.Namespace) -> None:
@@ -267,11 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-loss", required=True, help="loss file of the reference model")
     p.add_argument("--out", required=True, help="output CSV")
 
-    p = add("report", cmd_report, "Aggregate evaluation JSONs into table.csv / table.md.")
+    p = add("report", cmd_report, "Aggregate evaluation JSONs into tables: CSV (headline; other metrics in "
+                                  "<csv stem>_<metric>.csv), Markdown and LaTeX with the best row in bold.")
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")
+    p.add_argument("--out-csv", required=True, help="headline table (other metrics beside it, one CSV each)")
+    p.add_argument("--out-md", default=None, help="Markdown: one table per metric, headline first")
+    p.add_argument("--out-tex", default=None, help="LaTeX (booktabs): one table per metric")
+    p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metrics to tabulate (default: the headline and the other world metrics "
+                        "every file reports)")
+    p.add_argument("--paper-reference", default=None,
+                   help="show the paper's numbers for this model below ours (a key of paper_reference.json, "
+                        "e.g. llama-3.2-3b; benchmark suites only)")
+
+    p = add("significance", cmd_significance,
+            "Paired bootstrap over evaluation examples: each method minus full-token SFT, per task and on average, "
+            "with a 95% interval (reads the <eval>.samples.jsonl beside each evaluation JSON).")
+    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files, full_s<seed>.json among them")
+    p.add_argument("--metrics", default="answer_acc", help="comma-separated metrics (benchmark suites: score)")
+    p.add_argument("--iters", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
-    p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
