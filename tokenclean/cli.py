@@ -167,6 +167,31 @@ def cmd_significance(a: argparse.Namespace) -> None:
     write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=a.iters, seed=a.seed)
 
 
+def cmd_figure(a: argparse.Namespace) -> None:
+    from tokenclean import figures
+
+    need = {"ratios": ["table"], "scores": ["tokens", "base_loss", "ref_loss"], "kept": ["quality"],
+            "rounds": ["rounds_csv"]}[a.kind]
+    missing = [f"--{n.replace('_', '-')}" for n in need if not getattr(a, n)]
+    if missing:
+        raise ValueError(f"figure {a.kind} needs {', '.join(missing)}")
+    if a.kind == "ratios":
+        figures.plot_ratios(a.table, a.out, a.metric)
+    elif a.kind == "scores":
+        figures.plot_scores(a.tokens, a.base_loss, a.ref_loss, a.out, a.ratios)
+    elif a.kind == "kept":
+        figures.plot_kept(a.quality, a.out)
+    else:
+        figures.plot_rounds(a.rounds_csv, a.out, a.metric)
+
+
+def cmd_token_view(a: argparse.Namespace) -> None:
+    from tokenclean.token_view import write_token_view
+
+    write_token_view(a.tokens, a.base_loss, a.ref_loss, a.masks, a.tokenizer, a.out, n_samples=a.samples,
+                     trust_remote_code=a.trust_remote_code)
+
+
 def cmd_rounds(a: argparse.Namespace) -> None:
     from tokenclean.report import write_rounds
 
@@ -297,6 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
+
+    p = add("figure", cmd_figure, "Draw one of the experiment's figures as a PNG: ratios (average score against "
+                                  "the keep ratio, from table.csv), scores (score histogram per ground-truth class), "
+                                  "kept (kept fraction per class and mask, from cleaning_quality.csv), rounds (the "
+                                  "self-evolving chain per task, from rounds.csv).")
+    p.add_argument("kind", choices=["ratios", "scores", "kept", "rounds"])
+    p.add_argument("--table", help="table.csv (ratios)")
+    p.add_argument("--tokens", help="pool token table (scores)")
+    p.add_argument("--base-loss", help="base model's pool losses (scores)")
+    p.add_argument("--ref-loss", help="reference model's pool losses (scores)")
+    p.add_argument("--ratios", type=float, nargs="*", default=[], help="draw the global cut of these keep ratios")
+    p.add_argument("--quality", help="cleaning_quality.csv (kept)")
+    p.add_argument("--rounds-csv", help="rounds.csv (rounds)")
+    p.add_argument("--metric", default="answer_acc", help="the metric of table.csv / rounds.csv (axis label)")
+    p.add_argument("--out", required=True, help="output PNG")
+
+    p = add("token-view", cmd_token_view,
+            "A self-contained HTML page: response tokens of a few pool samples coloured by score, with what each "
+            "mask kept or dropped and, in the embedded world, each token's ground-truth class.")
+    p.add_argument("--tokens", required=True, help="pool token table")
+    p.add_argument("--base-loss", required=True)
+    p.add_argument("--ref-loss", required=True)
+    p.add_argument("--masks", nargs="*", default=[], help="<name>.mask.npy files made on --tokens")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id (to show the tokens' text)")
+    p.add_argument("--samples", type=int, default=12, help="how many samples to show")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", required=True, help="output HTML")
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
