@@ -54,7 +54,8 @@ def test_cleaning_quality_reports_every_pool_mask(smoke_run):
 
 def test_every_rule_logged_and_every_model_records_its_provenance(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
-    for expected in ("world.log", "pretrain_base.log", "warmup.log", "report.log"):
+    for expected in ("world.log", "pretrain_base.log", "warmup.log", "report.log", "significance.log",
+                     "token_view.log", "figures/rounds.log"):
         assert expected in logs
     info = json.loads((smoke_run / "models" / "sft" / "fixed_r0.6_s1" / "tokenclean.json").read_text())
     assert info["mask"].endswith("masks/fixed_r0.6.mask.npy")
@@ -114,3 +115,30 @@ def test_smoke_workflow_runs_with_every_job_submitted_separately(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "results" / "smoke" / "table.csv")))
     assert len(rows) == 9 and (tmp_path / "results" / "smoke" / "rounds.csv").exists()
+
+
+def test_smoke_workflow_leaves_every_report_output(smoke_run):
+    """Tables per metric, significance, figures, the token page; and `snakemake --report` builds offline."""
+    for name in ("table.csv", "table.md", "table.tex", "table_response_em.csv", "table_answer_nll.csv",
+                 "significance.csv", "significance.md", "token_view.html"):
+        assert (smoke_run / name).stat().st_size > 0, name
+    for name in ("score_distributions", "kept_by_class", "rounds"):  # one ratio: no score-vs-ratio figure
+        assert (smoke_run / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (smoke_run / "figures" / "score_vs_ratio.png").exists()
+    md = (smoke_run / "table.md").read_text()
+    assert md.count("### ") == 3 and "oracle†" in md
+    assert "\\toprule" in (smoke_run / "table.tex").read_text()
+    with open(smoke_run / "significance.csv") as f:
+        sig = list(csv.DictReader(f))
+    assert {r["method"] for r in sig} == {"base", "warmup", "random", "rho", "fixed", "oracle", "full+warmup",
+                                          "self_evolving"}
+    assert {r["metric"] for r in sig} == {"answer_acc", "response_em", "answer_nll"}
+    assert all(float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"]) for r in sig)
+    page = (smoke_run / "token_view.html").read_text()
+    assert page.count('<span class="tok') > 12 and "<script" not in page
+    out = smoke_run / "report.html"
+    proc = snakemake(smoke_run.parents[1], "--report", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for name in ("table.csv", "significance.csv", "kept_by_class.png", "rounds.png", "token_view.html"):
+        assert name in text, name

@@ -72,7 +72,7 @@ def plot_ratios(table_csv: str | os.PathLike, out_png: str | os.PathLike, metric
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method, color=f"C{i}")
     for j, r in enumerate(r for r in rows if not r["ratio"]):
         y = float(r["average_mean"]) * scale
-        ax.axhline(y, ls="--", lw=1, color=f"C{len(ratioed) + j}", label=f"{r['method']} (all tokens / no ratio)")
+        ax.axhline(y, ls="--", lw=1, color=f"C{len(ratioed) + j}", label=f"{r['method']} (no ratio)")
     ax.set_xlabel("keep ratio (fraction of response tokens trained on)")
     ax.set_ylabel(f"average {_metric_label(metric)}")
     ax.set_title("Average over tasks against the keep ratio (mean ± std over seeds)")

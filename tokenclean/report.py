@@ -155,7 +155,7 @@ def paper_rows(tasks: list[str], methods: list[str], reference: dict[str, Any]) 
             if not values:
                 continue
             row: dict[str, Any] = {"method": f"paper {reference['methods'].get(method, method)}",
-                                   "ratio": "", "n_seeds": n_seeds, "kind": kind, "average_partial": not covered}
+                                   "ratio": "" if method in ("base", "warmup", "full") else "0.6", "n_seeds": n_seeds, "kind": kind, "average_partial": not covered}
             for t, key in mapped.items():
                 v = values.get(key) if key else None
                 if v is not None:
@@ -208,7 +208,7 @@ def _md_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, extras:
             text = _cell(shown, c, metric, " ± ")
             cells.append(text + ("*" if c == "average" and row.get("average_partial") and text != "–" else ""))
         seeds = "42" if row["kind"] == "seed42" else "41–43"
-        lines.append(f"| *{row['method']}* | 0.6 | {seeds} | {' | '.join(cells)} |")
+        lines.append(f"| *{row['method']}* | {row['ratio'] or '–'} | {seeds} | {' | '.join(cells)} |")
     return lines
 
 
@@ -237,7 +237,8 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
                 text = _cell(shown, c, metric, "$\\pm$").replace("–", "--")
                 cells.append(text + ("$^*$" if c == "average" and row.get("average_partial") and text != "--" else ""))
             seeds = "seed 42" if row["kind"] == "seed42" else "3 seeds"
-            out.append(f"\\textit{{{_tex_escape(row['method'])} ({seeds})}} & 0.6 & " + " & ".join(cells) + " \\\\")
+            out.append(f"\\textit{{{_tex_escape(row['method'])} ({seeds})}} & {row['ratio'] or '--'} & "
+                       + " & ".join(cells) + " \\\\")
     out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(out)
 
