@@ -94,6 +94,9 @@ def test_table_errors_leave_nothing_behind(evals, tmp_path):
     with pytest.raises(Exception, match="broken.json"):
         write_table(evals + [bad], tmp_path / "t.csv", tmp_path / "t.md", out_tex=tmp_path / "t.tex")
     assert not any((tmp_path / n).exists() for n in ("t.csv", "t.md", "t.tex", "t_answer_nll.csv"))
+    with pytest.raises(ValueError, match=r"base\.json: field metrics\.add\.score missing"):
+        write_table(evals, tmp_path / "t.csv", metric="score")
+    assert not (tmp_path / "t.csv").exists()
 
 
 def test_paper_numbers_beside_ours(tmp_path):

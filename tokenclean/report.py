@@ -51,6 +51,10 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
     for f in eval_files:
         method, ratio, _ = parse_run_name(f)
         result = read_json(f)
+        missing = [task for task, m in result.get("metrics", {}).items() if metric not in m]
+        if missing or metric not in result.get("average", {}):
+            raise ValueError(f"{f}: field metrics.{(missing or ['<task>'])[0]}.{metric} missing (this evaluation "
+                             f"does not report {metric!r})")
         scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
         for task in scores:
             if task not in tasks:
