@@ -53,8 +53,8 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
         result = read_json(f)
         missing = [task for task, m in result.get("metrics", {}).items() if metric not in m]
         if missing or metric not in result.get("average", {}):
-            raise ValueError(f"{f}: field metrics.{(missing or ['<task>'])[0]}.{metric} missing (this evaluation "
-                             f"does not report {metric!r})")
+            field = f"metrics.{missing[0]}.{metric}" if missing else f"average.{metric}"
+            raise ValueError(f"{f}: field {field} missing (this evaluation does not report {metric!r})")
         scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
         for task in scores:
             if task not in tasks:
