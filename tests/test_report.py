@@ -318,3 +318,13 @@ def test_figures_are_written(tmp_path):
     figures.plot_rounds(tmp_path / "rounds.csv", tmp_path / "rounds.png")
     for name in ("ratios", "kept", "rounds"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratio_variants_sit_together_in_ratio_order(tmp_path):
+    acc, nll = {"add": 0.5, "max": 0.5}, {"add": 1.0, "max": 1.0}
+    files = [world_eval(tmp_path / name, acc, nll) for name in
+             ("base.json", "fixed_r0.6_s1.json", "fixed_r0.3_s1.json", "full_s1.json", "fixed_r0.6_s2.json")]
+    rows = write_table(files, tmp_path / "t.csv")
+    assert [(r["method"], r["ratio"], r["n_seeds"]) for r in rows] == [
+        ("base", "", 1), ("fixed", "0.3", 1), ("fixed", "0.6", 2), ("full", "", 1)]
+    assert "**" not in (tmp_path / "t.csv").read_text()  # every row equal: nothing stands out (and no md asked)

@@ -72,6 +72,9 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
             if values:
                 row[f"{task}_mean"], row[f"{task}_std"] = mean_std(values)
         rows.append(row)
+    # methods in the order first seen, a method's ratio variants by ratio
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    rows.sort(key=lambda r: (order.index(r["method"]), float(r["ratio"]) if r["ratio"] else -1.0))
     return tasks, rows
 
 
