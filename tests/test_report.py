@@ -324,7 +324,7 @@ def test_ratio_variants_sit_together_in_ratio_order(tmp_path):
     acc, nll = {"add": 0.5, "max": 0.5}, {"add": 1.0, "max": 1.0}
     files = [world_eval(tmp_path / name, acc, nll) for name in
              ("base.json", "fixed_r0.6_s1.json", "fixed_r0.3_s1.json", "full_s1.json", "fixed_r0.6_s2.json")]
-    rows = write_table(files, tmp_path / "t.csv")
+    rows = write_table(files, tmp_path / "t.csv", tmp_path / "t.md")
     assert [(r["method"], r["ratio"], r["n_seeds"]) for r in rows] == [
         ("base", "", 1), ("fixed", "0.3", 1), ("fixed", "0.6", 2), ("full", "", 1)]
-    assert "**" not in (tmp_path / "t.csv").read_text()  # every row equal: nothing stands out (and no md asked)
+    assert "**" not in (tmp_path / "t.md").read_text()  # every row reads the same: nothing stands out
