@@ -90,7 +90,8 @@ def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     out = proc.stdout + proc.stderr
     stats = out[out.index("Job stats"):]
     jobs = {line.split()[0] for line in stats.splitlines()[3:] if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert {"select", "sft", "evaluate", "report"} <= jobs
+    assert {"select", "sft", "evaluate", "report", "significance"} <= jobs
+    assert "figure_ratios" in jobs  # a second ratio: the score-vs-ratio figure joins the report
     assert not jobs & {"world", "pretrain_base", "tokenize", "warmup"}
     # the only new losses are those of the new ratio's self-evolving models; base and reference are reused
     scored = [line.split("model=")[1].split(",")[0] for line in out.splitlines() if "wildcards: model=" in line]
