@@ -147,7 +147,7 @@ def plot_rounds(rounds_csv: str | os.PathLike, out_png: str | os.PathLike, metri
     chains = list(dict.fromkeys((r["method"], r["ratio"]) for r in rows))
     scale = 100.0 if metric == "score" else 1.0
     plt = _pyplot()
-    ncols = min(4, len(tasks))
+    ncols = 4 if len(tasks) > 6 else min(3, len(tasks))  # 5 panels: 3 + 2, 8 panels: 4 + 4
     nrows = math.ceil(len(tasks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.9 * nrows), squeeze=False, sharex=True)
     for ax, task in zip(axes.flat, tasks):
@@ -160,10 +160,12 @@ def plot_rounds(rounds_csv: str | os.PathLike, out_png: str | os.PathLike, metri
         ax.set_title(task, fontweight="bold" if task == "average" else "normal")
         ax.set_xticks(sorted({int(r["round"]) for r in rows}))
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(tasks):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("round (0 = warm-up model)")
+    for i, ax in enumerate(axes.flat):
+        if i >= len(tasks):
+            ax.set_visible(False)
+        elif i + ncols >= len(tasks):  # the lowest panel of its column: round numbers and label below it
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("round (0 = warm-up model)")
     for ax in axes[:, 0]:
         ax.set_ylabel(_metric_label(metric).split(" (")[0] + (" (lower = better)" if metric in LOWER_IS_BETTER else ""))
     handles, labels = axes.flat[0].get_legend_handles_labels()
