@@ -26,8 +26,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# results/<experiment>/report.html: the tables and figures with their captions (snakemake --report, offline)
+REPORT_HTML = $$($(BIN)/python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(c.get("results_dir", "results") + "/" + c["experiment"] + "/report.html")' $(CONFIG))
+
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+	$(BIN)/snakemake --configfile $(CONFIG) --report $(REPORT_HTML)
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile configs/smoke.yaml

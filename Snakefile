@@ -5,6 +5,9 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+report: "report/workflow.rst"
+
+
 configfile: "config.yaml"
 
 
@@ -25,8 +28,6 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        f"{R}/table.csv",
-        f"{R}/table.md",
-        # ground-truth token classes exist only in the embedded world
-        [f"{R}/cleaning_quality.csv", f"{R}/score_separation.csv"] if "world" in config else [],
-        [f"{R}/rounds.csv"] if set(CHAINED) & set(config["methods"]) else [],
+        # tables, significance, figures and the token view (rules/report.smk); `snakemake --report
+        # results/<experiment>/report.html` gathers them
+        report_outputs(),

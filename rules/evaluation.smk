@@ -26,7 +26,8 @@ rule evaluate:
     input:
         unpack(eval_inputs),
     output:
-        f"{R}/eval/{{run}}.json",
+        json=f"{R}/eval/{{run}}.json",
+        samples=f"{R}/eval/{{run}}.samples.jsonl",  # per-example scores (the report's paired bootstrap)
     params:
         model=lambda w: model_dir(w.run),
         args=eval_args(),
@@ -41,4 +42,4 @@ rule evaluate:
         "../envs/tokenclean.yaml"
     shell:
         "{TC} evaluate --threads {threads} --model {params.model} {params.args}"
-        " --device {params.device} {params.limit} --out {output} > {log} 2>&1"
+        " --device {params.device} {params.limit} --out {output.json} > {log} 2>&1"

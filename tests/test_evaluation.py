@@ -306,6 +306,12 @@ def test_benchmark_suite_scores_each_task_with_its_own_shots_and_metric(evaluate
     assert result["average"]["score"] == pytest.approx(
         (result["metrics"]["tc_add_gen"]["score"] + result["metrics"]["tc_reverse_nll"]["score"]) / 2)
     assert json.loads(out.read_text())["benchmarks"][1]["num_fewshot"] == 1
+    # per-example scores beside the results (for the report's paired bootstrap); their means are the task scores
+    rows = [json.loads(line) for line in (tmp_path / "bench.samples.jsonl").read_text().splitlines()]
+    for task in ("tc_add_gen", "tc_reverse_nll"):
+        scores = [r["score"] for r in rows if r["task"] == task]
+        assert len(scores) == evaluated["result"]["n_examples"]["add"]
+        assert sum(scores) / len(scores) == pytest.approx(result["metrics"][task]["score"])
     with pytest.raises(ValueError, match="reports no metric 'acc'"):
         evaluate_benchmarks(str(trained_model_dir), [{"task": "tc_add_gen"}], tmp_path / "x.json", device="cpu",
                             include_path=evaluated["world"] / "tasks", model_args={"add_bos_token": True})

@@ -76,7 +76,8 @@ def test_cleaning_quality_reports_every_pool_mask(smoke_run):
 
 def test_every_rule_logged_and_every_model_records_its_provenance(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
-    for expected in ("world.log", "pretrain_base.log", "warmup.log", "report.log"):
+    for expected in ("world.log", "pretrain_base.log", "warmup.log", "report.log", "significance.log",
+                     "token_view.log", "figures/rounds.log"):
         assert expected in logs
     info = json.loads((smoke_run / "models" / "sft" / "fixed_r0.6_s1" / "tokenclean.json").read_text())
     assert info["mask"].endswith("masks/fixed_r0.6.mask.npy")
@@ -111,7 +112,8 @@ def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     out = proc.stdout + proc.stderr
     stats = out[out.index("Job stats"):]
     jobs = {line.split()[0] for line in stats.splitlines()[3:] if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert {"select", "sft", "evaluate", "report"} <= jobs
+    assert {"select", "sft", "evaluate", "report", "significance"} <= jobs
+    assert "figure_ratios" in jobs  # a second ratio: the score-vs-ratio figure joins the report
     assert not jobs & {"world", "pretrain_base", "tokenize", "warmup"}
     # the only new losses are those of the new ratio's self-evolving models; base and reference are reused
     scored = [line.split("model=")[1].split(",")[0] for line in out.splitlines() if "wildcards: model=" in line]
@@ -205,3 +207,30 @@ def test_a_workflow_killed_during_training_resumes_to_the_uninterrupted_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (killed / target / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 120
+
+
+def test_smoke_workflow_leaves_every_report_output(smoke_run):
+    """Tables per metric, significance, figures, the token page; and `snakemake --report` builds offline."""
+    for name in ("table.csv", "table.md", "table.tex", "table_response_em.csv", "table_answer_nll.csv",
+                 "significance.csv", "significance.md", "token_view.html"):
+        assert (smoke_run / name).stat().st_size > 0, name
+    for name in ("score_distributions", "kept_by_class", "rounds"):  # one ratio: no score-vs-ratio figure
+        assert (smoke_run / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (smoke_run / "figures" / "score_vs_ratio.png").exists()
+    md = (smoke_run / "table.md").read_text()
+    assert md.count("### ") == 3 and "oracle†" in md
+    assert "\\toprule" in (smoke_run / "table.tex").read_text()
+    with open(smoke_run / "significance.csv") as f:
+        sig = list(csv.DictReader(f))
+    assert {r["method"] for r in sig} == {"base", "warmup", "random", "rho", "fixed", "oracle", "full+warmup",
+                                          "self_evolving"}
+    assert {r["metric"] for r in sig} == {"answer_acc", "response_em", "answer_nll"}
+    assert all(float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"]) for r in sig)
+    page = (smoke_run / "token_view.html").read_text()
+    assert page.count('<span class="tok') > 12 and "<script" not in page
+    out = smoke_run / "report.html"
+    proc = snakemake(smoke_run.parents[1], "--report", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for name in ("table.csv", "significance.csv", "kept_by_class.png", "rounds.png", "token_view.html"):
+        assert name in text, name

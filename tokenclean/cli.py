@@ -157,7 +157,39 @@ def cmd_data(a: argparse.Namespace) -> None:
 def cmd_report(a: argparse.Namespace) -> None:
     from tokenclean.report import write_table
 
-    write_table(a.evals, a.out_csv, a.out_md, metric=a.metric)
+    write_table(a.evals, a.out_csv, a.out_md, metric=a.metric, out_tex=a.out_tex,
+                metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference)
+
+
+def cmd_significance(a: argparse.Namespace) -> None:
+    from tokenclean.significance import write_significance
+
+    write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=a.iters, seed=a.seed)
+
+
+def cmd_figure(a: argparse.Namespace) -> None:
+    from tokenclean import figures
+
+    need = {"ratios": ["table"], "scores": ["tokens", "base_loss", "ref_loss"], "kept": ["quality"],
+            "rounds": ["rounds_csv"]}[a.kind]
+    missing = [f"--{n.replace('_', '-')}" for n in need if not getattr(a, n)]
+    if missing:
+        raise ValueError(f"figure {a.kind} needs {', '.join(missing)}")
+    if a.kind == "ratios":
+        figures.plot_ratios(a.table, a.out, a.metric)
+    elif a.kind == "scores":
+        figures.plot_scores(a.tokens, a.base_loss, a.ref_loss, a.out, a.ratios)
+    elif a.kind == "kept":
+        figures.plot_kept(a.quality, a.out)
+    else:
+        figures.plot_rounds(a.rounds_csv, a.out, a.metric)
+
+
+def cmd_token_view(a: argparse.Namespace) -> None:
+    from tokenclean.token_view import write_token_view
+
+    write_token_view(a.tokens, a.base_loss, a.ref_loss, a.masks, a.tokenizer, a.out, n_samples=a.samples,
+                     trust_remote_code=a.trust_remote_code)
 
 
 def cmd_rounds(a: argparse.Namespace) -> None:
@@ -267,11 +299,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-loss", required=True, help="loss file of the reference model")
     p.add_argument("--out", required=True, help="output CSV")
 
-    p = add("report", cmd_report, "Aggregate evaluation JSONs into table.csv / table.md.")
+    p = add("report", cmd_report, "Aggregate evaluation JSONs into tables: CSV (headline; other metrics in "
+                                  "<csv stem>_<metric>.csv), Markdown and LaTeX with the best row in bold.")
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")
+    p.add_argument("--out-csv", required=True, help="headline table (other metrics beside it, one CSV each)")
+    p.add_argument("--out-md", default=None, help="Markdown: one table per metric, headline first")
+    p.add_argument("--out-tex", default=None, help="LaTeX (booktabs): one table per metric")
+    p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metrics to tabulate (default: the headline and the other world metrics "
+                        "every file reports)")
+    p.add_argument("--paper-reference", default=None,
+                   help="show the paper's numbers for this model below ours (a key of paper_reference.json, "
+                        "e.g. llama-3.2-3b; benchmark suites only)")
+
+    p = add("significance", cmd_significance,
+            "Paired bootstrap over evaluation examples: each method minus full-token SFT, per task and on average, "
+            "with a 95% interval (reads the <eval>.samples.jsonl beside each evaluation JSON).")
+    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files, full_s<seed>.json among them")
+    p.add_argument("--metrics", default="answer_acc", help="comma-separated metrics (benchmark suites: score)")
+    p.add_argument("--iters", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
-    p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
+
+    p = add("figure", cmd_figure, "Draw one of the experiment's figures as a PNG: ratios (average score against "
+                                  "the keep ratio, from table.csv), scores (score histogram per ground-truth class), "
+                                  "kept (kept fraction per class and mask, from cleaning_quality.csv), rounds (the "
+                                  "self-evolving chain per task, from rounds.csv).")
+    p.add_argument("kind", choices=["ratios", "scores", "kept", "rounds"])
+    p.add_argument("--table", help="table.csv (ratios)")
+    p.add_argument("--tokens", help="pool token table (scores)")
+    p.add_argument("--base-loss", help="base model's pool losses (scores)")
+    p.add_argument("--ref-loss", help="reference model's pool losses (scores)")
+    p.add_argument("--ratios", type=float, nargs="*", default=[], help="draw the global cut of these keep ratios")
+    p.add_argument("--quality", help="cleaning_quality.csv (kept)")
+    p.add_argument("--rounds-csv", help="rounds.csv (rounds)")
+    p.add_argument("--metric", default="answer_acc", help="the metric of table.csv / rounds.csv (axis label)")
+    p.add_argument("--out", required=True, help="output PNG")
+
+    p = add("token-view", cmd_token_view,
+            "A self-contained HTML page: response tokens of a few pool samples coloured by score, with what each "
+            "mask kept or dropped and, in the embedded world, each token's ground-truth class.")
+    p.add_argument("--tokens", required=True, help="pool token table")
+    p.add_argument("--base-loss", required=True)
+    p.add_argument("--ref-loss", required=True)
+    p.add_argument("--masks", nargs="*", default=[], help="<name>.mask.npy files made on --tokens")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id (to show the tokens' text)")
+    p.add_argument("--samples", type=int, default=12, help="how many samples to show")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", required=True, help="output HTML")
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")

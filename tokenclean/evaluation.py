@@ -352,7 +352,9 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     Writes ``out_json`` with ``metrics = {task: {"score": value, <metric>: value}}`` and ``average = {"score":
     unweighted mean over tasks}``: ``score`` is each task's configured metric, so tasks scored differently
     (accuracy, F1) share one headline. ``model_args`` go to lm-eval's HFLM as they would on the command line
-    (e.g. ``add_bos_token``); the defaults are stock ``lm_eval --model hf``, as the paper ran it.
+    (e.g. ``add_bos_token``); the defaults are stock ``lm_eval --model hf``, as the paper ran it. Per-example
+    scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``, one line per
+    example; a group's examples under its own task name) for the paired bootstrap of the report.
     """
     import lm_eval
     from lm_eval import simple_evaluate
@@ -373,11 +375,12 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
               batch_size=batch_size or (8 if dev.type == "cuda" else 1), trust_remote_code=trust_remote_code,
               **(model_args or {}))
     metrics: dict[str, dict[str, float]] = {}
+    sample_rows: list[dict[str, Any]] = []
     for shots in sorted({b["num_fewshot"] for b in benchmarks}):
         group = [b for b in benchmarks if b["num_fewshot"] == shots]
         _set_seeds(seed)
         out = simple_evaluate(model=lm, tasks=[b["task"] for b in group], task_manager=tm, num_fewshot=shots,
-                              limit=limit, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                              limit=limit, log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
                               torch_random_seed=seed, fewshot_random_seed=seed)
         if out is None:  # only on non-zero ranks of a distributed run
             raise RuntimeError("lm-eval returned no results")
@@ -388,12 +391,17 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
                 have = sorted(k.split(",")[0] for k in found if "," in k and "_stderr" not in k)
                 raise ValueError(f"task {b['task']} reports no metric {b['metric']!r} (it reports: {', '.join(have)})")
             metrics[b["task"]] = {"score": float(found[key]), b["metric"]: float(found[key])}
+            sample_rows += benchmark_sample_rows(out, b["task"], b["metric"])
     result = {
         "model": str(model), "tasks": [b["task"] for b in benchmarks], "benchmarks": benchmarks,
         "metrics": metrics, "average": {"score": sum(m["score"] for m in metrics.values()) / len(metrics)},
         "seed": int(seed), "limit": limit, "lm_eval_version": lm_eval.__version__, "device": str(dev),
         "seconds": {"total": round(time.perf_counter() - t0, 3)},
     }
+    with atomic_file(samples_path(out_json)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in sample_rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_json(out_json, result)
     log.info("%s: average score %.4f (%s)", out_json, result["average"]["score"],
              ", ".join(f"{t} {m['score']:.3f}" for t, m in metrics.items()))
@@ -404,3 +412,22 @@ def samples_path(out_json: str | os.PathLike) -> Path:
     """``evals/x.json`` -> ``evals/x.samples.jsonl``."""
     p = Path(out_json)
     return p.with_name(p.name.removesuffix(".json") + ".samples.jsonl")
+
+
+def benchmark_sample_rows(out: dict[str, Any], task: str, metric: str) -> list[dict[str, Any]]:
+    """Per-example ``metric`` of ``task`` from lm-eval's logged samples; a group (MMLU) pools its leaf tasks,
+    so the mean over rows is the size-weighted group score."""
+    children = out.get("group_subtasks") or {}
+    leaves, stack = [], [task]
+    while stack:
+        name = stack.pop()
+        if children.get(name):
+            stack.extend(sorted(children[name], reverse=True))
+        else:
+            leaves.append(name)
+    rows = []
+    for leaf in leaves:
+        for s in sorted(out.get("samples", {}).get(leaf, []), key=lambda s: s["doc_id"]):
+            if metric in s:
+                rows.append({"task": task, "subtask": leaf, "doc_id": s["doc_id"], "score": float(s[metric])})
+    return rows

@@ -1,7 +1,13 @@
-"""Aggregating evaluation results into the experiment's table.
+"""Aggregating evaluation results into the experiment's tables.
 
 Evaluation files are named by run: ``<method>.json`` (one model, e.g. ``base``, ``warmup``) or
 ``<method>_r<ratio>_s<seed>.json`` (an SFT row). Cells are the mean and (sample) standard deviation over seeds.
+
+:func:`write_table` writes ``table.csv`` (the headline metric per task and on average, plus the averages of the
+other metrics), ``table_<metric>.csv`` for every other metric, and ``table.md`` / ``table.tex`` with one table
+per metric, headline first, the best row of each column in bold. The oracle (it reads the ground-truth token
+classes) is a ceiling, not a competitor: it is marked with a dagger and never bold. For a benchmark suite, the
+paper's own numbers (``paper_reference.json``) can be shown below ours.
 """
 from __future__ import annotations
 
@@ -45,6 +51,10 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
     for f in eval_files:
         method, ratio, _ = parse_run_name(f)
         result = read_json(f)
+        missing = [task for task, m in result.get("metrics", {}).items() if metric not in m]
+        if missing or metric not in result.get("average", {}):
+            field = f"metrics.{missing[0]}.{metric}" if missing else f"average.{metric}"
+            raise ValueError(f"{f}: field {field} missing (this evaluation does not report {metric!r})")
         scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
         for task in scores:
             if task not in tasks:
@@ -62,32 +72,243 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
             if values:
                 row[f"{task}_mean"], row[f"{task}_std"] = mean_std(values)
         rows.append(row)
+    # methods in the order first seen, a method's ratio variants by ratio
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    rows.sort(key=lambda r: (order.index(r["method"]), float(r["ratio"]) if r["ratio"] else -1.0))
     return tasks, rows
 
 
-def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike, out_md: str | os.PathLike | None = None,
-                metric: str = HEADLINE) -> list[dict[str, Any]]:
-    tasks, rows = collect(eval_files, metric)
-    extras = [f"average_{x}" for x in SECONDARY if x != metric and all(f"average_{x}_mean" in r for r in rows)]
-    columns = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"] + extras
-                                                for s in ("mean", "std")]
+# ---------------------------------------------------------------------------------------------------------
+# formatting: which direction is better, how many digits, which rows compete for "best"
+# ---------------------------------------------------------------------------------------------------------
+LOWER_IS_BETTER = frozenset({"answer_nll"})
+# Rows that use ground truth the methods cannot see: shown, marked apart, never "best".
+CEILINGS = frozenset({"oracle"})
+METRIC_LABELS = {"answer_acc": "answer accuracy", "response_em": "whole-response exact match",
+                 "answer_nll": "answer NLL (nats, lower is better)", "score": "score (each task's metric, x 100)"}
+PAPER_REFERENCE = Path(__file__).resolve().parent / "paper_reference.json"
+
+
+def metric_format(metric: str) -> tuple[float, int]:
+    """(scale, decimals) of a metric in md/tex: benchmark scores in percent with 2 decimals, as the paper."""
+    return {"score": (100.0, 2), "answer_nll": (1.0, 2)}.get(metric, (1.0, 3))
+
+
+def best_rows(rows: list[dict[str, Any]], column: str, metric: str) -> set[int]:
+    """Indices of the rows with the best mean in ``column`` among competing rows (every tie is best; none when
+    all competing rows read the same)."""
+    values = {i: r[f"{column}_mean"] for i, r in enumerate(rows)
+              if r["method"] not in CEILINGS and f"{column}_mean" in r}
+    if not values:
+        return set()
+    scale, decimals = metric_format(metric)
+    # compare at the shown precision, so two cells that read the same are both bold
+    shown = {i: round(v * scale, decimals) for i, v in values.items()}
+    target = (min if metric in LOWER_IS_BETTER else max)(shown.values())
+    best = {i for i, v in shown.items() if v == target}
+    return best if len(best) < len(values) else set()  # all equal: nothing stands out
+
+
+def _cell(row: dict[str, Any], column: str, metric: str, pm: str) -> str:
+    if f"{column}_mean" not in row:
+        return "–"
+    scale, decimals = metric_format(metric)
+    text = f"{row[f'{column}_mean'] * scale:.{decimals}f}"
+    if row["n_seeds"] > 1:
+        text += f"{pm}{row[f'{column}_std'] * scale:.{decimals}f}"
+    return text
+
+
+def _tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"),
+                 ("$", r"\$")):
+        text = text.replace(a, b)
+    return text
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    return row["method"] + ("†" if row["method"] in CEILINGS else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the paper's numbers
+# ---------------------------------------------------------------------------------------------------------
+def load_paper_reference(model: str, path: str | os.PathLike = PAPER_REFERENCE) -> dict[str, Any]:
+    """The paper's reported numbers for ``model`` (a key of ``paper_reference.json``), with the shared task map."""
+    data = read_json(path)
+    if model not in data["models"]:
+        raise ValueError(f"{path}: no paper numbers for {model!r} (it has: {', '.join(sorted(data['models']))})")
+    return {"tasks": data["tasks"], "methods": data["methods"], **data["models"][model], "name": model}
+
+
+def paper_task(ours: str, reference: dict[str, Any]) -> str | None:
+    """The paper's task key for one of our lm-eval task names (``truthfulqa_mc2`` -> ``truthfulqa``)."""
+    for key, info in reference["tasks"].items():
+        if ours in info["lm_eval"] or ours == key:
+            return key
+    return None
+
+
+def paper_rows(tasks: list[str], methods: list[str], reference: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows in the shape of :func:`collect`'s (values as fractions, like ours) for the paper's seed-42 and
+    mean ± std numbers of ``methods``. The average column is the paper's reported one when our tasks cover all
+    of the paper's, else the mean of its values over our tasks (``average_partial``)."""
+    mapped = {t: paper_task(t, reference) for t in tasks}
+    covered = set(mapped.values()) >= set(reference["tasks"])
+    rows = []
+    for kind, n_seeds in (("seed42", 1), ("mean_std", 3)):
+        for method in methods:
+            values = reference.get(kind, {}).get(method)
+            if not values:
+                continue
+            row: dict[str, Any] = {"method": f"paper {reference['methods'].get(method, method)}",
+                                   "ratio": "" if method in ("base", "warmup", "full") else "0.6", "n_seeds": n_seeds, "kind": kind, "average_partial": not covered}
+            for t, key in mapped.items():
+                v = values.get(key) if key else None
+                if v is not None:
+                    mean, std = (v if isinstance(v, list) else (v, 0.0))
+                    row[f"{t}_mean"], row[f"{t}_std"] = mean / 100, std / 100
+            if covered and "average" in values:
+                v = values["average"]
+                mean, std = (v if isinstance(v, list) else (v, 0.0))
+                row["average_mean"], row["average_std"] = mean / 100, std / 100
+            elif all(f"{t}_mean" in row for t in tasks):
+                row["average_mean"] = sum(row[f"{t}_mean"] for t in tasks) / len(tasks)
+                row["average_std"] = 0.0
+                row["n_seeds_average"] = 1  # a mean over tasks of seed means: no seed std to show
+            if any(k.endswith("_mean") for k in row):
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writers
+# ---------------------------------------------------------------------------------------------------------
+def _write_csv(rows: list[dict[str, Any]], columns: list[str], out_csv: str | os.PathLike) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k]) for k in columns})
+        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) else row.get(k, "")) for k in columns})
     with atomic_file(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
+
+
+def _md_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, extras: list[str] = (),
+              paper: list[dict[str, Any]] = ()) -> list[str]:
+    columns = tasks + ["average"] + list(extras)
+    headers = tasks + ["average"] + [e.replace("average_", "avg ") for e in extras]
+    best = {c: best_rows(rows, c, metric if c in tasks + ["average"] else c.removeprefix("average_"))
+            for c in columns}
+    lines = [f"| method | ratio | seeds | {' | '.join(headers)} |", "|---" * (len(headers) + 3) + "|"]
+    for i, row in enumerate(rows):
+        cells = []
+        for c in columns:
+            m = metric if c in tasks + ["average"] else c.removeprefix("average_")
+            text = _cell(row, c, m, " ± ")
+            cells.append(f"**{text}**" if i in best[c] else text)
+        lines.append(f"| {_row_label(row)} | {row['ratio'] or '–'} | {row['n_seeds']} | {' | '.join(cells)} |")
+    for row in paper:
+        cells = []
+        for c in columns:
+            shown = dict(row, n_seeds=1) if c == "average" and row.get("n_seeds_average") else row
+            text = _cell(shown, c, metric, " ± ")
+            cells.append(text + ("*" if c == "average" and row.get("average_partial") and text != "–" else ""))
+        seeds = "42" if row["kind"] == "seed42" else "41–43"
+        lines.append(f"| *{row['method']}* | {row['ratio'] or '–'} | {seeds} | {' | '.join(cells)} |")
+    return lines
+
+
+def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, caption: str,
+               paper: list[dict[str, Any]] = ()) -> str:
+    columns = tasks + ["average"]
+    best = {c: best_rows(rows, c, metric) for c in columns}
+    out = ["\\begin{table}[t]", "\\centering", "\\small",
+           "\\caption{" + _tex_escape(caption).replace("±", "$\\pm$") + "}",
+           "\\begin{tabular}{ll" + "c" * len(columns) + "}", "\\toprule",
+           "Method & Ratio & " + " & ".join(_tex_escape(c.capitalize() if c == "average" else c) for c in columns)
+           + " \\\\", "\\midrule"]
+    for i, row in enumerate(rows):
+        cells = []
+        for c in columns:
+            text = _cell(row, c, metric, "$\\pm$")
+            cells.append(f"\\textbf{{{text}}}" if i in best[c] else text)
+        label = _tex_escape(row["method"]) + ("$^\\dagger$" if row["method"] in CEILINGS else "")
+        out.append(f"{label} & {row['ratio'] or '--'} & " + " & ".join(cells).replace("–", "--") + " \\\\")
+    if paper:
+        out.append("\\midrule")
+        for row in paper:
+            cells = []
+            for c in columns:
+                shown = dict(row, n_seeds=1) if c == "average" and row.get("n_seeds_average") else row
+                text = _cell(shown, c, metric, "$\\pm$").replace("–", "--")
+                cells.append(text + ("$^*$" if c == "average" and row.get("average_partial") and text != "--" else ""))
+            seeds = "seed 42" if row["kind"] == "seed42" else "3 seeds"
+            out.append(f"\\textit{{{_tex_escape(row['method'])} ({seeds})}} & {row['ratio'] or '--'} & "
+                       + " & ".join(cells) + " \\\\")
+    out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(out)
+
+
+def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike, out_md: str | os.PathLike | None = None,
+                metric: str = HEADLINE, out_tex: str | os.PathLike | None = None, metrics: list[str] | None = None,
+                paper_reference: str | None = None) -> list[dict[str, Any]]:
+    """Write the experiment's tables; returns the headline rows.
+
+    ``metrics`` (default: the headline and those of ``SECONDARY`` every file reports) get one table each in
+    ``table.md`` / ``table.tex`` and, except the headline, ``<out_csv stem>_<metric>.csv``. ``table.csv`` keeps
+    its columns: the headline per task and on average, then the averages of the other metrics.
+    """
+    tasks, rows = collect(eval_files, metric)
+    extras = [f"average_{x}" for x in SECONDARY if x != metric and all(f"average_{x}_mean" in r for r in rows)]
+    columns = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"] + extras
+                                                for s in ("mean", "std")]
+    if metrics is None:
+        metrics = [metric] + [e.removeprefix("average_") for e in extras]
+    if metrics[0] != metric:
+        metrics = [metric] + [m for m in metrics if m != metric]
+    reference = load_paper_reference(paper_reference) if paper_reference else None
+    if reference and metric != "score":
+        raise ValueError(f"the paper's numbers are benchmark scores; the headline metric here is {metric!r}")
+    per_metric = {metric: (tasks, rows)}
+    for m in metrics[1:]:
+        per_metric[m] = collect(eval_files, m)
+    # all outputs are built before any is written, so a bad file leaves none behind
+    md_parts, tex_parts = [], []
+    for m, (m_tasks, m_rows) in per_metric.items():
+        paper = paper_rows(m_tasks, list(dict.fromkeys(r["method"] for r in m_rows)), reference) if reference else []
+        title = f"{METRIC_LABELS.get(m, m)}, mean ± std over seeds"
+        md = [f"### {title}", ""] + _md_table(m_tasks, m_rows, m, extras if m == metric else (), paper)
+        notes = []
+        if any(r["method"] in CEILINGS for r in m_rows):
+            notes.append("† ceiling: reads the ground-truth token classes; not ranked.")
+        if paper:
+            notes.append(f"Rows in italics: the paper's numbers for {reference['name']} ({reference['source']}); "
+                         f"{reference.get('note', '')}")
+            if any(r.get("average_partial") for r in paper):
+                notes.append("* the paper's values averaged over the tasks of this table only (the paper's own "
+                             "average is over its 7 tasks).")
+        md_parts.append("\n".join(md + ([""] + notes if notes else [])))
+        tex_parts.append(_tex_table(m_tasks, m_rows, m, title + ("; bold: best row (oracle excluded)"), paper))
+    secondary = {m: per_metric[m] for m in metrics[1:]}
+    _write_csv(rows, columns, out_csv)
+    for m, (m_tasks, m_rows) in secondary.items():
+        m_cols = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in m_tasks + ["average"] for s in ("mean", "std")]
+        _write_csv(m_rows, m_cols, metric_csv(out_csv, m))
     if out_md:
-        headers = tasks + ["average"] + [e.replace("average_", "avg ") for e in extras]
-        lines = [f"| method | ratio | seeds | {' | '.join(headers)} |", "|---" * (len(headers) + 3) + "|"]
-        for row in rows:
-            cells = [f"{row[f'{t}_mean']:.3f} ± {row[f'{t}_std']:.3f}" for t in tasks + ["average"] + extras]
-            lines.append(f"| {row['method']} | {row['ratio'] or '–'} | {row['n_seeds']} | {' | '.join(cells)} |")
         with atomic_file(out_md) as tmp:
-            tmp.write_text(f"Metric: {metric} (mean ± std over seeds); the last columns average other metrics over "
-                           f"tasks\n\n" + "\n".join(lines) + "\n")
+            tmp.write_text("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run)."
+                           "\n\n" + "\n\n".join(md_parts) + "\n")
+    if out_tex:
+        with atomic_file(out_tex) as tmp:
+            tmp.write_text("% tokenclean report: needs \\usepackage{booktabs}\n" + "\n\n".join(tex_parts) + "\n")
     return rows
+
+
+def metric_csv(out_csv: str | os.PathLike, metric: str) -> Path:
+    """``table.csv`` -> ``table_<metric>.csv``: the per-task table of a non-headline metric."""
+    p = Path(out_csv)
+    return p.with_name(f"{p.stem}_{metric}{p.suffix}")
 
 
 def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str | os.PathLike,
