@@ -435,12 +435,13 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
                 have = sorted(k.split(",")[0] for k in found if "," in k and "_stderr" not in k)
                 raise ValueError(f"task {b['task']} reports no metric {b['metric']!r} (it reports: {', '.join(have)})")
             metrics[b["task"]] = {"score": float(found[key]), b["metric"]: float(found[key])}
-            # a group's members too (TyDiQA: F1 of each language), for the record
-            for sub in out.get("group_subtasks", {}).get(b["task"], []):
-                if f"{b['metric']},none" in out["results"].get(sub, {}):
-                    metrics[b["task"]].setdefault("subtasks", {})[sub] = float(out["results"][sub][key])
-            if b["task"] in out.get("n-samples", {}):
-                metrics[b["task"]]["n_examples"] = out["n-samples"][b["task"]].get("effective")
+            # a group's members too (TyDiQA: F1 of each language), and how many examples each scored
+            members = [s for s in out.get("group_subtasks", {}).get(b["task"], []) if key in out["results"].get(s, {})]
+            if members:
+                metrics[b["task"]]["subtasks"] = {s: float(out["results"][s][key]) for s in members}
+            counts = {s: out["n-samples"][s]["effective"] for s in members or [b["task"]] if s in out.get("n-samples", {})}
+            if counts:
+                metrics[b["task"]]["n_examples"] = sum(counts.values())
     metrics = {b["task"]: metrics[b["task"]] for b in benchmarks}  # the configured order
     result = {
         "model": str(model), "tasks": [b["task"] for b in benchmarks], "benchmarks": benchmarks,
