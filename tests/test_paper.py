@@ -126,9 +126,59 @@ def test_bad_data_names_file_line_and_field_and_writes_nothing(tmp_path):
         prepare_data({"pool": {"path": str(good)}, "warmup": {"first_of_pool": 5}}, tmp_path / "out")
 
 
-def test_unreachable_hub_data_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"jlpang888/DS2_50k.*\{path: FILE\.jsonl\}"):
-        prepare_data({"pool": {"hub": "jlpang888/DS2_50k"}, "warmup": {"first_of_pool": 10}}, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+# ---------------------------------------------------------------------------------------------------------
+# without the hub: one clear line naming the id and the config key of a local copy, nothing written
+# ---------------------------------------------------------------------------------------------------------
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    from tokenclean.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def error_line(err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith(f"tokenclean {command}: error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+@pytest.fixture()
+def token_table(tmp_path, tiny_tokenizer_dir) -> Path:
+    from tokenclean.tokenization import tokenize_file
+
+    data = write_lines(tmp_path / "d.jsonl", ds2_like(3))
+    tokenize_file(data, str(tiny_tokenizer_dir), 64, tmp_path / "d.tokens.npz")
+    return tmp_path / "d.tokens.npz"
+
+
+MISSING_MODEL = "nobody-tokenclean/no-such-model"
+
+
+@pytest.mark.parametrize("command", ["tokenize", "loss", "train", "evaluate"])
+def test_unreachable_hub_model_is_one_line_naming_it_and_the_local_config(command, tmp_path, token_table, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    out = tmp_path / "out"
+    args = {"tokenize": ["--data", str(write_lines(tmp_path / "x.jsonl", ds2_like(2))), "--tokenizer", MISSING_MODEL,
+                         "--max-length", "64", "--out", f"{out}.tokens.npz"],
+            "loss": ["--model", MISSING_MODEL, "--tokens", str(token_table), "--out", f"{out}.loss.npy"],
+            "train": ["--model", MISSING_MODEL, "--tokens", str(token_table), "--steps", "1", "--out", str(out)],
+            "evaluate": ["--model", MISSING_MODEL, "--device", "cpu", "--benchmarks", '[{"task": "boolq"}]',
+                         "--out", f"{out}.json"]}[command]
+    rc, err = run_cli(capsys, command, *args)
+    line = error_line(err, command)
+    assert rc != 0 and f"'{MISSING_MODEL}'" in line and "hub" in line
+    assert line.endswith("point the config at the copy: base_model.name: /path/to/dir")
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("source", ["pool", "warmup"])
+def test_unreachable_hub_data_is_one_line_naming_it_and_the_local_config(source, tmp_path, capsys):
+    pool = write_lines(tmp_path / "pool.jsonl", ds2_like(4))
+    spec = {"pool": {"path": str(pool)}, "warmup": {"first_of_pool": 2}}
+    spec[source] = {"hub": "nobody-tokenclean/no-such-data", "split": "train"}
+    rc, err = run_cli(capsys, "data", "--spec", json.dumps(spec), "--out", str(tmp_path / "data"))
+    line = error_line(err, "data")
+    assert rc != 0 and "'nobody-tokenclean/no-such-data'" in line and "hub" in line
+    assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/file.jsonl}}")
+    assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["pool.jsonl"]
