@@ -1,6 +1,9 @@
 RUNS = ["base", "warmup"] + sft_runs()
 
 
+localrules: report, rounds_report  # seconds of CSV work: on the submitting machine, not a cluster job
+
+
 rule report:
     """One row per method x ratio, one column per task and the average; mean and std over seeds."""
     input:

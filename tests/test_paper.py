@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -82,6 +83,38 @@ def test_hardware_file_launches_training_on_every_gpu(tmp_path):
     train = [line for line in out.splitlines() if "tokenclean.cli train" in line]
     assert len(train) == counts["warmup"] + counts["sft"] + counts["self_evolve"]
     assert all("accelerate.commands.launch --num_processes 8" in line for line in train)
+
+
+def planned_resources(out: str) -> dict[str, set[str]]:
+    """rule -> the distinct `resources:` lines of its planned jobs (dry-run output)."""
+    found: dict[str, set[str]] = {}
+    rule = None
+    for line in out.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("resources:") and rule:
+            found.setdefault(rule, set()).add(line.strip())
+    return found
+
+
+@pytest.mark.parametrize("hardware", [None, "8-gpus.yaml"])
+def test_slurm_profile_plans_the_paper_study_with_gpus_where_they_are_used(hardware, tmp_path):
+    config = ROOT / "configs" / "paper" / "llama-3.1-8b.yaml"
+    extra = [ROOT / "configs" / "hardware" / hardware] if hardware else []
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(config), *map(str, extra), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert re.search(r"^total +95$", proc.stdout, re.M), proc.stdout[-1500:]  # the whole study, as without a profile
+    res = planned_resources(proc.stdout)
+    gpus = 8 if hardware else 1
+    for rule in ("warmup", "sft", "self_evolve"):
+        assert all(f"gpu={gpus}" in r and "runtime=" in r and "mem_mb=" in r for r in res[rule]), res[rule]
+    for rule in ("token_loss", "evaluate"):
+        assert all(r.endswith("gpu=1") or "gpu=1," in r for r in res[rule]), res[rule]
+    for rule in ("data", "tokenize", "select", "chunk_tokens", "select_round"):
+        assert not any("gpu=" in r for r in res[rule]), res[rule]
+    assert all("slurm_partition=" in r for rs in res.values() for r in rs)
 
 
 # ---------------------------------------------------------------------------------------------------------
