@@ -62,6 +62,11 @@ EMBEDDED = "world" in config
 DATA_DIR = f"{R}/world" if EMBEDDED else f"{R}/data"
 BASE_MODEL = f"{R}/models/base" if EMBEDDED else config["base_model"]["name"]
 TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") else ""
+# GPUs a job asks the scheduler (Slurm, or `--resources gpu=N` locally) for: a training job every configured GPU,
+# scoring and evaluation one. The embedded experiment runs on CPU and asks for none unless `hardware.gpus` is set.
+GPU_JOBS = "gpus" in HARDWARE or not EMBEDDED
+TRAIN_GPUS = GPUS if GPU_JOBS else 0
+ONE_GPU = 1 if GPU_JOBS else 0
 
 
 def model_ref(name: str) -> str:

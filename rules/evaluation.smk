@@ -34,6 +34,8 @@ rule evaluate:
         limit=lambda w: f"--limit {config['evaluation']['limit']}" if config["evaluation"].get("limit") else "",
         device=config["evaluation"].get("device", "cpu"),
     threads: THREADS
+    resources:
+        gpu=ONE_GPU,
     log:
         f"{R}/logs/evaluate/{{run}}.log",
     benchmark:

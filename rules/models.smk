@@ -70,7 +70,7 @@ rule warmup:
         train=train_flags(config.get("warmup", {})),
     threads: THREADS
     resources:
-        gpu=GPUS if GPUS > 1 else 0,
+        gpu=TRAIN_GPUS,
     log:
         f"{R}/logs/warmup.log",
     benchmark:

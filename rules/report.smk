@@ -21,6 +21,9 @@ def report_outputs() -> list[str]:
     return out
 
 
+localrules: report, rounds_report  # seconds of CSV work: on the submitting machine, not a cluster job
+
+
 rule report:
     """One row per method x ratio, one column per task and the average; mean and std over seeds. One table per
     metric (CSV, Markdown, LaTeX; best row in bold); the paper's numbers below ours when paper_reference is set."""

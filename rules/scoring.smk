@@ -12,6 +12,8 @@ rule token_loss:
         device=config.get("scoring", {}).get("device", "auto"),
         dtype=config.get("scoring", {}).get("dtype", "auto"),
     threads: THREADS
+    resources:
+        gpu=ONE_GPU,
     log:
         f"{R}/logs/token_loss/{{model}}.{{dataset}}.log",
     benchmark:

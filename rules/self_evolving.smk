@@ -80,7 +80,7 @@ rule self_evolve:
         t="[0-9]+",
     threads: THREADS
     resources:
-        gpu=GPUS if GPUS > 1 else 0,
+        gpu=TRAIN_GPUS,
     log:
         f"{R}/logs/sft/rounds/{{row}}_t{{t}}.log",
     benchmark:

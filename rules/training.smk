@@ -12,7 +12,7 @@ rule sft:
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     threads: THREADS
     resources:
-        gpu=GPUS if GPUS > 1 else 0,
+        gpu=TRAIN_GPUS,
     log:
         f"{R}/logs/sft/{{run}}.log",
     benchmark:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -84,6 +85,38 @@ def test_hardware_file_launches_training_on_every_gpu(tmp_path):
     assert all("accelerate.commands.launch --num_processes 8" in line for line in train)
 
 
+def planned_resources(out: str) -> dict[str, set[str]]:
+    """rule -> the distinct `resources:` lines of its planned jobs (dry-run output)."""
+    found: dict[str, set[str]] = {}
+    rule = None
+    for line in out.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("resources:") and rule:
+            found.setdefault(rule, set()).add(line.strip())
+    return found
+
+
+@pytest.mark.parametrize("hardware", [None, "8-gpus.yaml"])
+def test_slurm_profile_plans_the_paper_study_with_gpus_where_they_are_used(hardware, tmp_path):
+    config = ROOT / "configs" / "paper" / "llama-3.1-8b.yaml"
+    extra = [ROOT / "configs" / "hardware" / hardware] if hardware else []
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(config), *map(str, extra), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert re.search(r"^total +95$", proc.stdout, re.M), proc.stdout[-1500:]  # the whole study, as without a profile
+    res = planned_resources(proc.stdout)
+    gpus = 8 if hardware else 1
+    for rule in ("warmup", "sft", "self_evolve"):
+        assert all(f"gpu={gpus}" in r and "runtime=" in r and "mem_mb=" in r for r in res[rule]), res[rule]
+    for rule in ("token_loss", "evaluate"):
+        assert all(r.endswith("gpu=1") or "gpu=1," in r for r in res[rule]), res[rule]
+    for rule in ("data", "tokenize", "select", "chunk_tokens", "select_round"):
+        assert not any("gpu=" in r for r in res[rule]), res[rule]
+    assert all("slurm_partition=" in r for rs in res.values() for r in rs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------
@@ -126,9 +159,59 @@ def test_bad_data_names_file_line_and_field_and_writes_nothing(tmp_path):
         prepare_data({"pool": {"path": str(good)}, "warmup": {"first_of_pool": 5}}, tmp_path / "out")
 
 
-def test_unreachable_hub_data_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"jlpang888/DS2_50k.*\{path: FILE\.jsonl\}"):
-        prepare_data({"pool": {"hub": "jlpang888/DS2_50k"}, "warmup": {"first_of_pool": 10}}, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+# ---------------------------------------------------------------------------------------------------------
+# without the hub: one clear line naming the id and the config key of a local copy, nothing written
+# ---------------------------------------------------------------------------------------------------------
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    from tokenclean.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def error_line(err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith(f"tokenclean {command}: error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+@pytest.fixture()
+def token_table(tmp_path, tiny_tokenizer_dir) -> Path:
+    from tokenclean.tokenization import tokenize_file
+
+    data = write_lines(tmp_path / "d.jsonl", ds2_like(3))
+    tokenize_file(data, str(tiny_tokenizer_dir), 64, tmp_path / "d.tokens.npz")
+    return tmp_path / "d.tokens.npz"
+
+
+MISSING_MODEL = "nobody-tokenclean/no-such-model"
+
+
+@pytest.mark.parametrize("command", ["tokenize", "loss", "train", "evaluate"])
+def test_unreachable_hub_model_is_one_line_naming_it_and_the_local_config(command, tmp_path, token_table, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    out = tmp_path / "out"
+    args = {"tokenize": ["--data", str(write_lines(tmp_path / "x.jsonl", ds2_like(2))), "--tokenizer", MISSING_MODEL,
+                         "--max-length", "64", "--out", f"{out}.tokens.npz"],
+            "loss": ["--model", MISSING_MODEL, "--tokens", str(token_table), "--out", f"{out}.loss.npy"],
+            "train": ["--model", MISSING_MODEL, "--tokens", str(token_table), "--steps", "1", "--out", str(out)],
+            "evaluate": ["--model", MISSING_MODEL, "--device", "cpu", "--benchmarks", '[{"task": "boolq"}]',
+                         "--out", f"{out}.json"]}[command]
+    rc, err = run_cli(capsys, command, *args)
+    line = error_line(err, command)
+    assert rc != 0 and f"'{MISSING_MODEL}'" in line and "hub" in line
+    assert line.endswith("point the config at the copy: base_model.name: /path/to/dir")
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("source", ["pool", "warmup"])
+def test_unreachable_hub_data_is_one_line_naming_it_and_the_local_config(source, tmp_path, capsys):
+    pool = write_lines(tmp_path / "pool.jsonl", ds2_like(4))
+    spec = {"pool": {"path": str(pool)}, "warmup": {"first_of_pool": 2}}
+    spec[source] = {"hub": "nobody-tokenclean/no-such-data", "split": "train"}
+    rc, err = run_cli(capsys, "data", "--spec", json.dumps(spec), "--out", str(tmp_path / "data"))
+    line = error_line(err, "data")
+    assert rc != 0 and "'nobody-tokenclean/no-such-data'" in line and "hub" in line
+    assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/file.jsonl}}")
+    assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["pool.jsonl"]

@@ -268,11 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
 
     p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory (or, with --benchmarks, a hub id)")
     p.add_argument("--tasks-dir", help="the world's lm-eval task directory (embedded experiments)")
     p.add_argument("--tasks", help="comma-separated world families")
     p.add_argument("--benchmarks", type=_json_list_arg, default=None,
-                   help='JSON list of {"task", "num_fewshot", "metric"}: stock or included lm-eval tasks')
+                   help='JSON list of {"task", "num_fewshot", "metric"[, "limit", "metadata"]}: stock lm-eval tasks, '
+                        "tasks under --include-path, or the packaged tc_tydiqa_goldp (TyDiQA GoldP as the paper ran "
+                        "it; its metadata names the data files). A task's own limit (null: all) replaces --limit; "
+                        "metadata reaches lm-eval's tasks as `lm_eval --metadata` would")
     p.add_argument("--include-path", default=None, help="extra lm-eval task directory for --benchmarks")
     p.add_argument("--model-args", type=_json_arg, default=None, help="JSON object of extra lm-eval HFLM arguments")
     p.add_argument("--batch-size", default=None, help="lm-eval batch size for --benchmarks (an integer or 'auto')")

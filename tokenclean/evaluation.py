@@ -37,6 +37,8 @@ from tokenclean.artifacts import atomic_dir, atomic_file, write_json
 log = logging.getLogger(__name__)
 
 PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"
+# lm-eval tasks shipped with the package (TyDiQA GoldP as the paper ran it); always on evaluate_benchmarks' path
+BENCHMARK_TASKS = PACKAGE_TASKS / "tydiqa"
 SHARED_FILES = ("tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml")
 GEN_SUFFIX, NLL_SUFFIX = "_gen", "_nll"
 METRICS = ("answer_acc", "response_em", "answer_nll")
@@ -327,19 +329,62 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     return result
 
 
+def make_hf_lm(model: str, **kwargs: Any) -> Any:
+    """Stock lm-eval ``HFLM`` for a directory or hub id; a model that cannot be loaded is one clear error."""
+    from lm_eval.models.huggingface import HFLM
+
+    from tokenclean.models import not_loadable
+
+    local = Path(model)
+    if model.startswith((".", "/")) and not local.is_dir():
+        raise FileNotFoundError(f"model directory {model} not found; run the workflow step that makes it or fix "
+                                "the path")
+    try:
+        return HFLM(pretrained=model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(not_loadable(model, e)) from None
+
+
 def check_benchmarks(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Validated benchmark entries: ``{"task": lm-eval task or group, "num_fewshot": k, "metric": name}``."""
+    """Validated benchmark entries: ``{"task": lm-eval task or group, "num_fewshot": k, "metric": name}``, plus
+    optionally ``"limit"`` (this task's own limit; null = every example) and ``"metadata"`` (lm-eval task
+    metadata, e.g. the TyDiQA data files)."""
     checked = []
     for i, b in enumerate(benchmarks):
         if not isinstance(b, dict) or not isinstance(b.get("task"), str) or not b["task"]:
             raise ValueError(f"benchmark {i}: needs a 'task' name, got {b!r}")
+        unknown = sorted(set(b) - {"task", "num_fewshot", "metric", "limit", "metadata"})
+        if unknown:
+            raise ValueError(f"benchmark {b['task']}: unknown field(s) {', '.join(unknown)}")
         shots = b.get("num_fewshot", 0)
         if not isinstance(shots, int) or shots < 0:
             raise ValueError(f"benchmark {b['task']}: num_fewshot must be a non-negative integer, got {shots!r}")
-        checked.append({"task": b["task"], "num_fewshot": shots, "metric": str(b.get("metric", "acc"))})
+        entry = {"task": b["task"], "num_fewshot": shots, "metric": str(b.get("metric", "acc"))}
+        if "limit" in b:
+            if b["limit"] is not None and (isinstance(b["limit"], bool) or not isinstance(b["limit"], (int, float))
+                                           or b["limit"] <= 0):
+                raise ValueError(f"benchmark {b['task']}: limit must be positive or null, got {b['limit']!r}")
+            entry["limit"] = b["limit"]
+        if "metadata" in b:
+            if not isinstance(b["metadata"], dict):
+                raise ValueError(f"benchmark {b['task']}: metadata must be a mapping, got {b['metadata']!r}")
+            entry["metadata"] = dict(b["metadata"])
+        checked.append(entry)
     if not checked:
         raise ValueError("no benchmarks given")
     return checked
+
+
+def task_metadata(benchmarks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The benchmarks' metadata as one mapping for lm-eval (every task sees it); a key set twice must agree."""
+    merged: dict[str, Any] = {}
+    for b in benchmarks:
+        for key, value in (b.get("metadata") or {}).items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"benchmark {b['task']}: metadata {key} = {value!r} contradicts {merged[key]!r} "
+                                 "set by another benchmark")
+            merged[key] = value
+    return merged
 
 
 def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_json: str | os.PathLike,
@@ -347,41 +392,47 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
                         batch_size: int | str | None = None, include_path: str | os.PathLike | None = None,
                         trust_remote_code: bool = False, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate any Hugging Face model (directory or hub id) on lm-eval tasks, each with its own few-shot count
-    and metric (the paper's suite: MMLU 5-shot, the others 0-shot, ``acc``).
+    and metric (the paper's suite: MMLU 5-shot, the others 0-shot, ``acc``; TyDiQA 1-shot, ``f1``).
 
     Writes ``out_json`` with ``metrics = {task: {"score": value, <metric>: value}}`` and ``average = {"score":
     unweighted mean over tasks}``: ``score`` is each task's configured metric, so tasks scored differently
     (accuracy, F1) share one headline. ``model_args`` go to lm-eval's HFLM as they would on the command line
-    (e.g. ``add_bos_token``); the defaults are stock ``lm_eval --model hf``, as the paper ran it. Per-example
-    scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``, one line per
+    (e.g. ``add_bos_token``); the defaults are stock ``lm_eval --model hf``, as the paper ran it. A benchmark's
+    own ``limit`` replaces ``limit`` for it; the benchmarks' ``metadata`` reach lm-eval's tasks together with the
+    model arguments, as ``lm_eval --metadata`` does. The package's tasks (``tc_tydiqa_goldp``) are always found.
+    Per-example scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``, one line per
     example; a group's examples under its own task name) for the paired bootstrap of the report.
     """
     import lm_eval
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from tokenclean.models import pick_device
 
     t0 = time.perf_counter()
     benchmarks = check_benchmarks(benchmarks)
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    metadata = {"pretrained": str(model), "trust_remote_code": trust_remote_code, **(model_args or {}),
+                **task_metadata(benchmarks)}
+    paths = [str(BENCHMARK_TASKS)] + ([str(include_path)] if include_path else [])
+    tm = TaskManager(include_path=paths, metadata=metadata)
     unknown = [b["task"] for b in benchmarks if b["task"] not in tm.all_tasks]
-    if unknown:  # before the model loads; lm-eval itself would fail later with a KeyError
+    if unknown:  # lm-eval itself would fail later with a KeyError
         raise ValueError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: neither a stock task"
                          f"{f' nor one under {include_path}' if include_path else ''}; fix evaluation.benchmarks")
     dev = pick_device(device)
-    lm = HFLM(pretrained=str(model), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
-              batch_size=batch_size or (8 if dev.type == "cuda" else 1), trust_remote_code=trust_remote_code,
-              **(model_args or {}))
+    lm = make_hf_lm(str(model), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
+                    batch_size=batch_size or (8 if dev.type == "cuda" else 1), trust_remote_code=trust_remote_code,
+                    **(model_args or {}))
     metrics: dict[str, dict[str, float]] = {}
     sample_rows: list[dict[str, Any]] = []
-    for shots in sorted({b["num_fewshot"] for b in benchmarks}):
-        group = [b for b in benchmarks if b["num_fewshot"] == shots]
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for b in benchmarks:  # one lm-eval run per (shots, limit): few-shot count and limit are per run
+        runs.setdefault((b["num_fewshot"], json.dumps(b.get("limit", limit))), []).append(b)
+    for (shots, run_limit), group in sorted(runs.items()):
         _set_seeds(seed)
         out = simple_evaluate(model=lm, tasks=[b["task"] for b in group], task_manager=tm, num_fewshot=shots,
-                              limit=limit, log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+                              limit=json.loads(run_limit), log_samples=True, bootstrap_iters=0, random_seed=seed,
+                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         if out is None:  # only on non-zero ranks of a distributed run
             raise RuntimeError("lm-eval returned no results")
         for b in group:
@@ -392,6 +443,14 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
                 raise ValueError(f"task {b['task']} reports no metric {b['metric']!r} (it reports: {', '.join(have)})")
             metrics[b["task"]] = {"score": float(found[key]), b["metric"]: float(found[key])}
             sample_rows += benchmark_sample_rows(out, b["task"], b["metric"])
+            # a group's members too (TyDiQA: F1 of each language), and how many examples each scored
+            members = [s for s in out.get("group_subtasks", {}).get(b["task"], []) if key in out["results"].get(s, {})]
+            if members:
+                metrics[b["task"]]["subtasks"] = {s: float(out["results"][s][key]) for s in members}
+            counts = {s: out["n-samples"][s]["effective"] for s in members or [b["task"]] if s in out.get("n-samples", {})}
+            if counts:
+                metrics[b["task"]]["n_examples"] = sum(counts.values())
+    metrics = {b["task"]: metrics[b["task"]] for b in benchmarks}  # the configured order
     result = {
         "model": str(model), "tasks": [b["task"] for b in benchmarks], "benchmarks": benchmarks,
         "metrics": metrics, "average": {"score": sum(m["score"] for m in metrics.values()) / len(metrics)},

@@ -43,6 +43,16 @@ def require_model_dir(name_or_path: str) -> None:
                                 "or fix the path in the config")
 
 
+def not_loadable(name_or_path: str, error: BaseException, what: str = "model") -> str:
+    """One line for a model (or its tokenizer) that cannot be loaded: usually a hub id without hub access."""
+    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    if Path(name_or_path).is_dir():
+        return f"{what} directory {name_or_path} could not be loaded ({reason})"
+    return (f"{what} {name_or_path!r} could not be loaded from the Hugging Face hub (offline, no access or no such "
+            f"id; {reason}); download it where the hub is reachable and point the config at the copy: "
+            f"base_model.name: /path/to/dir")
+
+
 def load_model(name_or_path: str, device: torch.device | str | None = None, dtype: str | None = None,
                trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
@@ -53,9 +63,8 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
         # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=pick_dtype(dtype, device),
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
-    except OSError as e:
-        raise FileNotFoundError(f"model {name_or_path!r} could not be loaded ({str(e).splitlines()[0]}); "
-                                "for an offline run point the config at a local copy") from None
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(not_loadable(name_or_path, e)) from None
     return model.to(device)
 
 

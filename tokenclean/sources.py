@@ -44,15 +44,16 @@ def _from_file(path: str, limit: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _from_hub(name: str, split: str, revision: str | None, limit: int | None) -> list[dict[str, Any]]:
+def _from_hub(name: str, split: str, revision: str | None, limit: int | None, key: str) -> list[dict[str, Any]]:
     try:
         from datasets import load_dataset
 
         data = load_dataset(name, split=split, revision=revision)
     except Exception as e:  # offline, unknown name, no access: all end the same way for the user
-        raise DataError(f"cannot load the data set {name!r} (split {split!r}) from the hub: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}; without hub access, save it as JSON lines "
-                        f"elsewhere and point the config at it with {{path: FILE.jsonl}}") from None
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise DataError(f"data set {name!r} (split {split!r}) could not be loaded from the Hugging Face hub (offline, "
+                        f"no access or no such id; {reason}); save it as JSON lines where the hub is reachable and "
+                        f"point the config at the copy: {key}: {{path: /path/to/file.jsonl}}") from None
     rows = []
     for i, obj in enumerate(data):
         if limit is not None and i >= limit:
@@ -63,14 +64,15 @@ def _from_hub(name: str, split: str, revision: str | None, limit: int | None) ->
     return rows
 
 
-def load_source(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The records of one source (validated) and a description of where they came from."""
+def load_source(spec: dict[str, Any], key: str = "data.pool") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The records of one source (validated) and a description of where they came from; ``key`` names the
+    source's place in the config for error messages."""
     limit = spec.get("limit")
     if "path" in spec:
         return _from_file(spec["path"], limit), {"path": str(spec["path"]), "limit": limit}
     if "hub" in spec:
         split = spec.get("split", "train")
-        return (_from_hub(spec["hub"], split, spec.get("revision"), limit),
+        return (_from_hub(spec["hub"], split, spec.get("revision"), limit, key),
                 {"hub": spec["hub"], "split": split, "revision": spec.get("revision"), "limit": limit})
     raise DataError(f"a data source needs 'path' or 'hub', got {sorted(spec)}")
 
@@ -85,7 +87,7 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
     """Write ``pool.jsonl``, ``warmup.jsonl`` and ``data.json`` (sources, record counts, sha256) into ``out_dir``."""
     if "pool" not in spec or "warmup" not in spec:
         raise DataError("the data section needs a 'pool' and a 'warmup' source")
-    pool, pool_from = load_source(spec["pool"])
+    pool, pool_from = load_source(spec["pool"], "data.pool")
     if not pool:
         raise DataError(f"the pool source {pool_from} holds no records")
     if "first_of_pool" in spec["warmup"]:
@@ -94,7 +96,7 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
             raise DataError(f"data.warmup.first_of_pool = {n}, but the pool holds {len(pool)} records")
         warmup, warmup_from = pool[:n], {"first_of_pool": n}
     else:
-        warmup, warmup_from = load_source(spec["warmup"])
+        warmup, warmup_from = load_source(spec["warmup"], "data.warmup")
     if not warmup:
         raise DataError(f"the warm-up source {warmup_from} holds no records")
     meta: dict[str, Any] = {}

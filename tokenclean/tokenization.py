@@ -51,10 +51,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     require_model_dir(str(name_or_path))
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"tokenizer {name_or_path!r} could not be loaded ({str(e).splitlines()[0]}); "
-            "point the config at a local directory or check the hub id") from None
+    except (OSError, ValueError) as e:
+        from tokenclean.models import not_loadable
+
+        raise FileNotFoundError(not_loadable(name_or_path, e, "tokenizer of")) from None
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no eos token; set one before tokenizing SFT data")
     return tok
