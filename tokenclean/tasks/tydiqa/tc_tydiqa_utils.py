@@ -120,7 +120,7 @@ def select(dev: str, train: str | None, per_language: int | None, shots: int, se
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(name: str, trust_remote_code: bool) -> Any:
+def _tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
