@@ -5,7 +5,8 @@ clipped to 20..2048, a prompt of 10-70% of each sample, float32 scores, NaN outs
 method (fixed, rho, random at ratio 0.6):
 
 - ``seconds``: median of repeated calls of :func:`tokenclean.selection.select` (the code path of
-  ``tokenclean select``); ``ns_per_token``: the same per response token, to check that time grows linearly;
+  ``tokenclean select``), the sizes interleaved; ``ns_per_token``: the same per response token, to check that
+  time grows linearly;
 - ``tuples``: the same rule done the plain Python way (a list of ``(-score, position)`` tuples sorted, globally
   for fixed and per sample for rho; ``random.Random(seed).sample`` for random), timed in the same run,
   interleaved with ours, at 1M and 4M tokens (measured, not extrapolated); ``speedup`` = tuples / ours;
@@ -95,47 +96,51 @@ def main() -> None:
         return int(float(text.rstrip("M")) * 1_000_000) if text.endswith("M") else int(text)
 
     figures: dict[str, float | int | str] = {"ratio": a.ratio, "repeats": a.repeats, "threads": 1}
-    per_token: dict[str, dict[str, float]] = {m: {} for m in METHODS}
-    for label in a.sizes.split(","):
-        table, score = sft_like_table(size(label), a.seed)
-        n = int(table.loss_mask.sum())
-        figures[f"{label}_response_tokens"] = n
-        figures[f"{label}_tokens"] = table.n_tokens
-        with_tuples = label in a.tuple_sizes.split(",")
-        for method in METHODS:
-            ours_s, tuples_s = [], []
-            for _ in range(a.repeats):
+    sizes = a.sizes.split(",")
+    tables = {label: sft_like_table(size(label), a.seed) for label in sizes}
+    ours: dict[str, list[float]] = {}
+    tuples: dict[str, list[float]] = {}
+    for _ in range(a.repeats):  # sizes interleaved, so a change of the machine's load hits every size alike
+        for label in sizes:
+            table, score = tables[label]
+            for method in METHODS:
+                key = f"{label}_{method}"
                 started = time.perf_counter()
                 mask = select(method, table, a.ratio, a.seed, score)
-                ours_s.append(time.perf_counter() - started)
-                if with_tuples:
+                ours.setdefault(key, []).append(time.perf_counter() - started)
+                if label in a.tuple_sizes.split(","):
                     started = time.perf_counter()
                     theirs = tuples_rule(method, table, score, a.ratio, a.seed)
-                    tuples_s.append(time.perf_counter() - started)
+                    tuples.setdefault(key, []).append(time.perf_counter() - started)
                     if method != "random":  # the same rule gives the same tokens (random: the same count)
                         assert np.array_equal(mask, theirs), f"{method}: differs from the tuple version"
                     assert mask.sum() == theirs.sum()
                     del theirs
                 del mask
+    per_token: dict[str, float] = {}
+    for label in sizes:
+        table, score = tables[label]
+        n = int(table.loss_mask.sum())
+        figures[f"{label}_response_tokens"] = n
+        figures[f"{label}_tokens"] = table.n_tokens
+        for method in METHODS:
             key = f"{label}_{method}"
-            figures[f"{key}_seconds"] = round(statistics.median(ours_s), 4)
-            per_token[method][label] = statistics.median(ours_s) / n
-            figures[f"{key}_ns_per_token"] = round(per_token[method][label] * 1e9, 2)
-            if with_tuples:
-                figures[f"{key}_tuples_seconds"] = round(statistics.median(tuples_s), 3)
-                figures[f"{key}_speedup"] = round(statistics.median(t / o for t, o in zip(tuples_s, ours_s)), 1)
+            figures[f"{key}_seconds"] = round(statistics.median(ours[key]), 4)
+            per_token[key] = statistics.median(ours[key]) / n
+            figures[f"{key}_ns_per_token"] = round(per_token[key] * 1e9, 2)
+            if key in tuples:
+                figures[f"{key}_tuples_seconds"] = round(statistics.median(tuples[key]), 3)
+                figures[f"{key}_speedup"] = round(statistics.median(t / o for t, o in zip(tuples[key], ours[key])), 1)
             figures[f"{key}_peak_bytes_per_token"] = round(
                 peak_bytes(lambda: select(method, table, a.ratio, a.seed, score)) / n, 2)
             print(f"{label:>4} {method:6} {figures[f'{key}_seconds']:8.3f}s "
                   f"{figures[f'{key}_ns_per_token']:7.1f} ns/token "
                   f"{figures[f'{key}_peak_bytes_per_token']:6.2f} B/token"
                   + (f"  tuples {figures[f'{key}_tuples_seconds']:8.2f}s  x{figures[f'{key}_speedup']}"
-                     if with_tuples else ""), flush=True)
-        del table, score
-    sizes = a.sizes.split(",")
+                     if key in tuples else ""), flush=True)
     for method in METHODS:  # linear time: per-token time at the largest size over that at the smallest
         figures[f"{method}_time_per_token_{sizes[-1]}_over_{sizes[0]}"] = round(
-            per_token[method][sizes[-1]] / per_token[method][sizes[0]], 2)
+            per_token[f"{sizes[-1]}_{method}"] / per_token[f"{sizes[0]}_{method}"], 2)
     print(json.dumps(figures))
 
 
