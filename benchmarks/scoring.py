@@ -88,7 +88,7 @@ def padded_official_style(model, table: TokenTable, batch_size: int = 6) -> list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=60)
+    ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=256)
