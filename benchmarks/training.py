@@ -99,8 +99,9 @@ def main() -> None:
         "trainer_tokens_per_s": round(real / statistics.median(trainer_s)),
         "trainer_over_bare": round(statistics.median(b / t for b, t in zip(bare_s, trainer_s)), 3),
     }
-    print(f"bare    {figures['bare_tokens_per_s']:8,d} tokens/s  (seconds: {', '.join(f'{s:.1f}' for s in bare_s)})")
-    print(f"trainer {figures['trainer_tokens_per_s']:8,d} tokens/s  (seconds: {', '.join(f'{s:.1f}' for s in trainer_s)})")
+    for name, seconds in (("bare", bare_s), ("trainer", trainer_s)):
+        print(f"{name:7} {figures[f'{name}_tokens_per_s']:8,d} tokens/s  (seconds: "
+              + ", ".join(f"{s:.1f}" for s in seconds) + ")")
     print(json.dumps(figures))
 
 

@@ -80,8 +80,8 @@ def pack(table: TokenTable, samples: np.ndarray, width: int, pad_id: int, mask: 
     between.
 
     The rows are then evened out: of the widths that still pack into as few rows, the narrowest is used, so the
-    padding is a thin tail on every row rather than a part-filled last row (8.6% of the cells for 32 samples
-    of 20-60 tokens in rows of 128 with plain first-fit; under 1% evened out). ``position_ids`` restart at 0
+    padding is a thin tail on every row rather than a part-filled last row (for batches of 32 samples of 20-60
+    tokens in rows of 128: 8.6% of the cells with plain first-fit, 4.8% evened out). ``position_ids`` restart at 0
     for every sample; a model that derives a block-diagonal causal mask from them (transformers' Llama family
     does when no ``attention_mask`` is given) then computes exactly the per-sample losses of :func:`collate`,
     on about a third fewer positions for short ragged samples. A sample longer than ``width`` gets a row of its
