@@ -46,19 +46,6 @@ def scores(base_loss: np.ndarray, ref_loss: np.ndarray, loss_mask: np.ndarray) -
     return out
 
 
-def top_k_earliest(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest values, ties broken towards smaller index; linear time (no full sort)."""
-    n = len(values)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if k >= n:
-        return np.arange(n, dtype=np.int64)
-    kth = np.partition(values, n - k)[n - k]  # the k-th largest value
-    keep = values > kth
-    _mark_earliest(keep, values, kth, k - int(np.count_nonzero(keep)))
-    return np.flatnonzero(keep)
-
-
 def _mark_earliest(keep: np.ndarray, values: np.ndarray, value: float, need: int,
                    where: np.ndarray | None = None, block: int = 1 << 16) -> None:
     """Set ``keep`` at the first ``need`` positions where ``values == value`` (and ``where``), in blocks so that
