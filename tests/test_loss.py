@@ -96,3 +96,36 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not found"):
         load_model(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, None])
+def test_chunked_head_gives_the_losses_of_the_full_logits(setup, chunk_rows):
+    """Scoring applies the head in chunks of target rows; each loss must equal the one from the model's logits."""
+    from tokenclean.batching import collate
+    from tokenclean.loss import target_nll
+
+    tok, model, table = setup
+    batch = collate(table, np.arange(table.n_samples), tok.pad_token_id)
+    with torch.inference_mode():
+        chunked = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"],
+                             chunk_rows=chunk_rows)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows, cols = batch["target"].nonzero(as_tuple=True)
+    logp = torch.log_softmax(logits.float(), -1)[rows, cols - 1]
+    expected = -logp.gather(1, batch["input_ids"][rows, cols][:, None])[:, 0]
+    assert len(chunked) == int(table.loss_mask.sum())
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-5)
+
+
+def test_budget_batches_cover_each_sample_once_within_budget_and_padding():
+    from tokenclean.batching import budget_batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.round(rng.lognormal(np.log(250), 1.0, 500)), 20, 2048).astype(np.int64)
+    for budget, max_padding in ((4096, 0.05), (16384, 0.05), (16384, 0.2), (1000, 0.0)):
+        batches = budget_batches(lengths, budget, max_padding=max_padding)
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(lengths)))
+        for b in batches:
+            cells = len(b) * lengths[b].max()
+            if len(b) > 1:  # a single sample may exceed the budget and has no padding
+                assert cells <= budget and cells - lengths[b].sum() <= max_padding * cells

@@ -134,3 +134,37 @@ def test_select_file_refuses_losses_of_another_table(tmp_path):
     assert not (tmp_path / "x.mask.npy").exists()
     with pytest.raises(ValueError, match="needs --base-loss"):
         select_file("rho", tmp_path / "a.tokens.npz", tmp_path / "y.mask.npy", 0.5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=0, max_size=60), st.integers(0, 4), st.integers(0, 2), st.integers(1, 9))
+def test_earliest_ties_and_response_counts_are_blockwise_exact(levels, need, value, block):
+    """The blockwise helpers behind fixed and rho give the same answer for any block size."""
+    from tokenclean.selection import _mark_earliest, response_counts
+
+    values = np.array(levels, dtype=np.float32)
+    where = np.arange(len(values)) % 3 != 0
+    keep = np.zeros(len(values), dtype=bool)
+    _mark_earliest(keep, values, value, need, where=where, block=block)
+    expected = np.flatnonzero((values == value) & where)[:need]
+    assert np.array_equal(np.flatnonzero(keep), expected)
+
+    lengths = np.array(levels, dtype=np.int64)  # samples of 0-4 tokens, empty ones included
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    mask = np.arange(offsets[-1]) % 2 == 1
+    counts = response_counts(mask, offsets, block=block)
+    assert counts.tolist() == [int(mask[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.6, 0.99, 1.0])
+def test_rho_and_fixed_handle_empty_and_prompt_only_samples(ratio):
+    rng = np.random.default_rng(3)
+    lengths = [0, 6, 0, 4, 9, 1, 0, 12, 12, 12]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    loss_mask = rng.random(offsets[-1]) < 0.6
+    loss_mask[offsets[:-1][np.diff(offsets) > 0]] = False
+    loss_mask[offsets[3]: offsets[4]] = False  # a sample with no response token
+    table = TokenTable(rng.integers(0, 100, offsets[-1]), offsets, loss_mask)
+    s = np.where(loss_mask, rng.integers(0, 3, offsets[-1]), np.nan).astype(np.float32)  # many ties
+    assert np.array_equal(select("rho", table, ratio, score=s), brute_rho(s, loss_mask, offsets, ratio))
+    assert np.array_equal(select("fixed", table, ratio, score=s), brute_fixed(s, loss_mask, ratio))

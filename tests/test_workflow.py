@@ -105,19 +105,54 @@ def test_a_finished_workflow_has_nothing_left_to_do(smoke_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_a_new_ratio_reruns_only_what_depends_on_it(smoke_run, tmp_path):
-    (tmp_path / "more.yaml").write_text("ratios: [0.6, 0.3]\n")
-    proc = snakemake(smoke_run.parents[1], "--dry-run", overrides=tmp_path / "more.yaml")
+def planned(work: Path, override: str, tmp_path: Path) -> tuple[set[str], list[str]]:
+    """The rules a dry run with ``override`` would run, and the models whose losses it would compute."""
+    (tmp_path / "more.yaml").write_text(override)
+    proc = snakemake(work, "--dry-run", overrides=tmp_path / "more.yaml")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     stats = out[out.index("Job stats"):]
     jobs = {line.split()[0] for line in stats.splitlines()[3:] if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert {"select", "sft", "evaluate", "report", "significance"} <= jobs
-    assert "figure_ratios" in jobs  # a second ratio: the score-vs-ratio figure joins the report
-    assert not jobs & {"world", "pretrain_base", "tokenize", "warmup"}
-    # the only new losses are those of the new ratio's self-evolving models; base and reference are reused
     scored = [line.split("model=")[1].split(",")[0] for line in out.splitlines() if "wildcards: model=" in line]
-    assert scored and all(m.startswith("rounds/self_evolving_r0.3_") for m in scored)
+    return jobs, scored
+
+
+@pytest.mark.parametrize("override, new_rows", [("ratios: [0.6, 0.3]\n", "_r0.3_"), ("seeds: [1, 2]\n", "_s2_")])
+def test_a_new_ratio_or_seed_reruns_only_what_depends_on_it(smoke_run, tmp_path, override, new_rows):
+    jobs, scored = planned(smoke_run.parents[1], override, tmp_path)
+    assert {"sft", "evaluate", "report", "significance"} <= jobs
+    if "ratios" in override:
+        assert "figure_ratios" in jobs  # a second ratio: the score-vs-ratio figure joins the report
+    assert not jobs & {"world", "pretrain_base", "tokenize", "warmup"}
+    # the base and reference losses are reused; the only new losses are those of the new row's self-evolving
+    # round models, which are themselves trained with that ratio or seed
+    assert scored and all(m.startswith("rounds/self_evolving") and new_rows in m for m in scored)
+
+
+def test_a_new_ratio_and_seed_schedule_no_scoring_without_self_evolving(smoke_run, tmp_path):
+    """Scores depend only on (model, data, tokenizer): fixed-model rows at a new ratio and seed re-select only."""
+    jobs, scored = planned(smoke_run.parents[1], "methods: [full, random, rho, fixed, oracle, full+warmup]\n"
+                           "ratios: [0.6, 0.3]\nseeds: [1, 2]\n", tmp_path)
+    assert {"select", "sft", "evaluate", "report"} <= jobs
+    assert "token_loss" not in jobs and not scored
+    assert not jobs & {"world", "pretrain_base", "tokenize", "warmup", "self_evolve"}
+
+
+def test_per_token_artifacts_take_at_most_4_bytes_per_token_per_array(smoke_run):
+    """Token tables, losses and masks are flat and ragged: no padding, no 8-byte per-token arrays."""
+    import numpy as np
+
+    with np.load(smoke_run / "tokens" / "pool.tokens.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    n, samples = len(arrays["input_ids"]), len(arrays["offsets"]) - 1
+    per_token = {k: a for k, a in arrays.items() if len(a) == n}
+    assert {"input_ids", "loss_mask"} <= set(per_token) and n > samples
+    assert all(a.itemsize <= 4 for a in per_token.values()), {k: a.dtype for k, a in per_token.items()}
+    assert all(len(a) in (samples, samples + 1) for k, a in arrays.items() if k not in per_token)
+    for path in (smoke_run / "losses" / "base" / "pool.loss.npy", smoke_run / "masks" / "fixed_r0.6.mask.npy"):
+        array = np.load(path, allow_pickle=False)
+        assert array.shape == (n,) and array.itemsize <= 4
+        assert path.stat().st_size <= 4 * n + 1024  # the .npy header aside, nothing but the array
 
 
 def test_multi_gpu_hardware_launches_every_training_job_once_per_gpu(tmp_path):
