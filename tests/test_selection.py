@@ -96,6 +96,21 @@ def test_random_differs_across_seeds_and_is_uniform():
     assert abs(freq.mean() - 0.6) < 0.01 and freq.std() < 0.06  # each token kept ~60% of the time
 
 
+def test_random_in_blocks_is_a_uniform_subset_of_the_whole_dataset():
+    """Blocks far smaller than the data: counts stay exact and every token, in any block, is kept ~ratio of
+    the time (a per-block quota would show as equal counts per block; these vary like a uniform draw's)."""
+    from tokenclean.selection import select_random
+
+    loss_mask = np.ones(70, dtype=bool)
+    masks = np.array([select_random(loss_mask, 0.3, seed, block=8) for seed in range(3000)])
+    assert (masks.sum(axis=1) == 21).all()
+    freq = masks.mean(axis=0)
+    assert np.abs(freq - 0.3).max() < 0.04
+    per_block = masks[:, :64].reshape(len(masks), 8, 8).sum(axis=2)
+    # a uniform 21-of-70 draw puts Hypergeometric(70, 8, 21) tokens in a block of 8: mean 2.4, variance ~1.44
+    assert abs(per_block.mean() - 2.4) < 0.05 and abs(per_block.var() - 8 * 0.3 * 0.7 * 62 / 69) < 0.1
+
+
 def test_full_keeps_every_response_token():
     table = make_table([5, 9, 3], np.random.default_rng(1))
     assert np.array_equal(select("full", table), table.loss_mask)
@@ -157,9 +172,11 @@ def test_earliest_ties_and_response_counts_are_blockwise_exact(levels, need, val
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.6, 0.99, 1.0])
-def test_rho_and_fixed_handle_empty_and_prompt_only_samples(ratio):
+def test_rho_and_fixed_handle_one_token_and_prompt_only_samples(ratio):
+    """Samples without any response token (a lone first token, a prompt-only sample) between ordinary ones;
+    token tables never hold empty samples (TokenTable refuses them)."""
     rng = np.random.default_rng(3)
-    lengths = [0, 6, 0, 4, 9, 1, 0, 12, 12, 12]
+    lengths = [1, 6, 1, 4, 9, 1, 1, 12, 12, 12]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     loss_mask = rng.random(offsets[-1]) < 0.6
     loss_mask[offsets[:-1][np.diff(offsets) > 0]] = False

@@ -129,6 +129,14 @@ def test_a_new_ratio_or_seed_reruns_only_what_depends_on_it(smoke_run, tmp_path,
     assert scored and all(m.startswith("rounds/self_evolving") and new_rows in m for m in scored)
 
 
+def test_changing_only_report_settings_reruns_only_the_report_stage(smoke_run, tmp_path):
+    jobs, scored = planned(smoke_run.parents[1], "report: {bootstrap_iters: 500, token_view_samples: 4}\n", tmp_path)
+    assert {"significance", "token_view"} <= jobs and not scored
+    report_stage = {"report", "significance", "token_view", "rounds_report", "all"} | {j for j in jobs
+                                                                                       if j.startswith("figure_")}
+    assert jobs <= report_stage, jobs - report_stage
+
+
 def test_a_new_ratio_and_seed_schedule_no_scoring_without_self_evolving(smoke_run, tmp_path):
     """Scores depend only on (model, data, tokenizer): fixed-model rows at a new ratio and seed re-select only."""
     jobs, scored = planned(smoke_run.parents[1], "methods: [full, random, rho, fixed, oracle, full+warmup]\n"

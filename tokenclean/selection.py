@@ -76,16 +76,28 @@ def select_oracle(loss_mask: np.ndarray, token_class: np.ndarray | None) -> np.n
     return loss_mask & ~harmful
 
 
-def select_random(loss_mask: np.ndarray, ratio: float, seed: int) -> np.ndarray:
-    """A uniformly random floor(ratio*N) of all N response tokens of the dataset, fixed by ``seed``."""
+def select_random(loss_mask: np.ndarray, ratio: float, seed: int, block: int = 1 << 16) -> np.ndarray:
+    """A uniformly random floor(ratio*N) of all N response tokens of the dataset, fixed by ``seed``.
+
+    Linear time at any size: the response tokens are cut into blocks of ``block``; how many of the k kept tokens
+    fall in each block is drawn from the multivariate hypergeometric distribution (exactly how many a uniform
+    k-subset of all N puts there), then each block draws its own uniform subset, which stays in cache. The
+    result is a uniform k-subset of all N, with one bool per response token of extra memory.
+    """
     n = int(np.count_nonzero(loss_mask))
     k = keep_count(ratio, n)
     if k == n or k == 0:
         return loss_mask.copy() if k else np.zeros_like(loss_mask)
-    chosen = np.random.default_rng(seed).choice(n, size=k, replace=False)  # indices among response tokens
+    rng = np.random.default_rng(seed)
+    sizes = np.full(n // block, block, dtype=np.int64)
+    if n % block:
+        sizes = np.append(sizes, n % block)
+    per_block = rng.multivariate_hypergeometric(sizes, k, method="marginals")
     keep = np.zeros(n, dtype=bool)
-    keep[chosen] = True
-    del chosen
+    start = 0
+    for size, m in zip(sizes.tolist(), per_block.tolist()):
+        keep[start + rng.choice(size, size=m, replace=False)] = True
+        start += size
     mask = np.zeros_like(loss_mask)
     mask[loss_mask] = keep  # no index array of all response positions (8 bytes per token)
     return mask
