@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
 TOKEN_CLASSES = ("informative", "boilerplate", "corrupted", "garbage")
@@ -96,12 +97,8 @@ def _parse_classes(spans: object, record: Record, where: str) -> tuple[tuple[int
     return tuple(out)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Record]:
-    """Read and validate a whole JSON-lines file (blank lines are skipped)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    records = []
+def iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    """``(where, object)`` for every non-blank line of a JSON-lines file; ``where`` is ``file:line`` for errors."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -115,7 +112,15 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
-            records.append(parse_record(obj, where))
+            yield where, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Record]:
+    """Read and validate a whole JSON-lines file (blank lines are skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    records = [parse_record(obj, where) for where, obj in iter_jsonl(path)]
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
     return records

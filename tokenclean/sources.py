@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_dir, write_json
-from tokenclean.data import DataError, parse_record
+from tokenclean.data import DataError, iter_jsonl, parse_record
 
 FIELDS = ("messages", "prompt", "completion")
 
@@ -24,23 +24,11 @@ def _from_file(path: str, limit: int | None) -> list[dict[str, Any]]:
     if not p.is_file():
         raise DataError(f"{p}: data file not found; fix data.*.path in the config")
     rows = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
-            parse_record(obj, where)
-            rows.append({k: obj[k] for k in FIELDS if k in obj})
-            if limit is not None and len(rows) >= limit:
-                break
+    for where, obj in iter_jsonl(p):
+        parse_record(obj, where)
+        rows.append({k: obj[k] for k in FIELDS if k in obj})
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 
