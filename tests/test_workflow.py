@@ -111,7 +111,7 @@ def planned(work: Path, override: str, tmp_path: Path) -> tuple[set[str], list[s
     proc = snakemake(work, "--dry-run", overrides=tmp_path / "more.yaml")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
-    stats = out[out.index("Job stats"):]
+    stats = out[out.index("Job stats"):].split("\ntotal")[0]
     jobs = {line.split()[0] for line in stats.splitlines()[3:] if len(line.split()) == 2 and line.split()[1].isdigit()}
     scored = [line.split("model=")[1].split(",")[0] for line in out.splitlines() if "wildcards: model=" in line]
     return jobs, scored
