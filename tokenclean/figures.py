@@ -84,7 +84,7 @@ def plot_scores(tokens: str | os.PathLike, base_loss: str | os.PathLike, ref_los
                 out_png: str | os.PathLike, ratios: list[float] = ()) -> None:
     """Histogram (density, log count axis) of response-token scores, per ground-truth class when the token
     table has them, with the global cut of each ratio (the ``fixed`` method's threshold) as a vertical line."""
-    from tokenclean.selection import load_losses, scores
+    from tokenclean.selection import keep_count, kth_largest, load_losses, scores
 
     table, meta = TokenTable.load(tokens)
     base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
@@ -108,7 +108,10 @@ def plot_scores(tokens: str | os.PathLike, base_loss: str | os.PathLike, ref_los
         ax.hist(np.clip(values, lo, hi), bins=bins, histtype="stepfilled", alpha=0.6, color="C0",
                 label="all response tokens")
     for i, r in enumerate(sorted(ratios)):
-        cut = float(np.quantile(values, 1 - r))
+        k = keep_count(r, len(values))
+        if k == 0:
+            continue
+        cut = float(kth_largest(values.copy(), k))  # exactly the cut of the fixed rule
         ax.axvline(cut, color="k", ls=(0, (4, 2 + 2 * i)), lw=1, label=f"global cut, keep {r:g} (score ≥ {cut:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("token score = loss(base) − loss(reference)  [nats; higher = more informative]")

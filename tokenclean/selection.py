@@ -103,6 +103,14 @@ def select_random(loss_mask: np.ndarray, ratio: float, seed: int, block: int = 1
     return mask
 
 
+def kth_largest(values: np.ndarray, k: int) -> float:
+    """The k-th largest of ``values`` (1 <= k <= len): fixed's global cut, which keeps every score above it and
+    the earliest ties at it. Partitions ``values`` in place (linear time, no copy)."""
+    n = len(values)
+    values.partition(n - k)
+    return values[n - k]
+
+
 def select_fixed(score: np.ndarray, loss_mask: np.ndarray, ratio: float) -> np.ndarray:
     """Global ranking: the top floor(ratio*N) scores over all response tokens of the dataset.
 
@@ -114,8 +122,7 @@ def select_fixed(score: np.ndarray, loss_mask: np.ndarray, ratio: float) -> np.n
     k = keep_count(ratio, n)
     if k == n or k == 0:
         return loss_mask.copy() if k else np.zeros_like(loss_mask)
-    values.partition(n - k)
-    kth = values[n - k]  # the k-th largest response score
+    kth = kth_largest(values, k)
     del values
     mask = score > kth
     mask &= loss_mask
