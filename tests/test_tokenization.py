@@ -35,7 +35,8 @@ MULTI = {"messages": [
 
 def test_multi_turn_every_assistant_turn_in_mask_and_no_user_text(tok):
     table, _ = tokenize_records([parse_record(MULTI, "x:1")], tok, 256)
-    assert trained_text(tok, table, 0) == "Sure ! The answer is 8 .</s>Hope this helps .</s>"
+    # the newline ending a non-final assistant turn is trained, as in the official runs
+    assert trained_text(tok, table, 0) == "Sure ! The answer is 8 .</s>\nHope this helps .</s>"
     ids, mask = table.input_ids, table.loss_mask
     untrained = tok.decode(ids[~mask])
     for text in ("be nice", "Add 3 and 5 .", "thanks you fox", "<|user|>", "<|assistant|>", "<|system|>"):
@@ -101,7 +102,7 @@ def test_token_table_roundtrip_and_tamper_detection(tok, tmp_path):
     ('{"prompt": "a"}', "'completion'"),
     ('{"foo": 1}', "neither 'messages'"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "messages[0].role"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}', "messages[1].content"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 7}]}', "messages[1].content"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
     ('{"prompt": "a", "completion": 3}', "field 'completion'"),
 ])

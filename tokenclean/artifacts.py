@@ -117,12 +117,17 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
     return fingerprint_bytes(*(np.ascontiguousarray(a).tobytes() + str(a.dtype).encode() for a in arrays))
 
 
-def fingerprint_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The full sha256 of a file (hex), as ``sha256sum`` prints it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    return sha256_file(path)[:16]
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:

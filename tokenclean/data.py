@@ -3,7 +3,9 @@
 Accepted record forms (one JSON object per line):
 - ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; at least one assistant turn;
 - ``{"prompt": str, "completion": str}``;
-- ``{"text": str}``: plain text, every token trained (used for pretraining corpora).
+- ``{"text": str}``: plain text, every token trained (pretraining corpora only: SFT sources refuse it).
+Contents may be empty or whitespace-only: the official runs tokenized such records (an empty assistant turn
+still trains its end-of-turn token), so they are accepted and counted, not refused.
 A record may carry ``"classes": [[start, end, name], ...]``: ground-truth character spans over the content of
 its last assistant turn (the synthetic world writes them; real data has none).
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -38,18 +40,25 @@ class Record:
     messages: tuple[Message, ...]
     plain_text: bool = False
     classes: tuple[tuple[int, int, int], ...] | None = None  # (start, end, class id) over the last assistant turn
+    where: str = field(default="", compare=False)  # ``file:line`` it was read from, for errors found later (e.g. by the tokenizer)
+
+    @property
+    def empty_messages(self) -> int:
+        """Messages whose content is empty or whitespace-only."""
+        return sum(not m.content.strip() for m in self.messages)
 
 
 def _content(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: is empty")
     return value
 
 
-def parse_record(obj: object, where: str) -> Record:
-    """Validate one decoded JSON value; ``where`` is ``file:line`` used as the prefix of every error."""
+def parse_record(obj: object, where: str, allow_plain_text: bool = True) -> Record:
+    """Validate one decoded JSON value; ``where`` is ``file:line`` used as the prefix of every error.
+
+    ``allow_plain_text=False`` (SFT data) refuses ``{"text": ...}`` records, which only a pretraining corpus holds.
+    """
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
@@ -73,13 +82,15 @@ def parse_record(obj: object, where: str) -> Record:
                 raise DataError(f"{where}: field '{key}' is missing (records with 'prompt' need 'completion' and vice versa)")
         record = Record((Message("user", _content(obj["prompt"], f"{where}: field 'prompt'")),
                          Message("assistant", _content(obj["completion"], f"{where}: field 'completion'"))))
-    elif "text" in obj:
+    elif "text" in obj and allow_plain_text:
         record = Record((Message("assistant", _content(obj["text"], f"{where}: field 'text'")),), plain_text=True)
-    else:
+    elif allow_plain_text:
         raise DataError(f"{where}: neither 'messages' nor 'prompt'/'completion' (nor 'text') is present")
-    if "classes" in obj:
-        record = Record(record.messages, record.plain_text, _parse_classes(obj["classes"], record, where))
-    return record
+    else:
+        raise DataError(f"{where}: neither 'messages' nor 'prompt'/'completion' is present (an SFT record needs one; "
+                        f"plain 'text' records belong to a pretraining corpus)")
+    classes = _parse_classes(obj["classes"], record, where) if "classes" in obj else None
+    return Record(record.messages, record.plain_text, classes, where)
 
 
 def _parse_classes(spans: object, record: Record, where: str) -> tuple[tuple[int, int, int], ...]:
@@ -115,12 +126,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
             yield where, obj
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Record]:
+def read_jsonl(path: str | os.PathLike, allow_plain_text: bool = True) -> list[Record]:
     """Read and validate a whole JSON-lines file (blank lines are skipped)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    records = [parse_record(obj, where) for where, obj in iter_jsonl(path)]
+    records = [parse_record(obj, where, allow_plain_text) for where, obj in iter_jsonl(path)]
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
     return records

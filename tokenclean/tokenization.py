@@ -1,13 +1,26 @@
 """Chat formatting and tokenization into the flat token table.
 
-Format (Tulu style, as the paper's runs used)::
+Format (Tulu style, as the paper's runs built it: open-instruct's ``encode_with_messages_format``)::
 
-    <bos><|user|>\\n{user}\\n<|assistant|>\\n{assistant}<eos>\\n<|user|>\\n...
+    <bos><|user|>\\n{user}\\n<|assistant|>\\n{assistant}<eos>\\n<|user|>\\n...<|assistant|>\\n{assistant}<eos>
 
-Each piece is tokenized on its own and concatenated, so the boundary between masked and trained tokens is
-exact by construction: role headers, system and user turns and separators are out of ``loss_mask``; the content
-of every assistant turn and its end-of-turn token are in. Plain-text records (``{"text": ...}``) train every
-token after the first.
+Every message content is ``.strip()``ped and the whole text is stripped, so nothing follows the last turn. The
+text of a sample is tokenized **once, as a whole** (the eos token written as the tokenizer's eos text, which the
+tokenizer maps to its eos id), exactly like the official runs; tokenizing pieces separately would add word-start
+markers (SentencePiece) or split merges (BPE) that the model never sees at training or generation time.
+
+``loss_mask`` comes from character offsets: the trained characters of a chat sample are, for every assistant
+turn, its content, its eos and the newline that ends the turn (the official code leaves those unmasked; the
+newline only exists between turns). A token is trained iff **its first character** is a trained character.
+This is open-instruct's prefix-tokenization rule (the boundary index of a region is the token count of the
+text before it) wherever that rule is well defined: a token straddling the header/content boundary starts in
+the header and is masked; one straddling the end of a turn starts in the turn and is trained. Role headers are
+never trained (the official code also trains the header of an assistant turn that directly follows another
+assistant turn; we do not: a role marker is not response text). Position 0 (the bos token, or the first token
+of a tokenizer without bos) is never trained.
+
+Plain-text records (``{"text": ...}``, the pretraining corpus only) train every token after the first,
+their eos included.
 """
 from __future__ import annotations
 
@@ -19,19 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import TokenTable, fingerprint_bytes, fingerprint_file
-from tokenclean.data import TOKEN_CLASSES, Record, read_jsonl
+from tokenclean.artifacts import TokenTable, fingerprint_bytes, fingerprint_file, sha256_file
+from tokenclean.data import TOKEN_CLASSES, DataError, Record, read_jsonl
 
 log = logging.getLogger(__name__)
 
 ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
-TURN_SEPARATOR = "\n"
+TURN_END = "\n"  # ends every message's text (the last one is stripped away)
 NO_CLASS = -1  # token_class of tokens outside loss_mask (and of all tokens when the data carry no classes)
+BOILERPLATE = TOKEN_CLASSES.index("boilerplate")
 
 
 def format_prompt(user_text: str) -> str:
-    """The text a model sees before it answers a single-turn user message (used by the evaluation tasks)."""
-    return ROLE_HEADERS["user"] + user_text + TURN_SEPARATOR + ROLE_HEADERS["assistant"]
+    """The text a model sees before it answers a single-turn user message (used by the evaluation tasks):
+    the training text of ``[user, assistant]`` up to the assistant's content."""
+    return ROLE_HEADERS["user"] + user_text.strip() + TURN_END + ROLE_HEADERS["assistant"]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -60,87 +75,166 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-@dataclass
-class _Piece:
+@dataclass(frozen=True)
+class SampleText:
+    """One record as the single string the model is trained on, with character spans into it."""
+
     text: str
-    trained: bool
-    classes: tuple[tuple[int, int, int], ...] | None = None
+    trained: tuple[tuple[int, int], ...]  # trained character ranges
+    eos_at: tuple[int, ...]  # where each eos text starts (each must become exactly one eos token)
+    content: tuple[int, int] | None = None  # the class-annotated content (last assistant turn), if any
+    classes: tuple[tuple[int, int, int], ...] = ()  # (start, end, class id), in text coordinates
 
 
-def _pieces(record: Record) -> list[_Piece | int]:
-    """The record as text pieces (tokenized separately) and special-token placeholders (-1 = eos)."""
+def render(record: Record, eos_token: str) -> SampleText:
+    """The training text of ``record`` (see the module docstring for the format and the trained spans)."""
     if record.plain_text:
-        return [_Piece(record.messages[0].content, True), -1]
-    out: list[_Piece | int] = []
+        content = record.messages[0].content
+        text = content + eos_token
+        return SampleText(text, ((0, len(text)),), (len(content),))
+    parts: list[str] = []
+    at = 0
+    trained: list[tuple[int, int]] = []
+    eos_at: list[int] = []
+    span: tuple[int, int] | None = None
+    classes: tuple[tuple[int, int, int], ...] = ()
     last_assistant = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
     for i, m in enumerate(record.messages):
-        out.append(_Piece(ROLE_HEADERS[m.role], False))
+        content = m.content.strip()
+        parts += [ROLE_HEADERS[m.role], content]
+        at += len(ROLE_HEADERS[m.role])
+        start = at
+        at += len(content)
         if m.role == "assistant":
-            out.append(_Piece(m.content, True, record.classes if i == last_assistant else None))
-            out.append(-1)
-            if i < len(record.messages) - 1:
-                out.append(_Piece(TURN_SEPARATOR, False))
-        else:
-            out.append(_Piece(m.content + TURN_SEPARATOR, False))
-    return out
+            if i == last_assistant and record.classes:
+                span = (start, at)
+                lead = len(m.content) - len(m.content.lstrip())  # the spans index the unstripped content
+                classes = tuple((start + max(s - lead, 0), start + min(e - lead, len(content)), c)
+                                for s, e, c in record.classes if min(e - lead, len(content)) > max(s - lead, 0))
+            parts.append(eos_token)
+            eos_at.append(at)
+            at += len(eos_token)
+        parts.append(TURN_END)
+        at += len(TURN_END)
+        if m.role == "assistant":
+            trained.append((start, at))
+    text = "".join(parts)
+    stripped = text.rstrip()  # the text starts with a role header, so only its end can be stripped
+    trained = [(a, min(b, len(stripped))) for a, b in trained]
+    return SampleText(stripped, tuple(trained), tuple(eos_at), span, classes)
 
 
-def _token_classes(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int, int], ...]) -> list[int]:
-    """Class of each token = class of the span holding the token's first non-space character."""
-    starts = np.array([s for s, _, _ in spans])
-    ends = np.array([e for _, e, _ in spans])
-    classes = []
-    for a, b in offsets:
-        hit = np.nonzero((starts <= a) & (a < ends))[0]
-        if len(hit) == 0 and b > a:  # a leading space belonging to no span: use the token's last character
-            hit = np.nonzero((starts <= b - 1) & (b - 1 < ends))[0]
-        classes.append(int(spans[hit[0]][2]) if len(hit) else TOKEN_CLASSES.index("boilerplate"))
-    return classes
+def _token_classes(starts: np.ndarray, ends: np.ndarray, spans: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """Class of each token = class of the span holding the token's first character; a token whose first
+    character (a leading space) is in no span takes the class of its last character; else boilerplate."""
+    def holding(x: int) -> int | None:
+        return next((c for s, e, c in spans if s <= x < e), None)
+
+    out = []
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        c = holding(a)
+        if c is None and b > a:
+            c = holding(b - 1)
+        out.append(BOILERPLATE if c is None else c)
+    return np.asarray(out, dtype=np.int8)
+
+
+def _where(record: Record, index: int) -> str:
+    return record.where or f"record {index + 1}"
+
+
+def _encode(texts: list[str], records: list[Record], tokenizer: Any) -> dict[str, list]:
+    """Tokenize all texts at once; if the tokenizer fails, find and name the record it fails on."""
+    kwargs = {"add_special_tokens": False, "return_offsets_mapping": True}
+    try:
+        return tokenizer(texts, **kwargs)
+    except Exception:  # noqa: BLE001 - any tokenizer failure is reported against its record below
+        pass
+    for i, t in enumerate(texts):
+        try:
+            tokenizer(t, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{_where(records[i], i)}: the tokenizer cannot encode this record ({reason})") from None
+    raise DataError("the tokenizer failed on the batch of records but on none of them alone")
+
+
+def _check_encoded(sample: SampleText, ids: list[int], starts: np.ndarray, ends: np.ndarray, tokenizer: Any,
+                   where: str) -> None:
+    """Every visible character is covered by a token, and every eos text became the single eos id."""
+    n = len(sample.text)
+    depth = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(depth, starts, 1)
+    np.add.at(depth, ends, -1)
+    covered = np.cumsum(depth)[:n] > 0
+    for j in np.nonzero(~covered)[0]:
+        ch = sample.text[j]
+        if not ch.isspace():
+            raise DataError(f"{where}: the tokenizer cannot encode the character {ch!r} (no token covers it; "
+                            "the tokenizer has no unknown token)")
+    eos_len = len(tokenizer.eos_token)
+    by_span = {(int(a), int(b)): t for a, b, t in zip(starts, ends, ids)}
+    for p in sample.eos_at:
+        if by_span.get((p, p + eos_len)) != tokenizer.eos_token_id:
+            raise ValueError(f"the tokenizer does not encode its eos text {tokenizer.eos_token!r} as the single "
+                             f"token {tokenizer.eos_token_id}; it cannot tokenize chat data")
 
 
 def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> tuple[TokenTable, dict[str, int]]:
     """Tokenize records into a TokenTable; samples whose response is entirely truncated away are skipped."""
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
-    pieces = [_pieces(r) for r in records]
-    texts = [p.text for ps in pieces for p in ps if isinstance(p, _Piece)]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    ids_iter = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos token; set one before tokenizing SFT data")
+    samples = [render(r, tokenizer.eos_token) for r in records]
+    encoded = _encode([s.text for s in samples], records, tokenizer)
+    bos = tokenizer.bos_token_id
+    head = [bos] if bos is not None else []
 
     all_ids: list[np.ndarray] = []
     all_mask: list[np.ndarray] = []
     all_cls: list[np.ndarray] = []
     kept_index: list[int] = []
-    stats = {"records": len(records), "skipped_no_response_after_truncation": 0, "truncated": 0}
-    for index, ps in enumerate(pieces):
-        ids: list[int] = [bos] if bos is not None else []
-        mask: list[bool] = [False] * len(ids)
-        cls: list[int] = [NO_CLASS] * len(ids)
-        for p in ps:
-            if isinstance(p, int):  # end-of-turn token, trained
-                ids.append(eos)
-                mask.append(True)
-                cls.append(TOKEN_CLASSES.index("boilerplate") if records[index].classes else NO_CLASS)
-                continue
-            piece_ids, piece_offsets = next(ids_iter)
-            ids.extend(piece_ids)
-            mask.extend([p.trained] * len(piece_ids))
-            if p.classes:
-                cls.extend(_token_classes(piece_offsets, p.classes))
-            else:
-                cls.extend([NO_CLASS] * len(piece_ids))
+    stats = {"records": len(records), "skipped_no_response_after_truncation": 0, "truncated": 0,
+             "empty_messages": sum(r.empty_messages for r in records),
+             "records_with_empty_messages": sum(r.empty_messages > 0 for r in records)}
+    for index, (sample, ids, offsets) in enumerate(zip(samples, encoded["input_ids"], encoded["offset_mapping"])):
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = off[:, 0], off[:, 1]
+        _check_encoded(sample, ids, starts, ends, tokenizer, _where(records[index], index))
+        trained_char = np.zeros(len(sample.text) + 1, dtype=bool)
+        for a, b in sample.trained:
+            trained_char[a:b] = True
+        mask = (ends > starts) & trained_char[starts]
+        cls = np.full(len(ids), NO_CLASS, dtype=np.int8)
+        if records[index].classes:
+            cls[mask] = BOILERPLATE
+            if sample.content is not None:
+                a, b = sample.content
+                inside = mask & (a <= starts) & (starts < b)
+                cls[inside] = _token_classes(starts[inside], ends[inside], sample.classes)
+        ids_arr = np.asarray(head + list(ids), dtype=np.int32)
+        mask = np.concatenate([np.zeros(len(head), dtype=bool), mask])
+        cls = np.concatenate([np.full(len(head), NO_CLASS, dtype=np.int8), cls])
         mask[0] = False  # position 0 has no context: never trained, whatever the record form
-        if len(ids) > max_length:
+        cls[0] = NO_CLASS
+        if len(ids_arr) > max_length:
             stats["truncated"] += 1
-            ids, mask, cls = ids[:max_length], mask[:max_length], cls[:max_length]
-        if not any(mask):
+            ids_arr, mask, cls = ids_arr[:max_length], mask[:max_length], cls[:max_length]
+        if not mask.any():
             stats["skipped_no_response_after_truncation"] += 1
             continue
-        all_ids.append(np.asarray(ids, dtype=np.int32))
-        all_mask.append(np.asarray(mask, dtype=bool))
-        all_cls.append(np.asarray(cls, dtype=np.int8))
+        all_ids.append(ids_arr)
+        all_mask.append(mask)
+        all_cls.append(cls)
         kept_index.append(index)
+    if stats["empty_messages"]:
+        log.warning("%d empty or whitespace-only messages in %d of %d records: tokenized as the official code "
+                    "does (an empty assistant turn still trains its end-of-turn token)", stats["empty_messages"],
+                    stats["records_with_empty_messages"], len(records))
+    if stats["truncated"]:
+        log.warning("%d of %d samples truncated to max_length=%d tokens", stats["truncated"], len(records),
+                    max_length)
     if not kept_index:
         raise ValueError(f"no sample has a response token left after truncation to max_length={max_length}; "
                          "raise max_length")
@@ -158,16 +252,19 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> 
 def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int, out: str | os.PathLike,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """CLI entry: validate ``data``, tokenize it and write ``out`` (nothing is written if anything fails)."""
-    records = read_jsonl(data)
+    records = read_jsonl(data, allow_plain_text=False)
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
     try:
         table, stats = tokenize_records(records, tokenizer, max_length)
+    except DataError:
+        raise  # already names the file and line
     except ValueError as e:
         raise ValueError(f"{data}: {e}") from None
     meta = {
         "kind": "tokens",
         "data": str(data),
         "data_fingerprint": fingerprint_file(data),
+        "data_sha256": sha256_file(data),
         "tokenizer": str(tokenizer_name),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
