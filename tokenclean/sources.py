@@ -4,17 +4,23 @@
 A source is ``{"path": FILE.jsonl}`` or ``{"hub": NAME, "split": "train", "revision": REV}`` (optionally with
 ``"limit": N``, the first N records); the warm-up set may instead be ``{"first_of_pool": N}``: the pool's first
 N records, which is what the paper's release code assumes its 10k warm-up set is (unverified; see the README).
+A hub revision (a branch, tag or commit; default the main branch) is resolved once to its commit sha, that
+sha is what is loaded and what ``data.json`` records. Only SFT records (``messages`` or ``prompt``/``completion``)
+are accepted: a plain ``{"text": ...}`` record belongs to a pretraining corpus.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_dir, write_json
 from tokenclean.data import DataError, iter_jsonl, parse_record
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("messages", "prompt", "completion")
 
@@ -25,18 +31,22 @@ def _from_file(path: str, limit: int | None) -> list[dict[str, Any]]:
         raise DataError(f"{p}: data file not found; fix data.*.path in the config")
     rows = []
     for where, obj in iter_jsonl(p):
-        parse_record(obj, where)
+        parse_record(obj, where, allow_plain_text=False)
         rows.append({k: obj[k] for k in FIELDS if k in obj})
         if limit is not None and len(rows) >= limit:
             break
     return rows
 
 
-def _from_hub(name: str, split: str, revision: str | None, limit: int | None, key: str) -> list[dict[str, Any]]:
+def _from_hub(name: str, split: str, revision: str | None, limit: int | None,
+              key: str) -> tuple[list[dict[str, Any]], str]:
+    """The records of a hub data set and the commit sha they were loaded at."""
     try:
         from datasets import load_dataset
+        from huggingface_hub import HfApi
 
-        data = load_dataset(name, split=split, revision=revision)
+        sha = HfApi().dataset_info(name, revision=revision).sha
+        data = load_dataset(name, split=split, revision=sha)
     except Exception as e:  # offline, unknown name, no access: all end the same way for the user
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         raise DataError(f"data set {name!r} (split {split!r}) could not be loaded from the Hugging Face hub (offline, "
@@ -47,9 +57,9 @@ def _from_hub(name: str, split: str, revision: str | None, limit: int | None, ke
         if limit is not None and i >= limit:
             break
         present = {k: obj[k] for k in FIELDS if obj.get(k) is not None}
-        parse_record(present, f"{name}[{split}]:{i}")
+        parse_record(present, f"{name}[{split}]:{i}", allow_plain_text=False)
         rows.append(present)
-    return rows
+    return rows, sha
 
 
 def load_source(spec: dict[str, Any], key: str = "data.pool") -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -60,9 +70,17 @@ def load_source(spec: dict[str, Any], key: str = "data.pool") -> tuple[list[dict
         return _from_file(spec["path"], limit), {"path": str(spec["path"]), "limit": limit}
     if "hub" in spec:
         split = spec.get("split", "train")
-        return (_from_hub(spec["hub"], split, spec.get("revision"), limit, key),
-                {"hub": spec["hub"], "split": split, "revision": spec.get("revision"), "limit": limit})
+        rows, sha = _from_hub(spec["hub"], split, spec.get("revision"), limit, key)
+        return rows, {"hub": spec["hub"], "split": split, "revision": spec.get("revision"), "resolved_sha": sha,
+                      "limit": limit}
     raise DataError(f"a data source needs 'path' or 'hub', got {sorted(spec)}")
+
+
+def _empty_messages(rows: list[dict[str, Any]]) -> int:
+    """Messages (or prompts / completions) that are empty or whitespace-only, in validated rows."""
+    texts = [m["content"] for r in rows for m in r.get("messages", ())]
+    texts += [r[k] for r in rows for k in ("prompt", "completion") if k in r]
+    return sum(not t.strip() for t in texts)
 
 
 def _write(rows: list[dict[str, Any]], path: Path) -> str:
@@ -90,6 +108,10 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
     meta: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for name, rows, origin in (("pool", pool, pool_from), ("warmup", warmup, warmup_from)):
-            meta[name] = {"source": origin, "records": len(rows), "sha256": _write(rows, tmp / f"{name}.jsonl")}
+            meta[name] = {"source": origin, "records": len(rows), "sha256": _write(rows, tmp / f"{name}.jsonl"),
+                          "empty_messages": _empty_messages(rows)}
+            if meta[name]["empty_messages"]:
+                log.warning("%s: %d empty or whitespace-only messages (kept: the official runs tokenized them)",
+                            name, meta[name]["empty_messages"])
         write_json(tmp / "data.json", meta)
     return meta
