@@ -52,8 +52,11 @@ def test_mask_is_exactly_the_assistant_turns_and_their_end_of_turn_tokens(tok, r
     assert not table.loss_mask[table.offsets[:-1]].any()  # position 0 of every sample
     for i, record in enumerate(records):
         ids, mask = _sample(table, i)
-        replies = [m.content for m in record.messages if m.role == "assistant"]
-        assert tok.decode(ids[mask]) == "".join(r + tok.eos_token for r in replies)
+        # each reply (stripped), its eos, and the newline ending it when another turn follows (official runs)
+        trained = "".join(m.content.strip() + tok.eos_token + ("\n" if j < len(record.messages) - 1 else "")
+                          for j, m in enumerate(record.messages) if m.role == "assistant")
+        replies = [m for m in record.messages if m.role == "assistant"]
+        assert tok.decode(ids[mask]) == trained
         assert int(np.sum(ids[mask] == tok.eos_token_id)) == len(replies) == int(np.sum(ids == tok.eos_token_id))
         assert ids[0] == tok.bos_token_id
         # everything else (role headers, system and user text, separators) is untrained and in order
@@ -61,7 +64,7 @@ def test_mask_is_exactly_the_assistant_turns_and_their_end_of_turn_tokens(tok, r
         at = 0
         for m in record.messages:
             if m.role != "assistant":
-                at = untrained.index(m.content, at) + len(m.content)
+                at = untrained.index(m.content.strip(), at) + len(m.content.strip())
 
 
 @SETTINGS
