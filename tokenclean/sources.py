@@ -78,9 +78,7 @@ def load_source(spec: dict[str, Any], key: str = "data.pool") -> tuple[list[dict
 
 def _empty_messages(rows: list[dict[str, Any]]) -> int:
     """Messages (or prompts / completions) that are empty or whitespace-only, in validated rows."""
-    texts = [m["content"] for r in rows for m in r.get("messages", ())]
-    texts += [r[k] for r in rows for k in ("prompt", "completion") if k in r]
-    return sum(not t.strip() for t in texts)
+    return sum(parse_record(r, "").empty_messages for r in rows)
 
 
 def _write(rows: list[dict[str, Any]], path: Path) -> str:

@@ -173,9 +173,9 @@ def _check_encoded(sample: SampleText, ids: list[int], starts: np.ndarray, ends:
             raise DataError(f"{where}: the tokenizer cannot encode the character {ch!r} (no token covers it; "
                             "the tokenizer has no unknown token)")
     eos_len = len(tokenizer.eos_token)
-    by_span = {(int(a), int(b)): t for a, b, t in zip(starts, ends, ids)}
     for p in sample.eos_at:
-        if by_span.get((p, p + eos_len)) != tokenizer.eos_token_id:
+        hit = np.nonzero((starts == p) & (ends == p + eos_len))[0]
+        if len(hit) != 1 or ids[hit[0]] != tokenizer.eos_token_id:
             raise ValueError(f"the tokenizer does not encode its eos text {tokenizer.eos_token!r} as the single "
                              f"token {tokenizer.eos_token_id}; it cannot tokenize chat data")
 
@@ -287,6 +287,7 @@ def concat_files(tokens: list[str | os.PathLike], out: str | os.PathLike) -> dic
     table = TokenTable.concat([t for t, _ in loaded])
     meta = {"kind": "tokens", "data": [m.get("data") for _, m in loaded], "sources": [str(t) for t in tokens],
             "source_fingerprints": [m["fingerprint"] for _, m in loaded],
+            "data_sha256": [m.get("data_sha256") for _, m in loaded],
             "tokenizer": loaded[0][1].get("tokenizer"), "tokenizer_fingerprint": fingerprints.pop(),
             "max_length": loaded[0][1].get("max_length")}
     return table.save(Path(out), meta)
