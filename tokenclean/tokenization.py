@@ -16,8 +16,13 @@ This is open-instruct's prefix-tokenization rule (the boundary index of a region
 text before it) wherever that rule is well defined: a token straddling the header/content boundary starts in
 the header and is masked; one straddling the end of a turn starts in the turn and is trained. Role headers are
 never trained (the official code also trains the header of an assistant turn that directly follows another
-assistant turn; we do not: a role marker is not response text). Position 0 (the bos token, or the first token
-of a tokenizer without bos) is never trained.
+assistant turn; we do not: a role marker is not response text). Where the prefix rule is ill-defined (the
+text before a boundary, tokenized alone, ends in several tokens where the whole text has one straddling token;
+or a conversation ends in a user turn, whose end the official code counts on the unstripped text), its counts
+shift and mask response tokens or train prompt tokens; the first-character rule does neither. The bos id is
+put first when the tokenizer has one: Llama and Mistral tokenizers add exactly that themselves (the official
+code tokenizes with special tokens on); a tokenizer with a bos it does not add (the embedded world's) gets it
+too, so position 0, never trained, is always a token without context.
 
 Plain-text records (``{"text": ...}``, the pretraining corpus only) train every token after the first,
 their eos included.
