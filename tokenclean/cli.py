@@ -380,6 +380,10 @@ def check_paths(args: argparse.Namespace) -> None:
     names a file, and an output that could not be written."""
     from tokenclean.artifacts import ArtifactError, require_file, require_writable
 
+    spec = getattr(args, "spec", None) or {}  # the data command's sources: {"pool": {"path": ...}, ...}
+    for path in [s["path"] for s in spec.values() if isinstance(s, dict) and isinstance(s.get("path"), str)]:
+        if Path(path).exists():  # a missing one: prepare_data says which config key to fix
+            require_file(path)
     for name in INPUT_FILES:
         for path in _paths(getattr(args, name, None)):
             require_file(path)
