@@ -242,6 +242,20 @@ INPUT_CASES = [
 ]
 
 
+def what_is_wrong(bad: Callable, name: str) -> str:
+    """The words the error must use for ``bad`` (beyond the file's name): the reason, not just any error."""
+    if bad.__name__ == "text_file" and "." not in name:
+        return "expected a" if name == "tasks" else "is a file"
+    if bad.__name__ == "truncated":
+        return {".npz": "not a token table", ".npy": "not a plain numpy array", ".json": "invalid JSON"}[Path(name).suffix]
+    return {"directory": "directory", "unreadable": "cannot be read (permission denied)",
+            "text_file": "holds pickled objects or is not a numpy file", "foreign_zip": "not a token table",
+            "missing_member": "member 'loss_mask' is missing", "pickled": "pickled", "no_sidecar": "sidecar",
+            "list_json": "expected" if name.endswith(".json") else "no rows", "bad_number": "unexpected content",
+            "wrong_length": "expected one entry per token", "copy_of_other.loss.npy": "not on",
+            }.get(bad.__name__, "expected a")
+
+
 def _all_files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
@@ -282,7 +296,8 @@ def test_a_bad_input_is_one_line_naming_the_file_and_leaves_no_output(tmp_path, 
     out = tmp_path / "out"
     out.mkdir()
     code = main(argv(command, good, out, **{flag: str(path)}))
-    assert_one_line_error(capsys, code, command.split("-")[0] if command.startswith("figure") else command, path)
+    line = assert_one_line_error(capsys, code, command.split("-")[0] if command.startswith("figure") else command, path)
+    assert what_is_wrong(bad, name) in line, line
     assert _all_files(out) == []
 
 

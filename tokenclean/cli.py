@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 INPUT_FILES = ("data", "corpus", "tokens", "mask", "masks", "base_loss", "ref_loss", "evals", "table", "quality",
                "rounds_csv")
 INPUT_DIRS = ("tasks_dir", "include_path")
+MODEL_DIRS = ("model", "tokenizer")  # a directory or a hub id: a file is refused here, the rest by the loaders
 OUTPUTS = ("out", "out_csv", "out_md", "out_tex")
 DIRECTORY_OUTPUTS = ("world", "pretrain", "train", "data")  # commands whose --out is a directory
 
@@ -379,6 +380,7 @@ def check_paths(args: argparse.Namespace) -> None:
     """Refuse, in one line, a file flag that names a directory or an unreadable file, a directory flag that
     names a file, and an output that could not be written."""
     from tokenclean.artifacts import ArtifactError, require_file, require_writable
+    from tokenclean.models import require_model_dir
 
     spec = getattr(args, "spec", None) or {}  # the data command's sources: {"pool": {"path": ...}, ...}
     for path in [s["path"] for s in spec.values() if isinstance(s, dict) and isinstance(s.get("path"), str)]:
@@ -392,6 +394,10 @@ def check_paths(args: argparse.Namespace) -> None:
             if not Path(path).is_dir():
                 raise ArtifactError(f"{path}: {'is not a directory' if Path(path).exists() else 'not found'}, "
                                     "expected a directory")
+    for name in MODEL_DIRS:
+        for path in _paths(getattr(args, name, None)):
+            if Path(path).exists():  # a missing one is the loader's to report (after cheaper checks)
+                require_model_dir(path)
     for name in OUTPUTS:
         for path in _paths(getattr(args, name, None)):
             require_writable(path, directory=args.command in DIRECTORY_OUTPUTS and name == "out")
