@@ -352,9 +352,11 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     path = bad(out, "result")
     before = _all_files(out)
     code = main(argv(command, good, out, **{flag: str(path)}))
-    assert_one_line_error(capsys, code, command.split("-")[0] if command.startswith("figure") else command, path)
-    assert _all_files(out) == before
-    (out / "locked").exists() and (out / "locked").chmod(0o755)
+    line = assert_one_line_error(capsys, code, command.split("-")[0] if command.startswith("figure") else command, path)
+    assert {"parent_is_a_file": f"{out / 'file'} is not a directory", "no_permission": "no permission to write in",
+            "existing_directory": "is a directory, expected a file path",
+            "existing_file": "exists and is not a directory"}[bad.__name__] in line, line
+    assert _all_files(out) == before  # hidden temporaries included
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,11 +487,11 @@ def test_a_programming_error_is_not_swallowed(tmp_path, good, monkeypatch):
 def test_kinds_are_recorded_and_checked_by_the_one_loader(tmp_path, good):
     table, meta = TokenTable.load(good["pool.tokens.npz"])
     assert meta["kind"] == "tokens"  # every table records its kind, whatever its caller passed
-    with pytest.raises(ArtifactError, match="full.mask.npy: is a token selection .*expected a per-token losses"):
+    with pytest.raises(ArtifactError, match=r"full.mask.npy: is a selection mask \(X.mask.npy\), expected a loss array"):
         load_array(good["full.mask.npy"], "loss")
-    with pytest.raises(ArtifactError, match="base.loss.npy: is a per-token losses .*expected a token table"):
+    with pytest.raises(ArtifactError, match=r"base.loss.npy: is a loss array \(X.loss.npy\), expected a token table"):
         TokenTable.load(good["base.loss.npy"])
     # a sidecar without a kind (older artifacts): the dtype decides
     save_array(tmp_path / "m.npy", np.ones(3, bool), {})
-    with pytest.raises(ArtifactError, match="m.npy: holds bool values, expected a per-token losses"):
+    with pytest.raises(ArtifactError, match="m.npy: holds bool values, expected a loss array"):
         load_array(tmp_path / "m.npy", "loss")

@@ -240,8 +240,8 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # What each kind of artifact is, for messages; and the dtype its array must have (tokens: an .npz of several).
-KINDS = {"tokens": "token table (X.tokens.npz)", "loss": "per-token losses (X.loss.npy)",
-         "mask": "token selection (X.mask.npy)"}
+KINDS = {"tokens": "token table (X.tokens.npz)", "loss": "loss array (X.loss.npy)",
+         "mask": "selection mask (X.mask.npy)"}
 KIND_DTYPES = {"loss": np.floating, "mask": np.bool_}
 
 
