@@ -208,8 +208,8 @@ def test_a_process_killed_mid_write_leaves_no_final_file(tmp_path):
     out = tmp_path / "x.loss.npy"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
     assert proc.returncode == -signal.SIGKILL
-    assert not out.exists()  # only a hidden temporary is left, which no rule names as its output
-    assert all(p.name.startswith(".") or p.name == "x.loss.json" for p in tmp_path.iterdir())
+    assert not out.exists()  # only hidden temporaries are left (the sidecar's too), which no rule names
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir())
     assert any(p.name.startswith(".x.loss.npy.") for p in tmp_path.iterdir())
     other = tmp_path / ".x.loss.npy.more.abcdefgh.tmp"  # another target's temporary (x.loss.npy.more)
     other.write_text("")
@@ -234,7 +234,7 @@ def test_a_failing_model_save_leaves_no_model_directory(tmp_path, tiny_model_dir
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_sidecar_left_by_an_interrupted_rewrite_does_not_describe_the_old_array(tmp_path, monkeypatch):
+def test_an_interrupted_rewrite_keeps_the_old_array_and_its_sidecar(tmp_path, monkeypatch):
     path = tmp_path / "m.mask.npy"
     save_array(path, np.array([False, True, True]), {"kind": "mask", "ratio": 0.6})
 
@@ -242,9 +242,15 @@ def test_a_sidecar_left_by_an_interrupted_rewrite_does_not_describe_the_old_arra
         raise KeyboardInterrupt
 
     monkeypatch.setattr(np, "save", dying)
-    with pytest.raises(KeyboardInterrupt):  # the new sidecar is written, the new array is not
+    with pytest.raises(KeyboardInterrupt):  # the new sidecar is complete, the new array is not: neither appears
         save_array(path, np.array([False, True, False]), {"kind": "mask", "ratio": 0.3})
     monkeypatch.undo()
+    mask, meta = load_array(path)
+    assert mask.tolist() == [False, True, True] and meta["ratio"] == 0.6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mask.json", "m.mask.npy"]
+    # a sidecar that does not describe the array beside it (copied by hand) is still refused
+    save_array(tmp_path / "o.mask.npy", np.array([False, True, False]), {"kind": "mask", "ratio": 0.3})
+    (tmp_path / "m.mask.json").write_text((tmp_path / "o.mask.json").read_text())
     with pytest.raises(ArtifactError, match="m.mask.npy: contents do not match the fingerprint"):
         load_array(path)
 

@@ -2,8 +2,10 @@
 
 Every artifact is written to a temporary name in the same directory and renamed when complete, so an
 interrupted step never leaves something a later step could mistake for finished output. Each array artifact
-has a JSON sidecar (``X.loss.npy`` -> ``X.loss.json``) recording what made it; combining artifacts whose
-fingerprints disagree is an error (:func:`require_same`).
+has a JSON sidecar (``X.loss.npy`` -> ``X.loss.json``) recording what made it (its ``kind`` and fingerprints);
+every reader of a per-token array goes through :func:`load_array`, which refuses an array of another kind or one
+made on another token table. Errors about an input or output name the file in their first words (``<file>:
+<what>``), so the command line can print them as its one-line error.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,22 +54,85 @@ def _remove_stale_temporaries(path: Path) -> None:
                 stale.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+def require_file(path: str | os.PathLike) -> Path:
+    """``path`` as a readable regular file, or an :class:`ArtifactError` saying in one line why it is not."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a directory, expected a file")
+    if not path.exists():
+        raise ArtifactError(f"{path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise ArtifactError(f"{path}: cannot be read (permission denied)")
+    return path
+
+
+def require_writable(path: str | os.PathLike, directory: bool = False) -> None:
+    """Fail before any work when ``path`` could not be written as a file (``directory``: as a directory).
+
+    Checked up front because the writers run last: an unwritable output found after hours of scoring or
+    training would waste the run.
+    """
+    path = Path(path)
+    if path.is_dir() and not directory:
+        raise ArtifactError(f"{path}: is a directory, expected a file path to write")
+    if path.exists() and not path.is_dir() and directory:
+        raise ArtifactError(f"{path}: exists and is not a directory, expected a directory to write")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # atomic_file creates the missing ones
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"{path}: cannot be written: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{path}: cannot be written: no permission to write in {parent}")
+
+
+def _temporary_beside(path: Path, suffix: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
     os.close(fd)
-    tmp_path = Path(tmp)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_files(*targets: str | os.PathLike | tuple[str | os.PathLike, str]) -> Iterator[list[Path]]:
+    """Yield one temporary path beside each target (a path, or ``(path, suffix)``); when the block succeeds,
+    rename them onto their targets in the order given, so the last target is the commit point.
+
+    Nothing is renamed until every file is complete, so a failure or a kill inside the block leaves only hidden
+    temporaries (cleared by the next write of the same targets). If a rename fails, the targets already renamed
+    are removed again: a set of outputs appears whole or not at all. Only a kill between two renames (a few
+    microseconds after all the data is written) can leave the earlier targets without the last one; writers put
+    the file a later step names (an array, a table) last, so that it never appears without the others.
+    """
+    paths = [Path(t[0]) if isinstance(t, tuple) else Path(t) for t in targets]
+    suffixes = [t[1] if isinstance(t, tuple) else "" for t in targets]
+    temporaries: list[Path] = []
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        for path, suffix in zip(paths, suffixes):
+            temporaries.append(_temporary_beside(path, suffix))
+        yield temporaries
+        renamed: list[Path] = []
+        try:
+            for tmp, path in zip(temporaries, paths):
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException:
+            for path in renamed:
+                path.unlink(missing_ok=True)
+            raise
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        for tmp in temporaries:
+            if tmp.exists():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    with atomic_files((path, suffix)) as (tmp,):
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -79,12 +145,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
-        if path.exists():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            raise ArtifactError(f"{path}: exists and is not a directory, expected a directory to write")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Errors raised while interpreting the contents of ``path`` are that file's fault: name it.
+
+    This is the boundary between bad input and bugs: a KeyError, TypeError, ... inside ``with reading(path)``
+    means the file lacks a field or holds a value of the wrong type and becomes a one-line error; the same
+    errors anywhere else are programming errors and keep their traceback.
+    """
+    try:
+        yield
+    except (ArtifactError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, ArtifactError) or (isinstance(e, ValueError) and str(path) in str(e)):
+            raise  # already names a file
+        if isinstance(e, KeyError):
+            raise ArtifactError(f"{path}: field {e} missing") from None
+        raise ArtifactError(f"{path}: unexpected content ({type(e).__name__}: {e})") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -92,14 +178,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_texts(files: dict[str | os.PathLike, str]) -> None:
+    """Write several text outputs of one step, all or none (:func:`atomic_files`; the last one is renamed last)."""
+    with atomic_files(*files) as temporaries:
+        for tmp, text in zip(temporaries, files.values()):
+            tmp.write_text(text, encoding="utf-8")
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: file not found")
+    path = require_file(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        raise ArtifactError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,55 +229,93 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_suffix(".json")
 
 
-def write_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
-    write_json(sidecar_path(path), {"tokenclean_version": __version__, **meta})
+def sidecar_text(meta: dict[str, Any]) -> str:
+    """The sidecar's JSON (written beside its array by :func:`save_array` and :meth:`TokenTable.save`)."""
+    return json.dumps({"tokenclean_version": __version__, **meta}, indent=2, sort_keys=True) + "\n"
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     side = sidecar_path(path)
-    if not side.exists():
+    if not side.exists() and not side.is_symlink():
         raise ArtifactError(f"{side}: metadata sidecar of {path} is missing; re-create {path} with tokenclean")
-    return read_json(side)
+    meta = read_json(side)
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{side}: expected a JSON object (the metadata of {path}), got {type(meta).__name__}")
+    return meta
 
 
-def require_same(key: str, *named: tuple[str | os.PathLike, dict[str, Any]]) -> None:
-    """Fail unless every (path, meta) pair records the same value for ``key``."""
-    values = {str(p): m.get(key) for p, m in named}
-    if len(set(map(str, values.values()))) > 1 or None in values.values():
-        detail = ", ".join(f"{p}: {v}" for p, v in values.items())
-        raise ArtifactError(f"artifacts disagree on {key} ({detail}); they were not made from the same data")
+# What each kind of artifact is, for messages; and the dtype its array must have (tokens: an .npz of several).
+KINDS = {"tokens": "token table (X.tokens.npz)", "loss": "loss array (X.loss.npy)",
+         "mask": "selection mask (X.mask.npy)"}
+KIND_DTYPES = {"loss": np.floating, "mask": np.bool_}
+
+
+def _require_kind(path: Path, meta: dict[str, Any], kind: str) -> None:
+    """The sidecar's ``kind``, where it records one, must be ``kind`` (older sidecars without it pass here and
+    are judged by their dtype)."""
+    recorded = meta.get("kind")
+    if recorded is not None and recorded != kind:
+        raise ArtifactError(f"{path}: is a {KINDS.get(recorded, repr(recorded))}, expected a {KINDS[kind]}")
+
+
+def _np_load(path: Path, what: str) -> Any:
+    """``numpy.load`` without pickle; any way the file can fail to be one becomes a one-line error."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        reason = ("holds pickled objects or is not a numpy file at all" if "pickle" in str(e)
+                  else " ".join(str(e).split()) or type(e).__name__)
+        raise ArtifactError(f"{path}: not a {what} ({reason})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # arrays
 # ---------------------------------------------------------------------------------------------------------
 def save_array(path: str | os.PathLike, array: np.ndarray, meta: dict[str, Any]) -> None:
-    """Save a per-token array as ``.npy`` with a sidecar; the sidecar is written first, the array last.
+    """Save a per-token array as ``.npy`` with its sidecar, both or neither (:func:`atomic_files`; the array
+    is renamed last, so it never appears without its sidecar).
 
-    The sidecar records the array's own fingerprint, so a sidecar left by a later, interrupted write never
-    passes for the description of an older array (:func:`load_array` checks it).
+    The sidecar records the array's own fingerprint, so a sidecar that does not describe the array beside it
+    (e.g. one copied by hand) is refused by :func:`load_array`.
     """
     if array.dtype == object:
         raise ArtifactError(f"{path}: refusing to save an object array (it could only be read back through pickle)")
-    write_sidecar(path, {**meta, "dtype": str(array.dtype), "shape": list(array.shape),
-                         "fingerprint": fingerprint_arrays(array)})
-    with atomic_file(path, suffix=".npy") as tmp:
+    side = {**meta, "dtype": str(array.dtype), "shape": list(array.shape), "fingerprint": fingerprint_arrays(array)}
+    with atomic_files(sidecar_path(path), (path, ".npy")) as (side_tmp, tmp):
+        side_tmp.write_text(sidecar_text(side))
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
 
-def load_array(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: file not found")
+def load_array(path: str | os.PathLike, kind: str | None = None,
+               made_on: tuple[str | os.PathLike, dict[str, Any]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A per-token array and its sidecar; the one place where an array is checked before use.
+
+    ``kind`` (``loss`` or ``mask``): the sidecar's recorded kind and the array's dtype must be that kind's.
+    ``made_on`` (the token table's path and sidecar): the array must have been computed on that table (its
+    recorded ``tokens_fingerprint``) and hold one entry per token of it.
+    """
+    path = require_file(path)
     meta = read_sidecar(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ArtifactError(f"{path}: not a plain numpy array ({e})") from None
+    if kind is not None:
+        _require_kind(path, meta, kind)
+    array = _np_load(path, "plain numpy array")
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ArtifactError(f"{path}: is an .npz archive, expected a single array (.npy)")
     if "fingerprint" in meta and meta["fingerprint"] != fingerprint_arrays(array):
         raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}; "
                             "re-create it with tokenclean")
+    if kind is not None and not np.issubdtype(array.dtype, KIND_DTYPES[kind]):
+        raise ArtifactError(f"{path}: holds {array.dtype} values, expected a {KINDS[kind]}")
+    if made_on is not None:
+        tokens, tmeta = made_on
+        if meta.get("tokens_fingerprint") != tmeta.get("fingerprint"):
+            raise ArtifactError(f"{path}: made on {meta.get('tokens')} (fingerprint {meta.get('tokens_fingerprint')}),"
+                                f" not on {tokens} ({tmeta.get('fingerprint')}); re-create it from {tokens}")
+        if array.shape != (tmeta.get("n_tokens"),):
+            raise ArtifactError(f"{path}: holds shape {array.shape}, expected one entry per token of {tokens} "
+                                f"({tmeta.get('n_tokens')})")
     return array, meta
 
 
@@ -272,13 +403,14 @@ class TokenTable:
     def save(self, path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
         meta = {
             **meta,
+            "kind": "tokens",
             "fingerprint": self.fingerprint(),
             "n_samples": self.n_samples,
             "n_tokens": self.n_tokens,
             "n_response_tokens": int(self.loss_mask.sum()),
         }
-        write_sidecar(path, meta)
-        with atomic_file(path, suffix=".npz") as tmp:
+        with atomic_files(sidecar_path(path), (path, ".npz")) as (side_tmp, tmp):  # the table last: see save_array
+            side_tmp.write_text(sidecar_text(meta))
             # members in a fixed order (numpy fixes their zip timestamps), so equal tables give equal bytes
             np.savez(tmp, input_ids=self.input_ids, offsets=self.offsets, loss_mask=self.loss_mask,
                      **{k: self.extras[k] for k in sorted(self.extras)})
@@ -286,19 +418,27 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple["TokenTable", dict[str, Any]]:
-        path = Path(path)
-        if not path.exists():
-            raise ArtifactError(f"{path}: token table not found")
+        path = require_file(path)
         meta = read_sidecar(path)
+        _require_kind(path, meta, "tokens")
+        z = _np_load(path, "token table")
+        if isinstance(z, np.ndarray):
+            raise ArtifactError(f"{path}: is a single array (.npy), expected a {KINDS['tokens']}")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with z:
                 arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError) as e:
-            raise ArtifactError(f"{path}: not a token table ({e})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ArtifactError(f"{path}: not a token table ({' '.join(str(e).split())})") from None
+        for key, value in arrays.items():
+            if not isinstance(value, np.ndarray):  # numpy returns raw bytes for a member that is no .npy
+                raise ArtifactError(f"{path}: member '{key}' is not a numpy array; not a token table")
         for key in ("input_ids", "offsets", "loss_mask"):
             if key not in arrays:
                 raise ArtifactError(f"{path}: member '{key}' is missing")
-        table = cls(arrays.pop("input_ids"), arrays.pop("offsets"), arrays.pop("loss_mask"), arrays)
+        try:
+            table = cls(arrays.pop("input_ids"), arrays.pop("offsets"), arrays.pop("loss_mask"), arrays)
+        except (ArtifactError, ValueError, TypeError) as e:
+            raise ArtifactError(f"{path}: not a valid token table ({e})") from None
         if meta.get("fingerprint") != table.fingerprint():
             raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}")
         return table, meta

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from tokenclean import __version__
@@ -361,7 +362,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that name files or directories, checked before a command starts (so that hours of scoring or training
+# never end in an unreadable input or an unwritable output). Any command's flag of these names is checked.
+INPUT_FILES = ("data", "corpus", "tokens", "mask", "masks", "base_loss", "ref_loss", "evals", "table", "quality",
+               "rounds_csv")
+INPUT_DIRS = ("tasks_dir", "include_path")
+MODEL_DIRS = ("model", "tokenizer")  # a directory or a hub id: a file is refused here, the rest by the loaders
+OUTPUTS = ("out", "out_csv", "out_md", "out_tex")
+DIRECTORY_OUTPUTS = ("world", "pretrain", "train", "data")  # commands whose --out is a directory
+
+
+def _paths(value: Any) -> list[str]:
+    return [] if value is None else [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, in one line, a file flag that names a directory or an unreadable file, a directory flag that
+    names a file, and an output that could not be written."""
+    from tokenclean.artifacts import ArtifactError, require_file, require_writable
+    from tokenclean.models import require_model_dir
+
+    spec = getattr(args, "spec", None) or {}  # the data command's sources: {"pool": {"path": ...}, ...}
+    for path in [s["path"] for s in spec.values() if isinstance(s, dict) and isinstance(s.get("path"), str)]:
+        if Path(path).exists():  # a missing one: prepare_data says which config key to fix
+            require_file(path)
+    for name in INPUT_FILES:
+        for path in _paths(getattr(args, name, None)):
+            require_file(path)
+    for name in INPUT_DIRS:
+        for path in _paths(getattr(args, name, None)):
+            if not Path(path).is_dir():
+                raise ArtifactError(f"{path}: {'is not a directory' if Path(path).exists() else 'not found'}, "
+                                    "expected a directory")
+    for name in MODEL_DIRS:
+        for path in _paths(getattr(args, name, None)):
+            if Path(path).exists():  # a missing one is the loader's to report (after cheaper checks)
+                require_model_dir(path)
+    for name in OUTPUTS:
+        for path in _paths(getattr(args, name, None)):
+            require_writable(path, directory=args.command in DIRECTORY_OUTPUTS and name == "out")
+
+
+def error_line(error: BaseException) -> str:
+    """The one line printed for an input or file-system error: ``<file>[:<line>]: <what>`` where the file is
+    known (our own errors name it first; an OSError carries it)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, UnicodeDecodeError):
+        text = f"invalid UTF-8 at byte {error.start} ({error.reason})"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input and file-system errors end in one line and exit code 2: our own errors
+    (ArtifactError, DataError), ValueError (a value the command cannot use, UnicodeDecodeError included),
+    FloatingPointError (non-finite losses) and OSError (unreadable, missing or unwritable paths). Anything else
+    (KeyError, TypeError, AttributeError, ...) is a bug and keeps its traceback; readers that interpret a file's
+    contents turn such errors into one-line errors naming the file themselves (``artifacts.reading``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -371,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(args.threads)
     try:
+        check_paths(args)
         args.func(args)
-    except (DataError, ArtifactError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"tokenclean {args.command}: error: {e}", file=sys.stderr)
+    except (DataError, ArtifactError, ValueError, OSError, FloatingPointError) as e:
+        print(f"tokenclean {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

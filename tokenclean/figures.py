@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file
+from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, reading, require_file
 from tokenclean.data import TOKEN_CLASSES
 from tokenclean.report import LOWER_IS_BETTER, METRIC_LABELS
 
@@ -44,13 +45,18 @@ def _save(fig: Any, out_png: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    if not Path(path).is_file():
-        raise ArtifactError(f"{path}: file not found")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+def read_csv(path: str | os.PathLike, columns: list[str] = ()) -> list[dict[str, str]]:
+    """The rows of a CSV this package wrote, checked to have ``columns``."""
+    try:
+        text = require_file(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
         raise ArtifactError(f"{path}: no rows")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ArtifactError(f"{path}: column {missing[0]!r} missing")
     return rows
 
 
@@ -60,19 +66,20 @@ def _metric_label(metric: str) -> str:
 
 def plot_ratios(table_csv: str | os.PathLike, out_png: str | os.PathLike, metric: str = "answer_acc") -> None:
     """Average ``metric`` (mean ± std over seeds) against the keep ratio."""
-    rows = read_csv(table_csv)
+    rows = read_csv(table_csv, ["method", "ratio", "average_mean", "average_std"])
+    scale = 100.0 if metric == "score" else 1.0
+    with reading(table_csv):
+        ratioed = {m: sorted((float(r["ratio"]), float(r["average_mean"]) * scale, float(r["average_std"] or 0) * scale)
+                             for r in rows if r["method"] == m and r["ratio"])
+                   for m in dict.fromkeys(r["method"] for r in rows if r["ratio"])}
+        flat = [(r["method"], float(r["average_mean"]) * scale) for r in rows if not r["ratio"]]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    scale = 100.0 if metric == "score" else 1.0
-    ratioed = [m for m in dict.fromkeys(r["method"] for r in rows if r["ratio"])]
-    for i, method in enumerate(ratioed):
-        pts = sorted((float(r["ratio"]), float(r["average_mean"]) * scale, float(r["average_std"] or 0) * scale)
-                     for r in rows if r["method"] == method and r["ratio"])
+    for i, (method, pts) in enumerate(ratioed.items()):
         x, y, e = map(np.array, zip(*pts))
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method, color=f"C{i}")
-    for j, r in enumerate(r for r in rows if not r["ratio"]):
-        y = float(r["average_mean"]) * scale
-        ax.axhline(y, ls="--", lw=1, color=f"C{len(ratioed) + j}", label=f"{r['method']} (no ratio)")
+    for j, (method, y) in enumerate(flat):
+        ax.axhline(y, ls="--", lw=1, color=f"C{len(ratioed) + j}", label=f"{method} (no ratio)")
     ax.set_xlabel("keep ratio (fraction of response tokens trained on)")
     ax.set_ylabel(f"average {_metric_label(metric)}")
     ax.set_title("Average over tasks against the keep ratio (mean ± std over seeds)")
@@ -124,15 +131,19 @@ def plot_scores(tokens: str | os.PathLike, base_loss: str | os.PathLike, ref_los
 
 def plot_kept(quality_csv: str | os.PathLike, out_png: str | os.PathLike) -> None:
     """Grouped bars: per mask, the fraction of each ground-truth class it kept."""
-    rows = read_csv(quality_csv)
+    rows = read_csv(quality_csv, ["mask"])
     classes = [c for c in TOKEN_CLASSES if f"kept_{c}" in rows[0]]
+    if not classes:
+        raise ArtifactError(f"{quality_csv}: no kept_<class> column (expected cleaning_quality.csv)")
+    with reading(quality_csv):
+        kept = {c: [float(r[f"kept_{c}"]) if r[f"kept_{c}"] not in ("", "nan") else math.nan for r in rows]
+                for c in classes}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
     width = 0.8 / len(classes)
     x = np.arange(len(rows))
     for i, c in enumerate(classes):
-        vals = [float(r[f"kept_{c}"]) if r[f"kept_{c}"] not in ("", "nan") else math.nan for r in rows]
-        ax.bar(x + (i - (len(classes) - 1) / 2) * width, vals, width, color=CLASS_COLORS[c], label=c)
+        ax.bar(x + (i - (len(classes) - 1) / 2) * width, kept[c], width, color=CLASS_COLORS[c], label=c)
     ax.set_xticks(x, [r["mask"] for r in rows], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of the class kept")
@@ -144,24 +155,28 @@ def plot_kept(quality_csv: str | os.PathLike, out_png: str | os.PathLike) -> Non
 
 def plot_rounds(rounds_csv: str | os.PathLike, out_png: str | os.PathLike, metric: str = "answer_acc") -> None:
     """One panel per task (and the average): score per self-evolving round, one line per chain (method, ratio)."""
-    rows = read_csv(rounds_csv)
+    rows = read_csv(rounds_csv, ["method", "ratio", "round", "average_mean", "average_std"])
     tasks = [k.removesuffix("_mean") for k in rows[0] if k.endswith("_mean")]
     tasks = [t for t in tasks if t != "average"] + ["average"]
     chains = list(dict.fromkeys((r["method"], r["ratio"]) for r in rows))
     scale = 100.0 if metric == "score" else 1.0
+    with reading(rounds_csv):
+        series = {(task, chain): sorted((int(r["round"]), float(r[f"{task}_mean"]) * scale,
+                                         float(r[f"{task}_std"] or 0) * scale)
+                                        for r in rows if (r["method"], r["ratio"]) == chain)
+                  for task in tasks for chain in chains}
+        round_ticks = sorted({int(r["round"]) for r in rows})
     plt = _pyplot()
     ncols = 4 if len(tasks) > 6 else min(3, len(tasks))  # 5 panels: 3 + 2, 8 panels: 4 + 4
     nrows = math.ceil(len(tasks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.9 * nrows), squeeze=False, sharex=True)
     for ax, task in zip(axes.flat, tasks):
         for i, (method, ratio) in enumerate(chains):
-            pts = sorted((int(r["round"]), float(r[f"{task}_mean"]) * scale, float(r[f"{task}_std"] or 0) * scale)
-                         for r in rows if (r["method"], r["ratio"]) == (method, ratio))
-            x, y, e = map(np.array, zip(*pts))
+            x, y, e = map(np.array, zip(*series[(task, (method, ratio))]))
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{i}",
                         label=f"{method} {ratio}" if ratio else method)
         ax.set_title(task, fontweight="bold" if task == "average" else "normal")
-        ax.set_xticks(sorted({int(r["round"]) for r in rows}))
+        ax.set_xticks(round_ticks)
         ax.grid(alpha=0.3)
     for i, ax in enumerate(axes.flat):
         if i >= len(tasks):

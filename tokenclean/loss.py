@@ -114,7 +114,7 @@ def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike
     table, tmeta = TokenTable.load(tokens)
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
-        raise ArtifactError(f"{tokens} was tokenized with {tmeta.get('tokenizer')!r}, whose vocabulary differs "
+        raise ArtifactError(f"{tokens}: tokenized with {tmeta.get('tokenizer')!r}, whose vocabulary differs "
                             f"from the tokenizer of {model_name!r}; scores would be misaligned")
     dev = pick_device(device)
     model = load_model(model_name, dev, dtype, trust_remote_code)

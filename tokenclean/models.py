@@ -38,8 +38,10 @@ def require_model_dir(name_or_path: str) -> None:
     """
     local = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or local.exists()
+    if looks_local and local.exists() and not local.is_dir():
+        raise FileNotFoundError(f"{name_or_path}: is a file, expected a model directory")
     if looks_local and not local.is_dir():
-        raise FileNotFoundError(f"model directory {name_or_path} not found; run the workflow step that creates it "
+        raise FileNotFoundError(f"{name_or_path}: model directory not found; run the workflow step that creates it "
                                 "or fix the path in the config")
 
 
@@ -47,7 +49,7 @@ def not_loadable(name_or_path: str, error: BaseException, what: str = "model") -
     """One line for a model (or its tokenizer) that cannot be loaded: usually a hub id without hub access."""
     reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
     if Path(name_or_path).is_dir():
-        return f"{what} directory {name_or_path} could not be loaded ({reason})"
+        return f"{name_or_path}: {what} directory could not be loaded ({reason})"
     return (f"{what} {name_or_path!r} could not be loaded from the Hugging Face hub (offline, no access or no such "
             f"id; {reason}); download it where the hub is reachable and point the config at the copy: "
             f"base_model.name: /path/to/dir")

@@ -41,14 +41,15 @@ def quality_table(tokens: str | os.PathLike, masks: list[str | os.PathLike]) -> 
     table, meta = TokenTable.load(tokens)
     token_class = table.extras.get("token_class")
     if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
-        raise ArtifactError(f"{tokens} carries no ground-truth token classes (only the embedded world has them)")
+        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
     rows = []
     for path in masks:
-        keep, mmeta = load_array(path)
-        if mmeta.get("tokens_fingerprint") != meta["fingerprint"]:
-            raise ArtifactError(f"{path} was made for {mmeta.get('tokens')}, not for {tokens}")
-        rows.append({"mask": Path(path).name.removesuffix(".mask.npy"),
-                     **class_counts(token_class, table.loss_mask, keep)})
+        keep, _ = load_array(path, "mask", made_on=(tokens, meta))
+        try:
+            counts = class_counts(token_class, table.loss_mask, keep)
+        except ArtifactError as e:
+            raise ArtifactError(f"{path}: {e}") from None
+        rows.append({"mask": Path(path).name.removesuffix(".mask.npy"), **counts})
     return rows
 
 
@@ -91,7 +92,7 @@ def separation_table(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     table, meta = TokenTable.load(tokens)
     token_class = table.extras.get("token_class")
     if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
-        raise ArtifactError(f"{tokens} carries no ground-truth token classes (only the embedded world has them)")
+        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
     base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
     scores(base, ref, table.loss_mask)  # every response token has finite losses
     return separation_rows(token_class, table.loss_mask, base, ref)

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tokenclean.artifacts import atomic_file, read_json
+from tokenclean.artifacts import atomic_file, read_json, reading, write_texts
 
 RUN_NAME = re.compile(r"^(?P<method>[a-z0-9_+-]+?)(?:_r(?P<ratio>[0-9.]+))?(?:_s(?P<seed>\d+))?$")
 HEADLINE = "answer_acc"
@@ -44,25 +44,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def read_eval(path: str | os.PathLike, metric: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """An evaluation JSON and its ``metric`` per task and on average (key ``average``), checked to hold ``metric`` for every task and on average."""
+    result = read_json(path)
+    with reading(path):
+        if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+            raise ValueError(f"{path}: expected an evaluation result with a 'metrics' object")
+        missing = [task for task, m in result["metrics"].items() if metric not in m]
+        if missing or metric not in result.get("average", {}):
+            field = f"metrics.{missing[0]}.{metric}" if missing else f"average.{metric}"
+            raise ValueError(f"{path}: field {field} missing (this evaluation does not report {metric!r})")
+        scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
+        scores["average"] = float(result["average"][metric])
+    return result, scores
+
+
 def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tuple[list[str], list[dict[str, Any]]]:
     """Rows (method, ratio) with per-task mean/std over seeds of ``metric``, in the order first seen."""
     runs: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     tasks: list[str] = []
     for f in eval_files:
         method, ratio, _ = parse_run_name(f)
-        result = read_json(f)
-        missing = [task for task, m in result.get("metrics", {}).items() if metric not in m]
-        if missing or metric not in result.get("average", {}):
-            field = f"metrics.{missing[0]}.{metric}" if missing else f"average.{metric}"
-            raise ValueError(f"{f}: field {field} missing (this evaluation does not report {metric!r})")
-        scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
+        result, scores = read_eval(f, metric)
         for task in scores:
-            if task not in tasks:
+            if task not in tasks and task != "average":
                 tasks.append(task)
-        scores["average"] = float(result["average"][metric])
-        for extra in SECONDARY:
-            if extra != metric and extra in result["average"]:
-                scores[f"average_{extra}"] = float(result["average"][extra])
+        with reading(f):
+            for extra in SECONDARY:
+                if extra != metric and extra in result["average"]:
+                    scores[f"average_{extra}"] = float(result["average"][extra])
         runs[(method, ratio)].append(scores)
     rows = []
     for (method, ratio), seeds in runs.items():
@@ -184,14 +194,13 @@ def paper_rows(tasks: list[str], methods: list[str], reference: dict[str, Any]) 
 # ---------------------------------------------------------------------------------------------------------
 # writers
 # ---------------------------------------------------------------------------------------------------------
-def _write_csv(rows: list[dict[str, Any]], columns: list[str], out_csv: str | os.PathLike) -> None:
+def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) else row.get(k, "")) for k in columns})
-    with atomic_file(out_csv) as tmp:
-        tmp.write_text(buf.getvalue())
+    return buf.getvalue()
 
 
 def _md_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, extras: list[str] = (),
@@ -290,18 +299,19 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
                              "average is over its 7 tasks).")
         md_parts.append("\n".join(md + ([""] + notes if notes else [])))
         tex_parts.append(_tex_table(m_tasks, m_rows, m, title + ("; bold: best row (oracle excluded)"), paper))
-    secondary = {m: per_metric[m] for m in metrics[1:]}
-    _write_csv(rows, columns, out_csv)
-    for m, (m_tasks, m_rows) in secondary.items():
-        m_cols = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in m_tasks + ["average"] for s in ("mean", "std")]
-        _write_csv(m_rows, m_cols, metric_csv(out_csv, m))
+    outputs: dict[str | os.PathLike, str] = {}
+    for m, (m_tasks, m_rows) in per_metric.items():
+        if m != metric:
+            m_cols = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in m_tasks + ["average"]
+                                                       for s in ("mean", "std")]
+            outputs[metric_csv(out_csv, m)] = _csv_text(m_rows, m_cols)
     if out_md:
-        with atomic_file(out_md) as tmp:
-            tmp.write_text("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run)."
+        outputs[out_md] = ("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run)."
                            "\n\n" + "\n\n".join(md_parts) + "\n")
     if out_tex:
-        with atomic_file(out_tex) as tmp:
-            tmp.write_text("% tokenclean report: needs \\usepackage{booktabs}\n" + "\n\n".join(tex_parts) + "\n")
+        outputs[out_tex] = "% tokenclean report: needs \\usepackage{booktabs}\n" + "\n\n".join(tex_parts) + "\n"
+    outputs[out_csv] = _csv_text(rows, columns)  # the rule's first output last: all appear, or none
+    write_texts(outputs)
     return rows
 
 
@@ -323,10 +333,8 @@ def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str 
     per_round: dict[tuple[str, str, int], list[dict[str, float]]] = defaultdict(list)
     tasks: list[str] = []
     for f in eval_files:
-        result = read_json(f)
-        scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
-        tasks += [t for t in scores if t not in tasks]
-        scores["average"] = float(result["average"][metric])
+        _, scores = read_eval(f, metric)
+        tasks += [t for t in scores if t not in tasks and t != "average"]
         name = Path(f).name.removesuffix(".json")
         if name == "warmup":
             start.append(scores)

@@ -207,12 +207,8 @@ def _need(score: np.ndarray | None, method: str) -> np.ndarray:
 def load_losses(tmeta: dict[str, Any], tokens: str | os.PathLike, base_loss: str | os.PathLike,
                 ref_loss: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The base and reference loss arrays, checked to be computed on ``tokens``; and their provenance."""
-    base, bmeta = load_array(base_loss)
-    ref, rmeta = load_array(ref_loss)
-    for path, m in ((base_loss, bmeta), (ref_loss, rmeta)):
-        if m.get("tokens_fingerprint") != tmeta["fingerprint"]:
-            raise ArtifactError(f"{path} was computed on {m.get('tokens')} (fingerprint "
-                                f"{m.get('tokens_fingerprint')}), not on {tokens} ({tmeta['fingerprint']})")
+    base, bmeta = load_array(base_loss, "loss", made_on=(tokens, tmeta))
+    ref, rmeta = load_array(ref_loss, "loss", made_on=(tokens, tmeta))
     provenance = {"base_model": bmeta.get("model"), "base_model_fingerprint": bmeta.get("model_fingerprint"),
                   "ref_model": rmeta.get("model"), "ref_model_fingerprint": rmeta.get("model_fingerprint")}
     return base, ref, provenance

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, atomic_file
+from tokenclean.artifacts import ArtifactError, reading, require_file, write_texts
 from tokenclean.report import LOWER_IS_BETTER, metric_format, parse_run_name
 
 BASELINE = "full"
@@ -44,28 +44,33 @@ def samples_file(eval_json: str | os.PathLike) -> Path:
 def load_samples(eval_json: str | os.PathLike, metric: str) -> dict[str, dict[Any, float]]:
     """``{task: {example key: value}}`` of ``metric`` from the run's per-example file."""
     path = samples_file(eval_json)
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"{path}: per-example file of {eval_json} not found (re-run its evaluation)")
+    require_file(path)
     out: dict[str, dict[Any, float]] = defaultdict(dict)
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        with reading(f"{path}:{n}"):
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ArtifactError(f"{path}:{n}: invalid UTF-8 at byte {e.start}") from None
             except json.JSONDecodeError as e:
-                raise ArtifactError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+                raise ArtifactError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ArtifactError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             if "family" in row:  # the world's tasks
                 field = WORLD_FIELDS.get(metric)
                 if field is None:
-                    raise ArtifactError(f"{path}: line {n}: world samples have no metric {metric!r}")
+                    raise ArtifactError(f"{path}:{n}: world samples have no metric {metric!r}")
                 task, key, value = row["family"], row["doc_id"], row.get(field)
             elif "task" in row:  # a benchmark suite
                 if metric != "score":
-                    raise ArtifactError(f"{path}: line {n}: benchmark samples carry 'score', not {metric!r}")
+                    raise ArtifactError(f"{path}:{n}: benchmark samples carry 'score', not {metric!r}")
                 task, key, value = row["task"], (row.get("subtask", row["task"]), row["doc_id"]), row.get("score")
             else:
-                raise ArtifactError(f"{path}: line {n}: field 'family' or 'task' missing")
+                raise ArtifactError(f"{path}:{n}: field 'family' or 'task' missing")
             if value is None:
-                raise ArtifactError(f"{path}: line {n}: field {metric!r} missing")
+                raise ArtifactError(f"{path}:{n}: field {metric!r} missing")
             out[task][key] = float(value)
     return dict(out)
 
@@ -172,9 +177,5 @@ def write_significance(eval_files: list[str | os.PathLike], metrics: list[str], 
                 cells.append(f"{r['diff'] * scale:+.{decimals}f} [{r['ci_low'] * scale:+.{decimals}f}, "
                              f"{r['ci_high'] * scale:+.{decimals}f}]{'*' if r['significant'] else ''}")
             md.append(f"| {key[0]} | {key[1] or '–'} | {' | '.join(cells)} |")
-    with atomic_file(out_csv) as tmp:
-        tmp.write_text(buf.getvalue())
-    if out_md:
-        with atomic_file(out_md) as tmp:
-            tmp.write_text("\n".join(md) + "\n")
+    write_texts({**({out_md: "\n".join(md) + "\n"} if out_md else {}), out_csv: buf.getvalue()})
     return rows

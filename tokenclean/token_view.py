@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array
+from tokenclean.artifacts import TokenTable, atomic_file, load_array
 from tokenclean.data import TOKEN_CLASSES
 from tokenclean.figures import CLASS_COLORS
 
@@ -123,9 +123,7 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     score = scores(base, ref, table.loss_mask)
     keeps, names = [], []
     for path in masks:
-        keep, mmeta = load_array(path)
-        if mmeta.get("tokens_fingerprint") != meta["fingerprint"]:
-            raise ArtifactError(f"{path} was made for {mmeta.get('tokens')}, not for {tokens}")
+        keep, _ = load_array(path, "mask", made_on=(tokens, meta))
         keeps.append(keep)
         names.append(Path(path).name.removesuffix(".mask.npy"))
     token_class = table.extras.get("token_class")

@@ -347,12 +347,11 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
 
     table, tmeta = TokenTable.load(tokens)
-    mask, mmeta = (table.loss_mask.copy(), {}) if mask_path is None else load_array(mask_path)
-    if mask_path is not None and mmeta.get("tokens_fingerprint") != tmeta["fingerprint"]:
-        raise ArtifactError(f"{mask_path} was made for {mmeta.get('tokens')}, not for {tokens}")
+    mask, mmeta = ((table.loss_mask.copy(), {}) if mask_path is None
+                   else load_array(mask_path, "mask", made_on=(tokens, tmeta)))
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
-        raise ArtifactError(f"{tokens} was tokenized with a different tokenizer than that of {model_name!r}")
+        raise ArtifactError(f"{tokens}: tokenized with a different tokenizer than that of {model_name!r}")
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
