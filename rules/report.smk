@@ -145,6 +145,7 @@ rule token_view:
         report(f"{R}/token_view.html", caption="../report/token_view.rst", category="Token view"),
     params:
         tokenizer=model_ref("base"),
+        revision=revision_flag(),
         samples=config.get("report", {}).get("token_view_samples", 12),
     log:
         f"{R}/logs/token_view.log",
@@ -152,7 +153,7 @@ rule token_view:
         "../envs/tokenclean.yaml"
     shell:
         "{TC} token-view --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
-        " --masks {input.masks} --tokenizer {params.tokenizer} {TRUST} --samples {params.samples}"
+        " --masks {input.masks} --tokenizer {params.tokenizer} {params.revision} {TRUST} --samples {params.samples}"
         " --out {output} > {log} 2>&1"
 
 
