@@ -87,3 +87,65 @@ def test_a_revision_for_a_local_directory_or_an_unknown_one_is_a_one_line_error(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenclean loss: error:")]
     assert len(errors) == 2 and "local directory" in errors[0] and "org/tiny" in errors[1]
     assert not list(tmp_path.glob("*.loss.*"))
+
+
+def experiment_files(tmp_path, tokenizer_commit=MAIN, model_commit=MAIN):
+    """A data directory as the data rule writes it and the sidecars the tokenize and loss jobs write."""
+    import hashlib
+
+    data = tmp_path / "data"
+    data.mkdir()
+    described = {}
+    for name, rows in (("pool", 3), ("warmup", 2)):
+        text = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(rows))
+        (data / f"{name}.jsonl").write_text(text)
+        described[name] = {"source": {"hub": "org/data", "revision": "r1"}, "records": rows,
+                           "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (data / "data.json").write_text(json.dumps(described))
+    tokens = []
+    for name in ("pool", "warmup"):
+        side = tmp_path / f"{name}.tokens.json"
+        side.write_text(json.dumps({"data": str(data / f"{name}.jsonl"),
+                                    "data_fingerprint": described[name]["sha256"][:16], "tokenizer": "org/tiny",
+                                    "tokenizer_revision": "v1", "tokenizer_commit": tokenizer_commit,
+                                    "tokenizer_fingerprint": "abc", "n_samples": 3}))
+        tokens.append(tmp_path / f"{name}.tokens.npz")
+    (tmp_path / "pool.loss.json").write_text(json.dumps({
+        "model": "org/tiny", "model_revision": "v1", "model_commit": model_commit,
+        "model_fingerprint": f"hub:org/tiny@{model_commit}"}))
+    return data, tokens, [tmp_path / "pool.loss.npy"], described
+
+
+def test_provenance_gathers_data_hashes_model_commit_and_package_versions(tmp_path):
+    from importlib.metadata import version
+
+    out_json, out_md = tmp_path / "provenance.json", tmp_path / "provenance.md"
+    data, tokens, losses, described = experiment_files(tmp_path)
+    assert main(["provenance", "--data-dir", str(data), "--tokens", *map(str, tokens), "--losses", *map(str, losses),
+                 "--base-model", "org/tiny", "--revision", "v1", "--out-json", str(out_json),
+                 "--out-md", str(out_md)]) == 0
+    record = json.loads(out_json.read_text())
+    assert record["data"]["pool"]["sha256"] == described["pool"]["sha256"]  # the full sha256 of the file
+    assert record["data"]["warmup"]["records"] == 2 and record["data"]["pool"]["source"]["revision"] == "r1"
+    assert record["base_model"] == {"name": "org/tiny", "revision": "v1", "commits": [MAIN],
+                                    "fingerprints": [f"hub:org/tiny@{MAIN}"]}
+    assert record["token_tables"][str(tokens[0])]["tokenizer_fingerprint"] == "abc"
+    assert record["packages"]["torch"] == version("torch") and record["packages"]["peft"] == version("peft")
+    assert record["packages"]["lm_eval"] == version("lm_eval") and record["packages"]["tokenclean"]
+    assert record["warnings"] == []
+    md = out_md.read_text()
+    assert MAIN in md and described["pool"]["sha256"] in md and version("transformers") in md
+
+
+def test_provenance_warns_of_moved_commits_and_refuses_changed_data(tmp_path, capsys):
+    from tokenclean.provenance import gather
+
+    data, tokens, losses, _ = experiment_files(tmp_path, tokenizer_commit=MAIN, model_commit=V1)
+    record = gather(data, tokens, losses, "org/tiny")
+    assert record["base_model"]["commits"] == [MAIN, V1] and "pin base_model.revision" in record["warnings"][0]
+    (data / "pool.jsonl").write_text("{}\n")  # the file no longer is what data.json describes
+    out = tmp_path / "out" / "provenance.json"
+    assert main(["provenance", "--data-dir", str(data), "--tokens", *map(str, tokens), "--base-model", "org/tiny",
+                 "--out-json", str(out), "--out-md", str(out.with_suffix(".md"))]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+    assert not out.parent.exists() or not list(out.parent.iterdir())

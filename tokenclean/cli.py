@@ -200,6 +200,14 @@ def cmd_token_view(a: argparse.Namespace) -> None:
                      trust_remote_code=a.trust_remote_code, revision=a.revision)
 
 
+def cmd_provenance(a: argparse.Namespace) -> None:
+    from tokenclean.provenance import write_provenance
+
+    record = write_provenance(a.data_dir, a.tokens, a.losses, a.base_model, a.out_json, a.out_md, a.revision)
+    for warning in record["warnings"]:
+        logging.warning("%s", warning)
+
+
 def cmd_rounds(a: argparse.Namespace) -> None:
     from tokenclean.report import write_rounds
 
@@ -365,6 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     _add_revision_flag(p)
     p.add_argument("--out", required=True, help="output HTML")
+
+    p = add("provenance", cmd_provenance,
+            "What made the results: the data's sha256, the token tables' tokenizer and data fingerprints, the base "
+            "model's id, revision and the commit loaded, and package versions (provenance.json and .md).")
+    p.add_argument("--data-dir", required=True, help="the experiment's data (or world) directory: pool.jsonl, "
+                                                     "warmup.jsonl[, data.json]")
+    p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files (their sidecars are read)")
+    p.add_argument("--losses", nargs="*", default=[], help="the base model's X.loss.npy files (their sidecars)")
+    p.add_argument("--base-model", required=True, help="the base model's hub id or directory")
+    _add_revision_flag(p)
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-md", required=True)
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
