@@ -394,3 +394,4 @@ def test_lora_is_merged_into_float32_starting_weights_and_saved_in_float32(tmp_p
     assert any((saved[n] - start[n]).abs().max() > 1e-4 for n in start)  # the adapter did train
     meta = json.loads((out / "tokenclean.json").read_text())
     assert meta["saved_dtype"] == "float32" and meta["train_config"]["merge_dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # stock loaders see float32 too

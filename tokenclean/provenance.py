@@ -98,7 +98,7 @@ def render_markdown(record: dict[str, Any]) -> str:
     base = record["base_model"]
     lines = ["# Provenance", "", "## Base model", "",
              f"- id: `{base['name']}`",
-             f"- revision asked: `{base['revision'] or '(default branch)'}`",
+             f"- revision asked: {base['revision'] or ('(default branch)' if base['commits'] else '-')}",
              f"- commit loaded: {', '.join(f'`{c}`' for c in base['commits']) or '(local directory)'}",
              f"- fingerprint: {', '.join(f'`{f}`' for f in base['fingerprints']) or '-'}",
              "", "## Data", "", "| file | records | sha256 | source |", "|---|---:|---|---|"]
