@@ -149,3 +149,13 @@ def test_provenance_warns_of_moved_commits_and_refuses_changed_data(tmp_path, ca
                  "--out-json", str(out), "--out-md", str(out.with_suffix(".md"))]) == 2
     assert "sha256 differs" in capsys.readouterr().err
     assert not out.parent.exists() or not list(out.parent.iterdir())
+
+
+def test_evaluate_passes_the_revision_to_lm_eval(tmp_path, monkeypatch):
+    import tokenclean.evaluation as evaluation
+
+    seen = {}
+    monkeypatch.setattr(evaluation, "evaluate_benchmarks", lambda model, benchmarks, out, **kw: seen.update(kw))
+    assert main(["evaluate", "--model", "org/tiny", "--revision", "v1", "--benchmarks", '[{"task": "boolq"}]',
+                 "--model-args", '{"add_bos_token": true}', "--out", str(tmp_path / "e.json")]) == 0
+    assert seen["model_args"] == {"add_bos_token": True, "revision": "v1"}

@@ -395,3 +395,16 @@ def test_lora_is_merged_into_float32_starting_weights_and_saved_in_float32(tmp_p
     meta = json.loads((out / "tokenclean.json").read_text())
     assert meta["saved_dtype"] == "float32" and meta["train_config"]["merge_dtype"] == "float32"
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # stock loaders see float32 too
+
+
+def test_merge_dtype_auto_keeps_the_training_dtype(tiny_model_dir, table, tok):
+    results = {}
+    for merge_dtype in ("auto", "float32"):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        cfg = TrainConfig(steps=1, batch_size=3, lora_r=2, lora_alpha=4, merge_dtype=merge_dtype)
+        merged, _ = train_model(m, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False)
+        results[merge_dtype] = {p.dtype for p in merged.parameters()}
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert results == {"auto": {torch.bfloat16}, "float32": {torch.float32}}
+    with pytest.raises(ValueError, match="merge_dtype"):
+        TrainConfig(merge_dtype="float16")
