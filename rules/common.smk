@@ -36,7 +36,8 @@ TC = tokenclean_command(PYTHON)
 # Training jobs (warm-up, rows, rounds) may run one process per GPU; the recipe does not change with it.
 HARDWARE = config.get("hardware", {})
 GPUS = HARDWARE.get("gpus", 1)
-TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"))
+TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
+                           timeout_minutes=HARDWARE.get("timeout_minutes"))
 
 
 def ratio_tag(ratio) -> str:
@@ -72,6 +73,12 @@ ONE_GPU = 1 if GPU_JOBS else 0
 def model_ref(name: str) -> str:
     """What a command loads for model `name` (base, warmup, rounds/...): a workflow directory or the base's id."""
     return BASE_MODEL if name == "base" else f"{R}/models/{name}"
+
+
+def revision_flag(name: str = "base") -> str:
+    """`--revision R` (base_model.revision) for a command that loads the base model by hub id; else empty."""
+    revision = "" if EMBEDDED else config["base_model"].get("revision", "")
+    return f"--revision {shlex.quote(str(revision))}" if revision and name == "base" else ""
 
 
 def model_input(name: str) -> list[str]:

@@ -30,6 +30,7 @@ rule evaluate:
         samples=f"{R}/eval/{{run}}.samples.jsonl",  # per-example scores (the report's paired bootstrap)
     params:
         model=lambda w: model_dir(w.run),
+        revision=lambda w: revision_flag(w.run),
         args=eval_args(),
         limit=lambda w: f"--limit {config['evaluation']['limit']}" if config["evaluation"].get("limit") else "",
         device=config["evaluation"].get("device", "cpu"),
@@ -43,5 +44,5 @@ rule evaluate:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} evaluate --threads {threads} --model {params.model} {params.args}"
+        "{TC} evaluate --threads {threads} --model {params.model} {params.revision} {params.args}"
         " --device {params.device} {params.limit} --out {output.json} > {log} 2>&1"

@@ -28,6 +28,7 @@ rule tokenize:
         f"{R}/tokens/{{dataset}}.tokens.npz",
     params:
         tokenizer=model_ref("base"),
+        revision=revision_flag(),
     wildcard_constraints:
         dataset="warmup|pool",
     log:
@@ -37,7 +38,7 @@ rule tokenize:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} tokenize --data {input.data}/{wildcards.dataset}.jsonl --tokenizer {params.tokenizer} {TRUST}"
+        "{TC} tokenize --data {input.data}/{wildcards.dataset}.jsonl --tokenizer {params.tokenizer} {params.revision} {TRUST}"
         " --max-length {config[max_length]} --out {output} > {log} 2>&1"
 
 
@@ -67,6 +68,7 @@ rule warmup:
         directory(f"{R}/models/warmup"),
     params:
         model=model_ref("base"),
+        revision=revision_flag(),
         train=train_flags(config.get("warmup", {})),
     threads: THREADS
     resources:
@@ -78,5 +80,5 @@ rule warmup:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {params.model} {TRUST} --tokens {input.tokens} {params.train}"
-        " --out {output} > {log} 2>&1"
+        "{TRAIN} train --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens}"
+        " {params.train} --out {output} > {log} 2>&1"

@@ -8,7 +8,7 @@ FIGURES = f"{R}/figures"
 def report_outputs() -> list[str]:
     """Everything the report stage leaves in results/<experiment>/ (rule all asks for it)."""
     out = [f"{R}/table.csv", f"{R}/table.md", f"{R}/table.tex", f"{FIGURES}/score_distributions.png",
-           f"{R}/token_view.html"]
+           f"{R}/token_view.html", f"{R}/provenance.json", f"{R}/provenance.md"]
     out += [f"{R}/table_{m}.csv" for m in TABLE_METRICS[1:]]
     if "full" in config["methods"]:
         out += [f"{R}/significance.csv", f"{R}/significance.md"]
@@ -21,7 +21,31 @@ def report_outputs() -> list[str]:
     return out
 
 
-localrules: report, rounds_report  # seconds of CSV work: on the submitting machine, not a cluster job
+localrules: report, rounds_report, provenance  # seconds of work: on the submitting machine, not a cluster job
+
+
+rule provenance:
+    """What made the results: the data's sha256, the token tables' fingerprints, the base model's id, revision
+    and the commit loaded (as the jobs recorded them), and the package versions."""
+    input:
+        data=DATA_DIR,
+        tokens=[f"{R}/tokens/pool.tokens.npz", f"{R}/tokens/warmup.tokens.npz"],
+        losses=f"{R}/losses/base/pool.loss.npy",  # the base model as the scoring job loaded it
+    output:
+        json=f"{R}/provenance.json",
+        md=report(f"{R}/provenance.md", caption="../report/provenance.rst", category="Provenance"),
+    params:
+        base=model_ref("base"),
+        revision=revision_flag(),
+    log:
+        f"{R}/logs/provenance.log",
+    benchmark:
+        f"{R}/benchmarks/provenance.tsv"
+    conda:
+        "../envs/tokenclean.yaml"
+    shell:
+        "{TC} provenance --data-dir {input.data} --tokens {input.tokens} --losses {input.losses}"
+        " --base-model {params.base} {params.revision} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
 
 
 rule report:
@@ -145,6 +169,7 @@ rule token_view:
         report(f"{R}/token_view.html", caption="../report/token_view.rst", category="Token view"),
     params:
         tokenizer=model_ref("base"),
+        revision=revision_flag(),
         samples=config.get("report", {}).get("token_view_samples", 12),
     log:
         f"{R}/logs/token_view.log",
@@ -152,7 +177,7 @@ rule token_view:
         "../envs/tokenclean.yaml"
     shell:
         "{TC} token-view --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
-        " --masks {input.masks} --tokenizer {params.tokenizer} {TRUST} --samples {params.samples}"
+        " --masks {input.masks} --tokenizer {params.tokenizer} {params.revision} {TRUST} --samples {params.samples}"
         " --out {output} > {log} 2>&1"
 
 

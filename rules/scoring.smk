@@ -8,6 +8,7 @@ rule token_loss:
         f"{R}/losses/{{model}}/{{dataset}}.loss.npy",
     params:
         model=lambda w: model_ref(w.model),
+        revision=lambda w: revision_flag(w.model),
         budget=config.get("scoring", {}).get("token_budget", 16384),
         device=config.get("scoring", {}).get("device", "auto"),
         dtype=config.get("scoring", {}).get("dtype", "auto"),
@@ -21,5 +22,5 @@ rule token_loss:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} loss --threads {threads} --model {params.model} {TRUST} --tokens {input.tokens} --token-budget {params.budget}"
+        "{TC} loss --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} --token-budget {params.budget}"
         " --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -7,6 +7,7 @@ rule sft:
         directory(f"{R}/models/sft/{{run}}"),
     params:
         model=model_ref("base"),
+        revision=revision_flag(),
         train=train_flags(config["sft"]),
         seed=lambda w: parse_run(w.run)[2],
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
@@ -20,5 +21,5 @@ rule sft:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {params.model} {TRUST} --tokens {input.tokens} {params.mask}"
+        "{TRAIN} train --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} {params.mask}"
         " {params.train} --seed {params.seed} --out {output} > {log} 2>&1"

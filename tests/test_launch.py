@@ -26,3 +26,14 @@ def test_bad_launch_settings_are_refused():
         tokenclean_command("python", 2, "mpirun")
     with pytest.raises(ValueError, match="gpus"):
         tokenclean_command("python", 0)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_hardware_timeout_reaches_the_training_processes(launcher):
+    from tokenclean.distributed import TIMEOUT_ENV
+
+    argv = shlex.split(tokenclean_command("python", 8, launcher, timeout_minutes=120))
+    assert argv[:2] == ["env", f"{TIMEOUT_ENV}=120"] and argv[2] == "python"
+    assert not tokenclean_command("python", 1, launcher, timeout_minutes=120).startswith("env")  # no group
+    with pytest.raises(ValueError, match="timeout"):
+        tokenclean_command("python", 2, launcher, timeout_minutes=0)

@@ -298,3 +298,113 @@ def test_train_cli_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path,
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 300  # one log entry per logged step, to the end
+
+
+def test_the_optimizer_gets_the_configured_betas_and_epsilon(model, table, tok, monkeypatch):
+    import tokenclean.training as training
+
+    seen = []
+    defaults = torch.optim.AdamW([torch.zeros(1)]).defaults  # the official runs: torch's AdamW defaults
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            seen.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(training.torch.optim, "AdamW", Recording)
+    train_model(model, table, table.loss_mask.copy(), TrainConfig(steps=1, batch_size=2), tok.pad_token_id,
+                progress=False)
+    assert seen[-1]["betas"] == defaults["betas"] == (0.9, 0.999) and seen[-1]["eps"] == defaults["eps"]
+    cfg = TrainConfig(steps=1, batch_size=2, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    train_model(model, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False)
+    assert seen[-1]["betas"] == (0.8, 0.95) and seen[-1]["eps"] == 1e-6
+
+
+def test_the_embedded_configs_keep_the_beta2_they_were_calibrated_with():
+    import yaml
+
+    from tokenclean.cli import build_parser
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    for name in ("config.yaml", "configs/smoke.yaml"):
+        config = yaml.safe_load((root / name).read_text())
+        for section in (config["base_model"]["pretrain"], config["warmup"], config["sft"]):
+            assert section["train"]["adam_beta2"] == 0.95, name
+    args = build_parser().parse_args(["train", "--model", "m", "--tokens", "t", "--out", "o", "--adam-beta2", "0.95"])
+    assert args.adam_beta2 == 0.95
+
+
+def test_micro_batches_are_consecutive_slices_shared_by_every_process_count():
+    from tokenclean.training import micro_batches
+
+    samples = np.array([7, 3, 9, 1, 4])
+    cfg = TrainConfig(steps=1, batch_size=5, micro_batch_size=2, loss_normalization="micro_batch")
+    want = [[7, 3], [9, 1], [4]]
+    for world in (1, 2, 3, 8):
+        assert [c.tolist() for c in micro_batches(samples, cfg, world)] == want
+    # micro_batch_size 0: one micro-batch under micro_batch normalisation (its meaning), a slice per process
+    # under step normalisation (where the split changes nothing but memory)
+    whole = TrainConfig(steps=1, batch_size=5, loss_normalization="micro_batch")
+    assert [c.tolist() for c in micro_batches(samples, whole, 2)] == [[7, 3, 9, 1, 4]]
+    step = TrainConfig(steps=1, batch_size=5)
+    assert [c.tolist() for c in micro_batches(samples, step, 2)] == [[7, 3, 9], [1, 4]]
+    assert [c.tolist() for c in micro_batches(samples, step, 1)] == [[7, 3, 9, 1, 4]]
+
+
+def test_lora_is_merged_into_float32_starting_weights_and_saved_in_float32(tmp_path, tiny_model_dir, monkeypatch):
+    """Trained in bf16, merged as the official script did: W + (alpha / r) B A in float32 over the float32
+    starting weights read from disk, saved in float32 (nothing rounded to bf16)."""
+    import tokenclean.training as training
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from tokenclean.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    adapter = {}
+    real_merge = training.merge_adapter
+
+    def spy(model, *args, **kwargs):  # the trained adapter, as it is when merged
+        adapter.update({k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()})
+        return real_merge(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "merge_adapter", spy)
+    out = tmp_path / "model"
+    assert main(["train", "--model", str(tiny_model_dir), "--tokens", str(tokens), "--out", str(out), "--steps", "3",
+                 "--batch-size", "3", "--lr", "0.05", "--dtype", "bfloat16", "--lora-r", "4", "--lora-alpha", "8",
+                 "--lora-dropout", "0", "--lora-targets", "q_proj,v_proj,down_proj"]) == 0
+    saved = load_file(str(out / "model.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))  # float32
+    assert saved.keys() == start.keys() and all(v.dtype == torch.float32 for v in saved.values())
+    merged = 0
+    for name, weight in start.items():
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        if f"{prefix}.lora_A.weight" in adapter:
+            a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+            expected = weight + (8 / 4) * (b @ a)
+            merged += 1
+        else:
+            expected = weight
+        assert torch.allclose(saved[name], expected, rtol=0, atol=1e-6), name
+    assert merged == 2 * 3  # q, v and down projections of both layers
+    assert any((saved[n] - start[n]).abs().max() > 1e-4 for n in start)  # the adapter did train
+    meta = json.loads((out / "tokenclean.json").read_text())
+    assert meta["saved_dtype"] == "float32" and meta["train_config"]["merge_dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # stock loaders see float32 too
+
+
+def test_merge_dtype_auto_keeps_the_training_dtype(tiny_model_dir, table, tok):
+    results = {}
+    for merge_dtype in ("auto", "float32"):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        cfg = TrainConfig(steps=1, batch_size=3, lora_r=2, lora_alpha=4, merge_dtype=merge_dtype)
+        merged, _ = train_model(m, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False)
+        results[merge_dtype] = {p.dtype for p in merged.parameters()}
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert results == {"auto": {torch.bfloat16}, "float32": {torch.float32}}
+    with pytest.raises(ValueError, match="merge_dtype"):
+        TrainConfig(merge_dtype="float16")

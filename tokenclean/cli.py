@@ -54,6 +54,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
 
 
+def _add_revision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a hub model (ignored when empty; refused for a directory); the "
+                        "commit it resolves to is loaded and recorded")
+
+
 def _train_config(args: argparse.Namespace):
     from tokenclean.training import TrainConfig
 
@@ -78,7 +84,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 def cmd_tokenize(a: argparse.Namespace) -> None:
     from tokenclean.tokenization import tokenize_file
 
-    meta = tokenize_file(a.data, a.tokenizer, a.max_length, a.out, a.trust_remote_code)
+    meta = tokenize_file(a.data, a.tokenizer, a.max_length, a.out, a.trust_remote_code, a.revision)
     logging.info("%s: %d samples, %d tokens, %d response tokens", a.out, meta["n_samples"], meta["n_tokens"],
                  meta["n_response_tokens"])
 
@@ -86,7 +92,7 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 def cmd_loss(a: argparse.Namespace) -> None:
     from tokenclean.loss import loss_file
 
-    meta = loss_file(a.model, a.tokens, a.out, a.token_budget, a.device, a.dtype, a.trust_remote_code)
+    meta = loss_file(a.model, a.tokens, a.out, a.token_budget, a.device, a.dtype, a.trust_remote_code, a.revision)
     logging.info("%s: mean response-token loss %.4f", a.out, meta["mean_response_loss"])
 
 
@@ -130,13 +136,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = _train_config(a)
     if a.rounds:
         cfg = round_config(cfg, a.rounds, a.round)
-    summary = train_file(a.model, a.tokens, a.out, cfg, a.mask, a.trust_remote_code)
+    summary = train_file(a.model, a.tokens, a.out, cfg, a.mask, a.trust_remote_code, a.revision)
     logging.info("%s: %s", a.out, summary)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from tokenclean.evaluation import evaluate, evaluate_benchmarks
 
+    if a.revision:  # lm-eval's HFLM loads the pinned revision of a hub model
+        a.model_args = {**(a.model_args or {}), "revision": a.revision}
     if a.benchmarks is not None:
         evaluate_benchmarks(a.model, a.benchmarks, a.out, device=a.device, limit=a.limit, seed=a.seed,
                             batch_size=int(a.batch_size) if str(a.batch_size).isdigit() else a.batch_size,
@@ -190,7 +198,15 @@ def cmd_token_view(a: argparse.Namespace) -> None:
     from tokenclean.token_view import write_token_view
 
     write_token_view(a.tokens, a.base_loss, a.ref_loss, a.masks, a.tokenizer, a.out, n_samples=a.samples,
-                     trust_remote_code=a.trust_remote_code)
+                     trust_remote_code=a.trust_remote_code, revision=a.revision)
+
+
+def cmd_provenance(a: argparse.Namespace) -> None:
+    from tokenclean.provenance import write_provenance
+
+    record = write_provenance(a.data_dir, a.tokens, a.losses, a.base_model, a.out_json, a.out_md, a.revision)
+    for warning in record["warnings"]:
+        logging.warning("%s", warning)
 
 
 def cmd_rounds(a: argparse.Namespace) -> None:
@@ -228,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, required=True, help="truncate samples to this many tokens")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_revision_flag(p)
 
     p = add("loss", cmd_loss, "Per-token losses of a model on a token table (NaN outside loss_mask).")
     p.add_argument("--model", required=True, help="model directory or hub id")
@@ -237,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_revision_flag(p)
 
     p = add("concat", cmd_concat, "Concatenate token tables made with one tokenizer (e.g. pool + warm-up set).")
     p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files, in order")
@@ -266,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--round", type=int, default=1, help="self-evolving round (1-based) of --rounds")
     p.add_argument("--rounds", type=int, default=0, help="> 0: train round --round's share of --steps")
+    _add_revision_flag(p)
     _add_train_flags(p)
 
     p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
@@ -281,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-args", type=_json_arg, default=None, help="JSON object of extra lm-eval HFLM arguments")
     p.add_argument("--batch-size", default=None, help="lm-eval batch size for --benchmarks (an integer or 'auto')")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_revision_flag(p)
     p.add_argument("--out", required=True, help="output results JSON")
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=_limit_arg, default=None,
@@ -352,7 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id (to show the tokens' text)")
     p.add_argument("--samples", type=int, default=12, help="how many samples to show")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_revision_flag(p)
     p.add_argument("--out", required=True, help="output HTML")
+
+    p = add("provenance", cmd_provenance,
+            "What made the results: the data's sha256, the token tables' tokenizer and data fingerprints, the base "
+            "model's id, revision and the commit loaded, and package versions (provenance.json and .md).")
+    p.add_argument("--data-dir", required=True, help="the experiment's data (or world) directory: pool.jsonl, "
+                                                     "warmup.jsonl[, data.json]")
+    p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files (their sidecars are read)")
+    p.add_argument("--losses", nargs="*", default=[], help="the base model's X.loss.npy files (their sidecars)")
+    p.add_argument("--base-model", required=True, help="the base model's hub id or directory")
+    _add_revision_flag(p)
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-md", required=True)
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")

@@ -1,16 +1,21 @@
 """Data parallelism without a framework, for `torchrun` or `accelerate launch` (which set RANK and WORLD_SIZE).
 
-Every process knows the whole step schedule; process r trains samples r, r+W, r+2W, ... of each step, scales
-its loss by the step's *global* count of selected tokens, and the gradients are summed across processes. The
-update therefore equals the single-process one exactly (up to float summation order), whatever the split of
-kept tokens across processes, which a per-process mean followed by gradient averaging would not give.
+Every process knows the whole step schedule and cuts each step into the same global micro-batches
+(:func:`tokenclean.training.micro_batches`); process r trains micro-batches r, r+W, r+2W, ..., scales its loss
+by the step's *global* count of selected tokens (or, under ``micro_batch`` normalisation, of micro-batches),
+and the gradients are summed across processes. The update therefore equals the single-process one exactly
+(up to float summation order), whatever the split of kept tokens across processes, which a per-process mean
+followed by gradient averaging would not give.
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from tokenclean.launch import DEFAULT_TIMEOUT_MINUTES, TIMEOUT_ENV
 
 
 def rank_and_size() -> tuple[int, int]:
@@ -24,13 +29,32 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def timeout() -> timedelta:
+    """How long a process waits for the others in a collective (NCCL / gloo) before the job aborts.
+
+    Processes 1..N wait in a barrier while process 0 merges and writes the model, which for an 8B model on a
+    slow shared file system can outlast torch's default of 10 minutes. ``$TOKENCLEAN_DIST_TIMEOUT_MINUTES``
+    (set by the launch command from ``hardware.timeout_minutes``), else 60 minutes.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not minutes > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
 def setup(device: torch.device) -> tuple[int, int]:
     """Join the process group when launched with several processes; (rank, world size)."""
     rank, size = rank_and_size()
     if size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout())
     return rank, size
 
 

@@ -11,18 +11,32 @@ import shlex
 LAUNCHERS = ("torchrun", "accelerate")
 
 
-def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", port: int | None = None) -> str:
-    """Shell prefix that runs ``tokenclean <command>`` on ``gpus`` GPUs of one node (one process each)."""
+# The collective timeout of multi-process training (tokenclean/distributed.py reads it from this variable):
+# hardware, not recipe, so it travels in the launch command's environment, not as a `train` flag.
+TIMEOUT_ENV = "TOKENCLEAN_DIST_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 60
+
+
+def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", port: int | None = None,
+                       timeout_minutes: float | None = None) -> str:
+    """Shell prefix that runs ``tokenclean <command>`` on ``gpus`` GPUs of one node (one process each).
+
+    ``timeout_minutes`` (hardware.timeout_minutes) becomes the processes' collective timeout, passed in the
+    environment so that it stays out of the training recipe (and of the run's identity).
+    """
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     if launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
+    if timeout_minutes is not None and not timeout_minutes > 0:
+        raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes}")
     python = shlex.quote(python)
     if gpus == 1:
         return f"{python} -m tokenclean.cli"
+    env = "" if timeout_minutes is None else f"env {TIMEOUT_ENV}={timeout_minutes:g} "
     if launcher == "torchrun":
         rendezvous = "--standalone" if port is None else f"--master_port {port}"
-        return f"{python} -m torch.distributed.run {rendezvous} --nproc_per_node {gpus} -m tokenclean.cli"
+        return f"{env}{python} -m torch.distributed.run {rendezvous} --nproc_per_node {gpus} -m tokenclean.cli"
     port_flag = "" if port is None else f" --main_process_port {port}"
-    return (f"{python} -m accelerate.commands.launch --num_processes {gpus} --num_machines 1 --multi_gpu"
+    return (f"{env}{python} -m accelerate.commands.launch --num_processes {gpus} --num_machines 1 --multi_gpu"
             f" --mixed_precision no --dynamo_backend no{port_flag} -m tokenclean.cli")

@@ -106,24 +106,29 @@ def token_losses(model: Any, table: TokenTable, token_budget: int = 16384, pad_i
 
 
 def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, token_budget: int = 16384,
-              device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> dict:
-    """CLI entry: per-token losses of ``model_name`` on a token table, written with their provenance."""
-    from tokenclean.models import load_model, model_fingerprint, pick_device
+              device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+              revision: str | None = None) -> dict:
+    """CLI entry: per-token losses of ``model_name`` on a token table, written with their provenance
+    (``revision`` pins a hub model; the commit loaded is recorded either way)."""
+    from tokenclean.models import hub_commit, load_model, model_fingerprint, pick_device
     from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
 
     table, tmeta = TokenTable.load(tokens)
-    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    commit = hub_commit(model_name, revision)
+    tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
         raise ArtifactError(f"{tokens}: tokenized with {tmeta.get('tokenizer')!r}, whose vocabulary differs "
                             f"from the tokenizer of {model_name!r}; scores would be misaligned")
     dev = pick_device(device)
-    model = load_model(model_name, dev, dtype, trust_remote_code)
+    model = load_model(model_name, dev, dtype, trust_remote_code, commit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = token_losses(model, table, token_budget, pad_id)
     meta = {
         "kind": "loss",
         "model": str(model_name),
-        "model_fingerprint": model_fingerprint(model_name),
+        "model_revision": revision or None,
+        "model_commit": commit,
+        "model_fingerprint": model_fingerprint(model_name, commit),
         "tokens": str(tokens),
         "tokens_fingerprint": tmeta["fingerprint"],
         "tokenizer_fingerprint": tmeta.get("tokenizer_fingerprint"),

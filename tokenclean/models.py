@@ -55,26 +55,52 @@ def not_loadable(name_or_path: str, error: BaseException, what: str = "model") -
             f"base_model.name: /path/to/dir")
 
 
+def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit that ``revision`` (a branch, tag or commit; None = the default branch) of hub model
+    ``name_or_path`` points to; None for a local directory.
+
+    Commands resolve it once, load exactly that commit and record it in their outputs: a branch such as
+    ``main`` moves, so the id alone does not say which weights or tokenizer made an artifact. Offline, the
+    commit comes from the local cache (where the download recorded it).
+    """
+    from huggingface_hub import resolve_revision
+    from huggingface_hub.errors import RevisionResolutionError
+
+    require_model_dir(name_or_path)
+    if Path(name_or_path).expanduser().is_dir():
+        if revision:
+            raise ValueError(f"revision {revision!r} applies to hub ids, but {name_or_path} is a local directory")
+        return None
+    try:
+        return resolve_revision(name_or_path, revision=revision or None).resolved
+    except (OSError, ValueError, RevisionResolutionError) as e:
+        raise FileNotFoundError(not_loadable(name_or_path, e)) from None
+
+
 def load_model(name_or_path: str, device: torch.device | str | None = None, dtype: str | None = None,
-               trust_remote_code: bool = False) -> Any:
+               trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """Load a causal LM (``revision``: the hub commit to load, see :func:`hub_commit`)."""
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device) if not isinstance(device, torch.device) else device
     require_model_dir(name_or_path)
+    pinned = {"revision": revision} if revision else {}
     try:
         # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=pick_dtype(dtype, device),
-                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                     **pinned)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(not_loadable(name_or_path, e)) from None
     return model.to(device)
 
 
-def model_fingerprint(name_or_path: str) -> str:
-    """Cheap identity of a model: config and weight-file names and sizes (a hub id stands for itself)."""
+def model_fingerprint(name_or_path: str, commit: str | None = None) -> str:
+    """Cheap identity of a model: config and weight-file names and sizes; a hub model is its id and the commit
+    loaded (``hub:<id>@<commit>``, see :func:`hub_commit`)."""
     path = Path(name_or_path)
     if not path.is_dir():
-        return f"hub:{name_or_path}"
+        return f"hub:{name_or_path}@{commit}" if commit else f"hub:{name_or_path}"
     parts = []
     for f in sorted(path.iterdir()):
         if f.suffix == ".json" and f.name.startswith("config"):

@@ -111,8 +111,10 @@ def render(samples: list[dict[str, Any]], masks: list[str], title: str, scale: f
 
 def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, ref_loss: str | os.PathLike,
                      masks: list[str | os.PathLike], tokenizer: str, out_html: str | os.PathLike,
-                     n_samples: int = 12, trust_remote_code: bool = False) -> list[int]:
-    """Write the page for ``n_samples`` samples of ``tokens``; returns the sample indices shown."""
+                     n_samples: int = 12, trust_remote_code: bool = False, revision: str | None = None) -> list[int]:
+    """Write the page for ``n_samples`` samples of ``tokens``; returns the sample indices shown (``revision``
+    pins a hub tokenizer)."""
+    from tokenclean.models import hub_commit
     from tokenclean.selection import load_losses, scores
     from tokenclean.tokenization import load_tokenizer
 
@@ -127,7 +129,7 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
         keeps.append(keep)
         names.append(Path(path).name.removesuffix(".mask.npy"))
     token_class = table.extras.get("token_class")
-    tok = load_tokenizer(tokenizer, trust_remote_code)
+    tok = load_tokenizer(tokenizer, trust_remote_code, hub_commit(tokenizer, revision))
     picked = pick_samples(table, n_samples)
     samples = []
     for i in picked:

@@ -63,14 +63,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return fingerprint_bytes(backend.to_str().encode(), special.encode())
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """A model's fast tokenizer (``revision``: the hub commit to load, see :func:`tokenclean.models.hub_commit`)."""
     from transformers import AutoTokenizer
 
     from tokenclean.models import require_model_dir
 
     require_model_dir(str(name_or_path))
+    pinned = {"revision": revision} if revision else {}
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **pinned)
     except (OSError, ValueError) as e:
         from tokenclean.models import not_loadable
 
@@ -255,10 +257,14 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> 
 
 
 def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int, out: str | os.PathLike,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
-    """CLI entry: validate ``data``, tokenize it and write ``out`` (nothing is written if anything fails)."""
+                  trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
+    """CLI entry: validate ``data``, tokenize it and write ``out`` (nothing is written if anything fails).
+    ``revision`` pins a hub tokenizer; the commit loaded is recorded either way."""
+    from tokenclean.models import hub_commit
+
     records = read_jsonl(data, allow_plain_text=False)
-    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
+    commit = hub_commit(tokenizer_name, revision)
+    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code, commit)
     try:
         table, stats = tokenize_records(records, tokenizer, max_length)
     except DataError:
@@ -271,6 +277,8 @@ def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int,
         "data_fingerprint": fingerprint_file(data),
         "data_sha256": sha256_file(data),
         "tokenizer": str(tokenizer_name),
+        "tokenizer_revision": revision or None,
+        "tokenizer_commit": commit,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         **stats,

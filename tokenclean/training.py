@@ -2,8 +2,9 @@
 
 Loss normalisation: the mean NLL over the *selected* tokens of the whole optimizer step (all micro-batches),
 so a micro-batch with few kept tokens is not over-weighted relative to one with many. ``micro_batch`` gives
-the Hugging Face Trainer's rule instead (each micro-batch's own mean, averaged over the accumulation window),
-under which a token of a sparsely kept micro-batch weighs more: the rule the paper's runs used. Samples without
+the Hugging Face Trainer's rule instead (each micro-batch's own mean, averaged over the step's micro-batches
+on every GPU), under which a token of a sparsely kept micro-batch weighs more: the rule the paper's runs used.
+Micro-batches are global (:func:`micro_batches`), so either rule gives the same update on any GPU count. Samples without
 any selected token are dropped before batching (they would cost compute and contribute nothing).
 
 Interruption: with ``checkpoint_every`` the trainer writes model, optimizer and RNG state (safetensors and JSON,
@@ -12,6 +13,7 @@ the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -21,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +35,13 @@ from tokenclean.batching import collate, pack
 from tokenclean.loss import target_nll
 
 log = logging.getLogger(__name__)
+
+# How a LoRA adapter is merged and saved: float32 (the official runs' merge script loads the base in float32,
+# merges and saves float32), or auto = the training dtype. float32 is the default because LoRA updates at the
+# paper's learning rate are often smaller than half a bf16 step of the weight they are added to: merged into
+# bf16 weights they are partly rounded away, and again in every self-evolving round. It doubles the disk size
+# of a saved model (bf16 -> fp32); later jobs load it in their own dtype as before.
+MERGE_DTYPES = ("float32", "auto")
 
 
 @dataclass
@@ -51,6 +60,9 @@ class TrainConfig:
     schedule: str = "cosine"               # cosine | linear | constant
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9                # AdamW betas and epsilon: torch's defaults, as the paper's runs
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0             # 0 = no clipping (the paper's setting)
     seed: int = 0
     shuffle: bool = True                   # False = file order, as the paper's runs
@@ -58,6 +70,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    merge_dtype: str = "float32"           # LoRA: merge and save in float32 (as the official runs); auto = dtype
     device: str = "auto"
     dtype: str = "auto"
     log_every: int = 10
@@ -77,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_epsilon <= 0:
+            raise ValueError("adam_beta1 and adam_beta2 must be in [0, 1) and adam_epsilon > 0")
+        if self.merge_dtype not in MERGE_DTYPES:
+            raise ValueError(f"unknown merge_dtype {self.merge_dtype!r} ({', '.join(MERGE_DTYPES)})")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -119,6 +136,21 @@ def step_schedule(n_samples: int, cfg: TrainConfig) -> list[np.ndarray]:
     return [flat[i: i + cfg.batch_size] for i in range(0, len(flat), cfg.batch_size)][:steps]
 
 
+def micro_batches(samples: np.ndarray, cfg: TrainConfig, world: int = 1) -> list[np.ndarray]:
+    """A step's micro-batches: consecutive slices of its samples (in schedule order) of ``micro_batch_size``.
+
+    They are the same for any number of processes and either launcher; process r trains micro-batches r, r+W,
+    r+2W, ... (how accelerate's sharded dataloader deals per-device batches), so under ``micro_batch``
+    normalisation the same samples share a mean on 1 GPU or 8. With ``micro_batch_size`` 0 a step is one
+    micro-batch under ``micro_batch`` normalisation; under ``step`` normalisation, where the split changes
+    nothing but memory and float summation order, it is then cut into one near-equal slice per process.
+    """
+    size = cfg.micro_batch_size
+    if size == 0:
+        size = len(samples) if cfg.loss_normalization == "micro_batch" else math.ceil(len(samples) / world)
+    return [samples[i: i + size] for i in range(0, len(samples), max(1, size))]
+
+
 def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
@@ -130,6 +162,29 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def merge_adapter(model: Any, merge_dtype: str = "float32", load_start: Callable[[], Any] | None = None) -> Any:
+    """The trained LoRA adapter of PEFT ``model`` merged into plain weights (see ``MERGE_DTYPES``).
+
+    ``auto``: into the model's own training-dtype weights. ``float32``: the adapter (kept in float32 by PEFT)
+    is put on a float32 copy of the starting weights and merged there, W + (alpha / r) B A in float32, on the
+    CPU. ``load_start`` loads that copy from disk (``train_file`` does, so weights an earlier round saved in
+    float32 keep their precision); without it, the in-memory starting weights are upcast.
+    """
+    if merge_dtype == "auto":
+        return model.merge_and_unload()
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
+    config = copy.deepcopy(model.peft_config["default"])
+    start = load_start() if load_start is not None else model.unload()
+    start = start.to("cpu", torch.float32)
+    wrapped = get_peft_model(start, config)
+    loaded = set_peft_model_state_dict(wrapped, adapter)
+    if loaded.unexpected_keys:
+        raise ValueError(f"the trained adapter does not fit the starting model: {loaded.unexpected_keys[:3]}")
+    return wrapped.merge_and_unload()
 
 
 def check_packing(model: Any, table: TokenTable, samples: np.ndarray, mask: np.ndarray, width: int,
@@ -222,12 +277,15 @@ def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
 def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfig, pad_id: int,
                 log_path: str | os.PathLike | None = None, progress: bool = True,
                 checkpoint_dir: str | os.PathLike | None = None, stop_after: int | None = None,
-                start_fingerprint: str = "") -> tuple[Any, dict[str, Any]]:
+                start_fingerprint: str = "", load_start: Callable[[], Any] | None = None,
+                merge: bool = True) -> tuple[Any, dict[str, Any]]:
     """Train ``model`` in place on the selected tokens; returns the (merged) model and a summary.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, resumes from a checkpoint of the same run found there
     (``start_fingerprint`` identifies the starting model, so a checkpoint made from another one is not resumed).
     ``stop_after`` ends the run after that many steps with :class:`TrainingInterrupted` (a time-limited job).
+    A LoRA adapter is merged as ``cfg.merge_dtype`` says (:func:`merge_adapter`, ``load_start`` its starting
+    weights), unless ``merge`` is False (a process that does not save the model).
     """
     if mask.shape != table.loss_mask.shape:
         raise ArtifactError("mask and token table have different lengths")
@@ -252,8 +310,13 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    micro = cfg.micro_batch_size or cfg.batch_size
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if world > 1 and cfg.loss_normalization == "micro_batch" and math.ceil(
+            cfg.batch_size / (cfg.micro_batch_size or cfg.batch_size)) % world:
+        log.warning("%d processes share %d micro-batches per step: some processes idle; make batch_size / "
+                    "micro_batch_size a multiple of the GPU count", world,
+                    math.ceil(cfg.batch_size / (cfg.micro_batch_size or cfg.batch_size)))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
     identity = _run_identity(table, mask, cfg, start_fingerprint)
     resumed = load_checkpoint(checkpoints, model, optimizer, params, identity) if checkpoints else None
@@ -278,16 +341,16 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 raise TrainingInterrupted(f"stopped after {stop_after} steps")
             samples = usable[batch_samples]
             n_selected = int(per_sample[samples].sum())  # over the whole step, every process
-            samples = samples[rank::world]
+            chunks = micro_batches(samples, cfg, world)
+            n_micro = len(chunks)  # of the whole step, every process
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
-            n_micro = max(1, math.ceil(len(samples) / micro)) * world
-            for start in range(0, len(samples), micro):
-                chunk = samples[start:start + micro]
+            for index in range(rank, n_micro, world):  # this process's share: micro-batches r, r+W, ...
+                chunk = chunks[index]
                 if cfg.pack_length:
-                    if step == 0 and start == 0:
+                    if step == 0 and index == rank:
                         check_packing(model, table, chunk, mask, cfg.pack_length, pad_id)
                     batch = pack(table, chunk, cfg.pack_length, pad_id, mask=mask, device=device)
                     nll = target_nll(model, batch["input_ids"], None, batch["target"],
@@ -298,7 +361,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 if cfg.loss_normalization == "step":
                     loss = nll.sum() / n_selected  # the step's mean over its selected tokens
                 else:
-                    loss = nll.mean() / n_micro  # each micro-batch's mean, averaged over the window
+                    loss = nll.mean() / n_micro  # each micro-batch's mean, averaged over the step's
                 loss.backward()
                 step_loss += float(loss.detach())
                 step_tokens += int(table.lengths[chunk].sum())
@@ -329,8 +392,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             log_file.close()
     if not math.isfinite(last_loss):
         raise FloatingPointError("training loss is not finite; lower the learning rate")
-    if cfg.lora_r > 0:
-        model = model.merge_and_unload()
+    if cfg.lora_r > 0 and merge:
+        model = merge_adapter(model, cfg.merge_dtype, load_start)
     model.eval()
     summary = {"steps": total_steps, "samples_used": int(len(usable)),
                "samples_without_selected_tokens": int(table.n_samples - len(usable)),
@@ -340,38 +403,48 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
 
 
 def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
-               mask_path: str | os.PathLike | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """CLI entry: fine-tune ``model_name`` on a token table (optionally restricted by a mask); save an HF dir."""
+               mask_path: str | os.PathLike | None = None, trust_remote_code: bool = False,
+               revision: str | None = None) -> dict[str, Any]:
+    """CLI entry: fine-tune ``model_name`` on a token table (optionally restricted by a mask); save an HF dir.
+    ``revision`` pins a hub model; the commit loaded is recorded either way."""
     from tokenclean.artifacts import atomic_dir
-    from tokenclean.models import load_model, model_fingerprint, pick_device, write_model_dir
+    from tokenclean.models import hub_commit, load_model, model_fingerprint, pick_device, write_model_dir
     from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
 
     table, tmeta = TokenTable.load(tokens)
     mask, mmeta = ((table.loss_mask.copy(), {}) if mask_path is None
                    else load_array(mask_path, "mask", made_on=(tokens, tmeta)))
-    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    commit = hub_commit(model_name, revision)
+    tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
         raise ArtifactError(f"{tokens}: tokenized with a different tokenizer than that of {model_name!r}")
     device = distributed.local_device(pick_device(cfg.device))
-    model = load_model(model_name, device, cfg.dtype, trust_remote_code)
+    model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     resume_dir = Path(f"{out}.resume")  # survives a killed job (not an output of the rule)
-    start = model_fingerprint(model_name)
+    start = model_fingerprint(model_name, commit)
     if distributed.rank_and_size()[0] != 0:  # the other processes train their share; process 0 saves
         _, summary = train_model(model, table, mask, cfg, pad_id, checkpoint_dir=resume_dir / "checkpoint",
-                                 start_fingerprint=start)
+                                 start_fingerprint=start, merge=False)
         distributed.barrier()
         return summary
+
+    def load_start() -> Any:  # the starting weights again, in float32 on the CPU, for the LoRA merge
+        return load_model(model_name, torch.device("cpu"), "float32", trust_remote_code, commit)
+
     with atomic_dir(out) as tmp:
         log_path = resume_dir / "train_log.jsonl" if cfg.checkpoint_every else Path(tmp) / "train_log.jsonl"
         if cfg.checkpoint_every:
             resume_dir.mkdir(parents=True, exist_ok=True)
         model, summary = train_model(model, table, mask, cfg, pad_id, log_path=log_path,
-                                     checkpoint_dir=resume_dir / "checkpoint", start_fingerprint=start)
+                                     checkpoint_dir=resume_dir / "checkpoint", start_fingerprint=start,
+                                     load_start=load_start)
         if cfg.checkpoint_every:
             shutil.copy(log_path, Path(tmp) / "train_log.jsonl")
         write_model_dir(model, tokenizer, tmp, {
-            "kind": "model", "base_model": str(model_name), "base_model_fingerprint": start,
+            "kind": "model", "base_model": str(model_name), "base_model_revision": revision or None,
+            "base_model_commit": commit, "base_model_fingerprint": start,
+            "saved_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "tokens": str(tokens), "tokens_fingerprint": tmeta["fingerprint"],
             "mask": str(mask_path) if mask_path else None, "mask_meta": mmeta,
             "train_config": dataclasses.asdict(cfg), **summary})
