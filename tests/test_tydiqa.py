@@ -51,7 +51,7 @@ def meta(files: dict[str, Path], **extra) -> dict:
 def load_tasks(metadata: dict) -> dict:
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(BENCHMARK_TASKS), include_defaults=False, metadata=metadata)
+    tm = TaskManager(include_path=[str(p) for p in BENCHMARK_TASKS], include_defaults=False, metadata=metadata)
     return tm.load(["tc_tydiqa_goldp"])["tasks"]
 
 
