@@ -286,10 +286,10 @@ def test_the_scripts_bos_and_newline_token_stop_apply_to_the_tydiqa_run_only(fil
                             tmp_path / "r3.json", device="cpu")
 
 
-def test_open_instructs_passage_cut_is_a_setting(files, tiny_model_dir):
+def test_open_instructs_passage_cut_is_a_setting(files, bos_model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)  # prepends BOS, as Llama-3's and Mistral's do
     text = "the fox 1 jumps over the lazy dog 0"
     # open-instruct: encode with special tokens (BOS counts), decode back: the cut passage starts with BOS's text
     assert ty.cut_passage(text, tok, 4, "with_bos") == tok.decode(tok.encode(text)[:4])
