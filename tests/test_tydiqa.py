@@ -51,7 +51,7 @@ def meta(files: dict[str, Path], **extra) -> dict:
 def load_tasks(metadata: dict) -> dict:
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(BENCHMARK_TASKS), include_defaults=False, metadata=metadata)
+    tm = TaskManager(include_path=[str(p) for p in BENCHMARK_TASKS], include_defaults=False, metadata=metadata)
     return tm.load(["tc_tydiqa_goldp"])["tasks"]
 
 
@@ -185,3 +185,115 @@ def test_tokenclean_evaluate_runs_tydiqa_end_to_end(files, tiny_model_dir, tmp_p
     assert m["score"] == m["f1"] == pytest.approx(sum(m["subtasks"].values()) / 9)
     assert result["average"]["score"] == m["score"]
     assert m["n_examples"] == 18  # its own limit (null: every drawn example), not the global --limit 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model side of the paper's TyDiQA script: batch size under auto, BOS, newline-token stop
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def generate_calls(monkeypatch) -> list[dict]:
+    """Every batch lm-eval generates: its size, first token ids, stop strings and extra generate arguments."""
+    from lm_eval.models.huggingface import HFLM
+
+    calls: list[dict] = []
+    real = HFLM._model_generate
+
+    def spy(self, context, max_length, stop, **kwargs):
+        mask = kwargs["attention_mask"]  # left padding: a row's first real token is its first unmasked one
+        first = [row[int(m.argmax())] for row, m in zip(context.tolist(), mask)]
+        calls.append({"size": context.shape[0], "first": first, "ids": context.tolist(), "stop": list(stop),
+                      "kwargs": {k: v for k, v in kwargs.items() if k != "attention_mask"}})
+        return real(self, context, max_length, stop, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_model_generate", spy)
+    return calls
+
+
+def test_auto_batch_size_never_probes_generation_at_the_models_max_length(files, tiny_model_dir, tmp_path,
+                                                                          monkeypatch, generate_calls):
+    from lm_eval.models.huggingface import HFLM
+
+    from tokenclean.evaluation import GENERATION_BATCH_SIZE, evaluate_benchmarks
+
+    def probe(self, requests=None, pos=0):
+        if not requests:  # what generate_until does: a forward pass at self.max_length (131072 for Llama-3.x)
+            raise AssertionError(f"batch-size probe at the model's max length {self.max_length}")
+        return 4
+
+    monkeypatch.setattr(HFLM, "_detect_batch_size", probe)
+    bench = [{"task": "tc_tydiqa_goldp", "num_fewshot": 1, "metric": "f1", "limit": None,
+              "metadata": meta(files, tydiqa_per_language=2)}]
+    result = evaluate_benchmarks(str(tiny_model_dir), bench, tmp_path / "r.json", device="cpu", batch_size="auto")
+    assert result["metrics"]["tc_tydiqa_goldp"]["n_examples"] == 18
+    assert max(c["size"] for c in generate_calls) == GENERATION_BATCH_SIZE == 5  # open-instruct's eval batch size
+    assert result["model_args"]["tc_tydiqa_goldp"]["batch_size"] == "auto"
+    generate_calls.clear()
+    evaluate_benchmarks(str(tiny_model_dir), [{**bench[0], "model_args": {"generation_batch_size": 7}}],
+                        tmp_path / "r7.json", device="cpu", batch_size="auto")
+    assert max(c["size"] for c in generate_calls) == 7
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer that prepends BOS by default, as Llama-3's and Mistral's do."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("bos") / "tiny"
+    shutil.copytree(tiny_model_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(d)
+    assert AutoTokenizer.from_pretrained(d).encode("x")[0] == tok.bos_token_id
+    return d
+
+
+def test_the_scripts_bos_and_newline_token_stop_apply_to_the_tydiqa_run_only(files, bos_model_dir, tmp_path,
+                                                                             generate_calls):
+    from transformers import AutoTokenizer
+
+    from tokenclean.evaluation import evaluate_benchmarks
+
+    tiny_model_dir = bos_model_dir
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    paper = {"add_bos_token": True, "dtype": "auto", "newline_stop": "token"}
+    bench = [{"task": "tc_tydiqa_goldp", "num_fewshot": 1, "metric": "f1", "limit": None, "model_args": paper,
+              "metadata": meta(files, tydiqa_per_language=1, tydiqa_max_context_tokens=4)}]  # short: no truncation
+    # max_length: the tiny model's 256 positions would left-truncate the byte-level non-English prompts (RoPE
+    # runs past them)
+    result = evaluate_benchmarks(str(tiny_model_dir), bench, tmp_path / "r.json", device="cpu", batch_size=4,
+                                 model_args={"add_bos_token": False, "max_length": 1024})
+    # the script: BOS first, no newline stop string, the newline token (and EOS) end each sequence
+    assert generate_calls and all(c["first"] == [tok.bos_token_id] * c["size"] for c in generate_calls)
+    assert all("\n" not in c["stop"] and c["kwargs"]["eos_token_id"] == [tok.eos_token_id, newline]
+               for c in generate_calls)
+    recorded = result["model_args"]["tc_tydiqa_goldp"]
+    assert {k: recorded[k] for k in paper} == paper and recorded["batch_size"] == 4
+    generate_calls.clear()
+    # the evaluation's own arguments (the paper's lm-eval runs: no BOS) and lm-eval's stop rule otherwise
+    result = evaluate_benchmarks(str(tiny_model_dir), [{k: v for k, v in bench[0].items() if k != "model_args"}],
+                                 tmp_path / "r2.json", device="cpu", batch_size=4,
+                                 model_args={"add_bos_token": False, "max_length": 1024})
+    assert all(tok.bos_token_id not in row for c in generate_calls for row in c["ids"])
+    assert all("\n" in c["stop"] and "eos_token_id" not in c["kwargs"] for c in generate_calls)
+    assert result["model_args"]["tc_tydiqa_goldp"]["dtype"] == "float32"
+    with pytest.raises(ValueError, match="newline_stop must be one of text, token"):
+        evaluate_benchmarks(str(tiny_model_dir), [{**bench[0], "model_args": {"newline_stop": "line"}}],
+                            tmp_path / "r3.json", device="cpu")
+
+
+def test_open_instructs_passage_cut_is_a_setting(files, bos_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)  # prepends BOS, as Llama-3's and Mistral's do
+    text = "the fox 1 jumps over the lazy dog 0"
+    # open-instruct: encode with special tokens (BOS counts), decode back: the cut passage starts with BOS's text
+    assert ty.cut_passage(text, tok, 4, "with_bos") == tok.decode(tok.encode(text)[:4])
+    assert ty.cut_passage(text, tok, 4, "with_bos").startswith(tok.bos_token)
+    assert ty.cut_passage(text, tok, 4) == tok.decode(tok.encode(text, add_special_tokens=False)[:4])
+    with pytest.raises(ValueError, match="tydiqa_cut must be one of own_tokens, with_bos"):
+        ty.load_tydiqa("english", **meta(files, tydiqa_cut="bos"))

@@ -149,7 +149,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         evaluate_benchmarks(a.model, a.benchmarks, a.out, device=a.device, limit=a.limit, seed=a.seed,
                             batch_size=int(a.batch_size) if str(a.batch_size).isdigit() else a.batch_size,
                             include_path=a.include_path,
-                            trust_remote_code=a.trust_remote_code, model_args=a.model_args)
+                            trust_remote_code=a.trust_remote_code, model_args=a.model_args, revision=a.revision)
     elif a.tasks_dir and a.tasks:
         evaluate(a.model, a.tasks_dir, a.tasks.split(","), a.out, device=a.device, limit=a.limit, seed=a.seed)
     else:
@@ -297,8 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "it; its metadata names the data files). A task's own limit (null: all) replaces --limit; "
                         "metadata reaches lm-eval's tasks as `lm_eval --metadata` would")
     p.add_argument("--include-path", default=None, help="extra lm-eval task directory for --benchmarks")
-    p.add_argument("--model-args", type=_json_arg, default=None, help="JSON object of extra lm-eval HFLM arguments")
-    p.add_argument("--batch-size", default=None, help="lm-eval batch size for --benchmarks (an integer or 'auto')")
+    p.add_argument("--model-args", type=_json_arg, default=None,
+                   help="JSON object of extra lm-eval HFLM arguments (e.g. add_bos_token, dtype), plus tokenclean's "
+                        "generation_batch_size (generation's batch size under --batch-size auto, default 5) and "
+                        "newline_stop (text: lm-eval's cut at any newline; token: the TyDiQA script's stop at the "
+                        "newline token); a benchmark's own model_args override these for its run")
+    p.add_argument("--batch-size", default=None, help="lm-eval batch size for --benchmarks (an integer or 'auto'; "
+                   "under 'auto' generation uses generation_batch_size: lm-eval's probe would run at the model's "
+                   "maximum length)")
+    p.add_argument("--revision", default=None,
+                   help="hub revision (branch, tag or commit) of --model when it is a hub id (with --benchmarks); "
+                        "ignored for a model directory")
     p.add_argument("--trust-remote-code", action="store_true")
     _add_revision_flag(p)
     p.add_argument("--out", required=True, help="output results JSON")

@@ -23,6 +23,7 @@ the training table holds for the same sample (``<s>`` + prompt tokens, then the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,8 +38,14 @@ from tokenclean.artifacts import atomic_dir, atomic_file, write_json
 log = logging.getLogger(__name__)
 
 PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"
-# lm-eval tasks shipped with the package (TyDiQA GoldP as the paper ran it); always on evaluate_benchmarks' path
-BENCHMARK_TASKS = PACKAGE_TASKS / "tydiqa"
+# lm-eval tasks shipped with the package (TyDiQA GoldP as the paper ran it, LogiQA over the release files);
+# always on evaluate_benchmarks' include path
+BENCHMARK_TASKS = (PACKAGE_TASKS / "tydiqa", PACKAGE_TASKS / "logiqa")
+# generation batch size when batch_size is "auto": lm-eval's probe for generation runs at the model's maximum length
+# (131072 tokens for Llama-3.x) and runs out of memory; 5 is what the paper's TyDiQA runs used
+# (UCSC-REAL/TokenCleaning@b12ff75 run_eval_tydiqa.sh, --eval_batch_size 5)
+GENERATION_BATCH_SIZE = 5
+NEWLINE_STOPS = ("text", "token")
 SHARED_FILES = ("tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml")
 GEN_SUFFIX, NLL_SUFFIX = "_gen", "_nll"
 METRICS = ("answer_acc", "response_em", "answer_nll")
@@ -329,31 +336,86 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     return result
 
 
-def make_hf_lm(model: str, **kwargs: Any) -> Any:
-    """Stock lm-eval ``HFLM`` for a directory or hub id; a model that cannot be loaded is one clear error."""
+def _benchmark_hflm_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
+    class BenchmarkHFLM(HFLM):
+        """Stock HFLM plus two generation settings (model arguments, so a task's run can set them).
+
+        - ``generation_batch_size``: the batch size of generation requests when ``batch_size`` is ``auto``.
+          lm-eval probes generation at the model's maximum length (``_detect_batch_size`` without requests), which
+          for Llama-3.x is 131072 tokens and runs out of memory; the likelihood tasks keep lm-eval's probe, which
+          uses their own longest request.
+        - ``newline_stop``: ``text`` (lm-eval: generation stops at, and is cut at, the first newline anywhere in the
+          decoded text) or ``token`` (open-instruct's TyDiQA script, as the paper ran it: a sequence stops when it
+          generates the tokenizer's newline token ``encode("\\n")[-1]`` or EOS and nothing is cut afterwards, so a
+          token such as Llama-3's ``"\\n\\n"`` does not stop it). Applies to requests whose stop strings hold a
+          newline.
+        """
+
+        def __init__(self, *args: Any, generation_batch_size: int = GENERATION_BATCH_SIZE,
+                     newline_stop: str = "text", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.generation_batch_size = int(generation_batch_size)
+            self.newline_stop = newline_stop
+
+        def _stop_at_newline_token(self, request: Any) -> Any:
+            context, gen_kwargs = request.args
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            if "\n" not in until:
+                return request
+            newline = self.tokenizer.encode("\n", add_special_tokens=False)[-1]
+            eos = [self.eot_token_id] if self.eot_token_id is not None else []
+            kwargs = {**gen_kwargs, "until": [u for u in until if u != "\n"], "eos_token_id": eos + [newline]}
+            return dataclasses.replace(request, arguments=(context, kwargs))
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            if self.newline_stop == "token":
+                requests = [self._stop_at_newline_token(r) for r in requests]
+            if self.batch_size_per_gpu != "auto":
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            self.batch_size_per_gpu = self.generation_batch_size
+            try:
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = "auto"
+
+    return BenchmarkHFLM
+
+
+def make_hf_lm(model: str, **kwargs: Any) -> Any:
+    """lm-eval's ``HFLM`` (with :func:`_benchmark_hflm_class`'s two generation settings) for a directory or hub
+    id; a model that cannot be loaded is one clear error."""
     from tokenclean.models import not_loadable
 
     local = Path(model)
     if model.startswith((".", "/")) and not local.is_dir():
         raise FileNotFoundError(f"model directory {model} not found; run the workflow step that makes it or fix "
                                 "the path")
+    stop = kwargs.get("newline_stop", "text")
+    if stop not in NEWLINE_STOPS:
+        raise ValueError(f"model argument newline_stop must be one of {', '.join(NEWLINE_STOPS)}, got {stop!r}")
+    size = kwargs.get("generation_batch_size", GENERATION_BATCH_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"model argument generation_batch_size must be a positive integer, got {size!r}")
     try:
-        return HFLM(pretrained=model, **kwargs)
+        return _benchmark_hflm_class()(pretrained=model, **kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(not_loadable(model, e)) from None
 
 
 def check_benchmarks(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validated benchmark entries: ``{"task": lm-eval task or group, "num_fewshot": k, "metric": name}``, plus
-    optionally ``"limit"`` (this task's own limit; null = every example) and ``"metadata"`` (lm-eval task
-    metadata, e.g. the TyDiQA data files)."""
+    optionally ``"limit"`` (this task's own limit; null = every example), ``"metadata"`` (lm-eval task
+    metadata, e.g. the TyDiQA data files) and ``"model_args"`` (model arguments for this task's run only, over
+    the evaluation's own: the paper's TyDiQA script prepended BOS and loaded the checkpoint's own dtype while its
+    lm-eval runs did neither)."""
     checked = []
     for i, b in enumerate(benchmarks):
         if not isinstance(b, dict) or not isinstance(b.get("task"), str) or not b["task"]:
             raise ValueError(f"benchmark {i}: needs a 'task' name, got {b!r}")
-        unknown = sorted(set(b) - {"task", "num_fewshot", "metric", "limit", "metadata"})
+        unknown = sorted(set(b) - {"task", "num_fewshot", "metric", "limit", "metadata", "model_args"})
         if unknown:
             raise ValueError(f"benchmark {b['task']}: unknown field(s) {', '.join(unknown)}")
         shots = b.get("num_fewshot", 0)
@@ -365,10 +427,11 @@ def check_benchmarks(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any
                                            or b["limit"] <= 0):
                 raise ValueError(f"benchmark {b['task']}: limit must be positive or null, got {b['limit']!r}")
             entry["limit"] = b["limit"]
-        if "metadata" in b:
-            if not isinstance(b["metadata"], dict):
-                raise ValueError(f"benchmark {b['task']}: metadata must be a mapping, got {b['metadata']!r}")
-            entry["metadata"] = dict(b["metadata"])
+        for field in ("metadata", "model_args"):
+            if field in b:
+                if not isinstance(b[field], dict):
+                    raise ValueError(f"benchmark {b['task']}: {field} must be a mapping, got {b[field]!r}")
+                entry[field] = dict(b[field])
         checked.append(entry)
     if not checked:
         raise ValueError("no benchmarks given")
@@ -390,7 +453,8 @@ def task_metadata(benchmarks: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_json: str | os.PathLike,
                         device: str | None = None, limit: int | float | None = None, seed: int = 0,
                         batch_size: int | str | None = None, include_path: str | os.PathLike | None = None,
-                        trust_remote_code: bool = False, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+                        trust_remote_code: bool = False, model_args: dict[str, Any] | None = None,
+                        revision: str | None = None) -> dict[str, Any]:
     """Evaluate any Hugging Face model (directory or hub id) on lm-eval tasks, each with its own few-shot count
     and metric (the paper's suite: MMLU 5-shot, the others 0-shot, ``acc``; TyDiQA 1-shot, ``f1``).
 
@@ -399,7 +463,10 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     (accuracy, F1) share one headline. ``model_args`` go to lm-eval's HFLM as they would on the command line
     (e.g. ``add_bos_token``); the defaults are stock ``lm_eval --model hf``, as the paper ran it. A benchmark's
     own ``limit`` replaces ``limit`` for it; the benchmarks' ``metadata`` reach lm-eval's tasks together with the
-    model arguments, as ``lm_eval --metadata`` does. The package's tasks (``tc_tydiqa_goldp``) are always found.
+    model arguments, as ``lm_eval --metadata`` does. A benchmark's own ``model_args`` apply to its run only (one
+    model load per distinct set of arguments). The package's tasks (``tc_tydiqa_goldp``, ``tc_logiqa``) are always
+    found. ``revision`` pins a hub model (ignored for a directory). The model arguments each task ran with
+    (dtype included) are recorded under ``model_args``.
     Per-example scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``, one line per
     example; a group's examples under its own task name) for the paired bootstrap of the report.
     """
@@ -411,24 +478,35 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
 
     t0 = time.perf_counter()
     benchmarks = check_benchmarks(benchmarks)
-    metadata = {"pretrained": str(model), "trust_remote_code": trust_remote_code, **(model_args or {}),
+    hub = {"revision": revision} if revision and not Path(model).is_dir() else {}
+    metadata = {"pretrained": str(model), "trust_remote_code": trust_remote_code, **hub, **(model_args or {}),
                 **task_metadata(benchmarks)}
-    paths = [str(BENCHMARK_TASKS)] + ([str(include_path)] if include_path else [])
+    paths = [str(p) for p in BENCHMARK_TASKS] + ([str(include_path)] if include_path else [])
     tm = TaskManager(include_path=paths, metadata=metadata)
     unknown = [b["task"] for b in benchmarks if b["task"] not in tm.all_tasks]
     if unknown:  # lm-eval itself would fail later with a KeyError
         raise ValueError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: neither a stock task"
                          f"{f' nor one under {include_path}' if include_path else ''}; fix evaluation.benchmarks")
     dev = pick_device(device)
-    lm = make_hf_lm(str(model), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
-                    batch_size=batch_size or (8 if dev.type == "cuda" else 1), trust_remote_code=trust_remote_code,
-                    **(model_args or {}))
+    # stock `lm_eval --model hf` with the paper's dtype=bfloat16 on CUDA; the evaluation's and then the
+    # benchmark's own model arguments override these
+    base_args = {"device": str(dev), "dtype": "bfloat16" if dev.type == "cuda" else "float32",
+                 "batch_size": batch_size or (8 if dev.type == "cuda" else 1), "trust_remote_code": trust_remote_code,
+                 **hub, **(model_args or {})}
     metrics: dict[str, dict[str, float]] = {}
     sample_rows: list[dict[str, Any]] = []
-    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for b in benchmarks:  # one lm-eval run per (shots, limit): few-shot count and limit are per run
-        runs.setdefault((b["num_fewshot"], json.dumps(b.get("limit", limit))), []).append(b)
-    for (shots, run_limit), group in sorted(runs.items()):
+    used_args: dict[str, dict[str, Any]] = {}
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for b in benchmarks:  # one lm-eval run per (model arguments, shots, limit)
+        args = json.dumps({**base_args, **b.get("model_args", {})}, sort_keys=True)
+        runs.setdefault((args, b["num_fewshot"], json.dumps(b.get("limit", limit))), []).append(b)
+    lm, lm_args = None, None
+    for (args, shots, run_limit), group in sorted(runs.items()):
+        if args != lm_args:  # runs are sorted by their model arguments: each set is loaded once
+            lm = None
+            _free_accelerator_memory()
+            lm, lm_args = make_hf_lm(str(model), **json.loads(args)), args
+        used_args.update({b["task"]: json.loads(args) for b in group})
         _set_seeds(seed)
         out = simple_evaluate(model=lm, tasks=[b["task"] for b in group], task_manager=tm, num_fewshot=shots,
                               limit=json.loads(run_limit), log_samples=True, bootstrap_iters=0, random_seed=seed,
@@ -455,6 +533,7 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
         "model": str(model), "tasks": [b["task"] for b in benchmarks], "benchmarks": benchmarks,
         "metrics": metrics, "average": {"score": sum(m["score"] for m in metrics.values()) / len(metrics)},
         "seed": int(seed), "limit": limit, "lm_eval_version": lm_eval.__version__, "device": str(dev),
+        "revision": hub.get("revision"), "model_args": {b["task"]: used_args[b["task"]] for b in benchmarks},
         "seconds": {"total": round(time.perf_counter() - t0, 3)},
     }
     with atomic_file(samples_path(out_json)) as tmp:
@@ -465,6 +544,17 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     log.info("%s: average score %.4f (%s)", out_json, result["average"]["score"],
              ", ".join(f"{t} {m['score']:.3f}" for t, m in metrics.items()))
     return result
+
+
+def _free_accelerator_memory() -> None:
+    """Release the previous model's GPU memory before the next load (the TyDiQA run loads its own)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def samples_path(out_json: str | os.PathLike) -> Path:

@@ -13,16 +13,24 @@ arguments (``pretrained``, ``tokenizer``):
 
 - ``tydiqa_dev``, ``tydiqa_train``: the two files (required; the train file only when ``tydiqa_shots`` > 0);
 - ``tydiqa_per_language``: dev examples per language (null = all);
-- ``tydiqa_shots`` (1), ``tydiqa_max_context_tokens`` (512; 0 = no cut), ``tydiqa_seed`` (42).
+- ``tydiqa_shots`` (1), ``tydiqa_max_context_tokens`` (512; 0 = no cut), ``tydiqa_seed`` (42),
+  ``tydiqa_cut`` (``own_tokens``; see below).
 
 Sampling draws exactly what the open-instruct script draws: one ``random.Random(seed)`` stream, first the dev
 subsample of each language that has more than ``per_language`` examples (languages in sorted order), then the
 shots of each language from its training examples. With the paper's seed 42 this gives the paper's examples.
 
-One deliberate difference: open-instruct cut passages with ``tokenizer.encode``, which adds the begin-of-text
-token, and decoded it back, so a cut passage began with the literal text of that token (e.g. ``<s>``) inside the
-prompt. Here the cut counts the passage's own tokens only (no special tokens), so the model never sees that
-marker; a passage is cut at 512 of its own tokens.
+One deliberate difference, a setting: open-instruct cut passages with ``tokenizer.encode``, which adds the
+begin-of-text token, and decoded it back, so a cut passage began with the literal text of that token (e.g. ``<s>``)
+inside the prompt, which the tokenizer then reads as the special token. ``tydiqa_cut: own_tokens`` (default) counts
+the passage's own tokens only, so the model never sees that marker; ``with_bos`` is open-instruct's cut.
+
+What the script did on the model side is set by model arguments (``tokenclean evaluate``'s per-benchmark
+``model_args``; the paper configs set all three): its prompts began with BOS (``add_bos_token: true``), the model
+was loaded in the checkpoint's own dtype (``dtype: auto``), and generation stopped only at the tokenizer's newline
+*token* or EOS (``newline_stop: token``; lm-eval's rule, this task's default ``until: ["\n"]``, cuts at any newline
+in the text, which differs where a token such as Llama-3's ``"\n\n"`` holds one). Its output was the decoded
+continuation, stripped (:func:`process_results`). See docs/paper-fidelity.md.
 
 Self-contained (standard library, ``datasets``, ``transformers``), so stock ``lm_eval --include_path`` runs it
 without tokenclean installed.
@@ -120,21 +128,28 @@ def select(dev: str, train: str | None, per_language: int | None, shots: int, se
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+def _tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def cut_passage(text: str, tokenizer: Any, max_tokens: int) -> str:
-    """The passage cut to its first ``max_tokens`` tokens (no special tokens), decoded back to text."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+CUTS = ("own_tokens", "with_bos")
+
+
+def cut_passage(text: str, tokenizer: Any, max_tokens: int, cut: str = "own_tokens") -> str:
+    """The passage cut to its first ``max_tokens`` tokens, decoded back to text.
+
+    ``own_tokens`` counts the passage's own tokens; ``with_bos`` is open-instruct's cut (``encode`` with special
+    tokens, so the begin-of-text token counts and its literal text starts every cut passage).
+    """
+    ids = tokenizer.encode(text, add_special_tokens=cut == "with_bos")
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-def _doc(row: dict[str, Any], tokenizer: Any, max_tokens: int) -> dict[str, Any]:
+def _doc(row: dict[str, Any], tokenizer: Any, max_tokens: int, cut: str) -> dict[str, Any]:
     instruction, passage, question, answer = TEMPLATES[row["lang"]]
-    context = cut_passage(row["context"], tokenizer, max_tokens) if max_tokens > 0 else row["context"]
+    context = cut_passage(row["context"], tokenizer, max_tokens, cut) if max_tokens > 0 else row["context"]
     return {"id": row["id"], "lang": row["lang"], "instruction": instruction,
             "prompt": f"{passage} {context}\n{question} {row['question']}\n{answer}",
             "answer": row["answers"][0], "answers": row["answers"]}
@@ -146,8 +161,8 @@ def _flag(value: Any) -> bool:
 
 def load_tydiqa(language: str, tydiqa_dev: str | None = None, tydiqa_train: str | None = None,
                 tydiqa_per_language: int | None = None, tydiqa_shots: int = 1, tydiqa_max_context_tokens: int = 512,
-                tydiqa_seed: int = 42, pretrained: Any = None, tokenizer: Any = None, trust_remote_code: Any = False,
-                **_: Any) -> Any:
+                tydiqa_seed: int = 42, tydiqa_cut: str = "own_tokens", pretrained: Any = None, tokenizer: Any = None,
+                trust_remote_code: Any = False, revision: str | None = None, **_: Any) -> Any:
     """lm-eval ``custom_dataset``: ``validation`` = the language's evaluated examples, ``train`` = its shots.
 
     lm-eval calls it with the task metadata and the model arguments as keyword arguments (see module docstring).
@@ -156,6 +171,8 @@ def load_tydiqa(language: str, tydiqa_dev: str | None = None, tydiqa_train: str 
 
     if language not in TEMPLATES:
         raise ValueError(f"TyDiQA: no prompt template for language {language!r}")
+    if tydiqa_cut not in CUTS:
+        raise ValueError(f"TyDiQA: tydiqa_cut must be one of {', '.join(CUTS)}, got {tydiqa_cut!r}")
     if not tydiqa_dev:
         raise ValueError("TyDiQA: no dev file; set metadata tydiqa_dev (and tydiqa_train) to the SQuAD-format "
                          "GoldP v1.1 files")
@@ -171,7 +188,8 @@ def load_tydiqa(language: str, tydiqa_dev: str | None = None, tydiqa_train: str 
     if max_tokens > 0:
         name = tokenizer if isinstance(tokenizer, str) and tokenizer else pretrained
         if isinstance(name, str) and name:
-            tok = _tokenizer(name, _flag(trust_remote_code))
+            # the evaluated model's tokenizer; a hub model's pinned revision (not a directory's) applies to it too
+            tok = _tokenizer(name, _flag(trust_remote_code), revision if not Path(name).is_dir() else None)
         elif name is not None and hasattr(name, "encode"):
             tok = name
         else:
@@ -179,8 +197,8 @@ def load_tydiqa(language: str, tydiqa_dev: str | None = None, tydiqa_train: str 
                              "pass pretrained=... (lm_eval --model_args) or set tydiqa_max_context_tokens to 0")
     docs, demos = by_lang[language]
     return datasets.DatasetDict({
-        "validation": datasets.Dataset.from_list([_doc(r, tok, max_tokens) for r in docs]),
-        "train": datasets.Dataset.from_list([_doc(r, tok, max_tokens) for r in demos]),
+        "validation": datasets.Dataset.from_list([_doc(r, tok, max_tokens, tydiqa_cut) for r in docs]),
+        "train": datasets.Dataset.from_list([_doc(r, tok, max_tokens, tydiqa_cut) for r in demos]),
     })
 
 
