@@ -160,4 +160,4 @@ def test_evaluate_passes_the_revision_to_lm_eval(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate_benchmarks", lambda model, benchmarks, out, **kw: seen.update(kw))
     assert main(["evaluate", "--model", "org/tiny", "--revision", "v1", "--benchmarks", '[{"task": "boolq"}]',
                  "--model-args", '{"add_bos_token": true}', "--out", str(tmp_path / "e.json")]) == 0
-    assert seen["model_args"] == {"add_bos_token": True, "revision": "v1"}
+    assert seen["revision"] == "v1" and seen["model_args"] == {"add_bos_token": True}

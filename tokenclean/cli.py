@@ -143,8 +143,6 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from tokenclean.evaluation import evaluate, evaluate_benchmarks
 
-    if a.revision:  # lm-eval's HFLM loads the pinned revision of a hub model
-        a.model_args = {**(a.model_args or {}), "revision": a.revision}
     if a.benchmarks is not None:
         evaluate_benchmarks(a.model, a.benchmarks, a.out, device=a.device, limit=a.limit, seed=a.seed,
                             batch_size=int(a.batch_size) if str(a.batch_size).isdigit() else a.batch_size,
@@ -309,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub revision (branch, tag or commit) of --model when it is a hub id (with --benchmarks); "
                         "ignored for a model directory")
     p.add_argument("--trust-remote-code", action="store_true")
-    _add_revision_flag(p)
     p.add_argument("--out", required=True, help="output results JSON")
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=_limit_arg, default=None,
