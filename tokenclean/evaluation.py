@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tokenclean.artifacts import atomic_dir, atomic_file, write_json
+from tokenclean.artifacts import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +326,7 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
         "batch_size": lm.batch_size, "device": str(lm.device),
         "seconds": {"setup": round(t_setup, 3), "total": round(time.perf_counter() - t0, 3)},
     }
-    with atomic_file(samples_path(out_json)) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in sample_rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    write_json(out_json, result)
+    write_results(out_json, result, sample_rows)
     log.info("%s: answer_acc %.4f (%s)", out_json, average["answer_acc"],
              ", ".join(f"{f} {metrics[f]['answer_acc']:.3f}" for f in families))
     return result
@@ -536,11 +532,7 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
         "revision": hub.get("revision"), "model_args": {b["task"]: used_args[b["task"]] for b in benchmarks},
         "seconds": {"total": round(time.perf_counter() - t0, 3)},
     }
-    with atomic_file(samples_path(out_json)) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in sample_rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    write_json(out_json, result)
+    write_results(out_json, result, sample_rows)
     log.info("%s: average score %.4f (%s)", out_json, result["average"]["score"],
              ", ".join(f"{t} {m['score']:.3f}" for t, m in metrics.items()))
     return result
@@ -555,6 +547,14 @@ def _free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def write_results(out_json: str | os.PathLike, result: dict[str, Any], sample_rows: list[dict[str, Any]]) -> None:
+    """The evaluation JSON and its per-example file, both or neither (the JSON, the rule's marker, is renamed last)."""
+    from tokenclean.artifacts import write_texts
+
+    write_texts({samples_path(out_json): "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows),
+                 out_json: json.dumps(result, indent=2, sort_keys=True) + "\n"})
 
 
 def samples_path(out_json: str | os.PathLike) -> Path:
