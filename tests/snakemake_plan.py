@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan(workdir: Path, *configfiles: Path, env: dict[str, str] | None = None) -> dict:
-    """The plan of ``rule all`` for ``configfiles`` in ``workdir`` (no job runs; nothing written but .snakemake/)."""
+    """The plan of ``rule all`` for ``configfiles`` (none: config.yaml) in ``workdir``; no job runs."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--directory", str(workdir),
            "--configfile", *map(str, configfiles)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env if env is not None else {**os.environ},
@@ -32,7 +32,7 @@ def plan(workdir: Path, *configfiles: Path, env: dict[str, str] | None = None) -
 def _main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--directory", type=Path, required=True)
-    parser.add_argument("--configfile", type=Path, nargs="+", required=True)
+    parser.add_argument("--configfile", type=Path, nargs="*", default=[])
     a = parser.parse_args()
 
     from snakemake.api import SnakemakeApi

@@ -118,9 +118,9 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
     rounds = se.get("rounds", 3)
     if se.get("chunks", rounds) < rounds:
         return ["self_evolving", "chunks"], f"{se['chunks']} must be at least self_evolving.rounds ({rounds})"
-    ev = config["evaluation"]
-    if not (ev.get("tasks") or ev.get("benchmarks") or config.get("world", {}).get("families")):
-        return ["evaluation"], "set evaluation.tasks or evaluation.benchmarks"
+    if "world" not in config and not config["evaluation"].get("benchmarks"):
+        # evaluation.tasks names the embedded world's task families; any other experiment needs lm-eval tasks
+        return ["evaluation"], "set evaluation.benchmarks (the lm-eval tasks) for an experiment with its own data"
     return None
 
 
@@ -132,10 +132,11 @@ def check_config(config: dict, files: list[str] | None = None, schema: Path = SC
     files = [_shown(Path(f)) for f in files or []]
     spec = yaml.safe_load(Path(schema).read_text())
     validator_class = validators.validator_for(spec, default=Draft202012Validator)
+    for _ in _with_defaults(validator_class)(spec).iter_errors(config):  # defaults first: a key with one is optional
+        pass
     error = best_match(validator_class(spec).iter_errors(config))
     if error is not None:
         raise ConfigError(f"{_source(_location(error), files)}: {_message(error)}")
-    _with_defaults(validator_class)(spec).validate(config)
     problem = _rule_problem(config)
     if problem is not None:
         path, what = problem
