@@ -88,7 +88,7 @@ def parse_tokenclean(command: str, previous: dict[str, list[str]]) -> None:
     """Parse a `tokenclean` example with the real parser; `...` continues the last example of that command."""
     from tokenclean.cli import build_parser
 
-    args = shlex.split(command.replace("[", "").replace("]", ""))[1:]
+    args = shlex.split(re.sub(r"\[(--[^]]+)\]", r"\1", command))[1:]  # `[--flag value]`: an optional flag
     if "..." in args:
         i = args.index("...")
         args = previous[args[0]] + args[i + 1:]
