@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.snakemake_plan import plan
-from tokenclean.config import ConfigError, check_config, ratio_tag
+from tokenclean.config import ConfigError, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -161,11 +161,6 @@ def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
     assert proc.stderr.startswith(f"config error: x.yaml: {expected}"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
-
-
-def test_every_accepted_ratio_round_trips_through_its_run_name():
-    for r in (0.6, 0.3, 1, 0.05, 1e-05, 0.123456, 0.999999):
-        assert float(ratio_tag(r)) == r
 
 
 # ---------------------------------------------------------------------------------------------------------
