@@ -110,7 +110,7 @@ def test_readme_commands_are_found():
     assert not set(LONG) - set(COMMANDS), f"LONG lists commands the README no longer shows: {set(LONG) - set(COMMANDS)}"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if not c.startswith("tokenclean ")])
+@pytest.mark.parametrize("command", [c for c in COMMANDS if not c.startswith("tokenclean ")], ids=str)
 def test_documented_command_works_from_the_repository_root(command):
     is_dry = re.search(r"(^| )(-n|--dry-run)( |$)", command) is not None or command == "make dry-run"
     if command.startswith("make "):
