@@ -25,7 +25,8 @@ if not workflow.overwrite_configfiles:
 try:
     check_config(config, workflow.overwrite_configfiles or workflow.configfiles)
 except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)  # bad input, as every tokenclean command reports it
 
 
 include: "rules/common.smk"

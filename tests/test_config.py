@@ -157,7 +157,7 @@ def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_
     cfg, expected = BAD[case]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-s", str(ROOT / "Snakefile"), "--cores", "1", "--configfile", "x.yaml")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
     assert proc.stderr.startswith(f"config error: x.yaml: {expected}"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
