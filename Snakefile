@@ -1,17 +1,32 @@
 # tokenclean: warm-up reference -> score tokens -> select -> SFT -> lm-eval -> report.
 # `snakemake --cores all` runs config.yaml; `--configfile configs/smoke.yaml` is the one-minute version.
-from snakemake.utils import min_version, validate
+import os
+import sys
+
+from snakemake.utils import min_version
 
 min_version("9.0")
+
+sys.path.insert(0, workflow.basedir)
+from tokenclean.config import ConfigError, check_config  # noqa: E402  (pure Python: no torch at planning time)
 
 
 report: "report/workflow.rst"
 
 
-configfile: "config.yaml"
+# `--configfile X` runs exactly X (plus the schema's defaults): config.yaml is only the default when no config
+# file is named (a `configfile:` directive would be merged under the user's file).
+if not workflow.overwrite_configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
-validate(config, "schemas/config.schema.yaml")
+# The schema (schemas/config.schema.yaml) and the rules it cannot state; a problem is one line, before any job.
+try:
+    check_config(config, workflow.overwrite_configfiles or workflow.configfiles)
+except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)  # bad input, as every tokenclean command reports it
 
 
 include: "rules/common.smk"

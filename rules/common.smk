@@ -7,29 +7,31 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 R = f"{config['results_dir']}/{config['experiment']}"
-# Caches the jobs' libraries write (Hugging Face hub and datasets, matplotlib, torch inductor) go to the project's
-# own .cache/ unless the environment names another place; jobs inherit these. lm-eval's request cache is off.
-for _var, _sub in (("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
+# An embedded experiment generates its world and pretrains its base model; any other one brings its data
+# (rule `data`) and names its base model (a hub id or a local directory, loaded as it is).
+EMBEDDED = "world" in config
+# Caches of matplotlib and torch inductor go to the project's own .cache/ unless the environment names another
+# place; jobs inherit these. The Hugging Face settings are the user's (HF_HOME holds the login token of gated
+# models and the hub cache): an embedded experiment only switches the hub off, as it never needs it; lm-eval's
+# request cache is off.
+for _var, _sub in (("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
     os.environ.setdefault(_var, os.path.join(workflow.basedir, ".cache", _sub))
+if EMBEDDED:
+    for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(_var, "1")
 THREADS = config.get("threads", 1)
 SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base: every other job waits for it
-def _tasks() -> list[str]:
-    """Evaluation tasks: as configured, else every family of the embedded world (the schema requires one)."""
-    tasks = config["evaluation"].get("tasks") or config.get("world", {}).get("families")
-    if not tasks:
-        raise ValueError("config: set evaluation.tasks (or world.families for an embedded experiment)")
-    return tasks
-
-
-TASKS = ",".join(_tasks()) if not config["evaluation"].get("benchmarks") else ""
+# Evaluation tasks: as configured, else every family of the embedded world (tokenclean.config requires one).
+TASKS = "" if config["evaluation"].get("benchmarks") else ",".join(
+    config["evaluation"].get("tasks") or config["world"]["families"])
 # The table's headline: answer accuracy on the world's tasks, or each benchmark's configured metric ("score").
 METRIC = "score" if config["evaluation"].get("benchmarks") else "answer_acc"
 
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
 # snakemake (the project's venv) does. Either way every rule is one `tokenclean` command.
 os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
-sys.path.insert(0, workflow.basedir)
-from tokenclean.launch import tokenclean_command  # noqa: E402  (pure Python: no torch at planning time)
+from tokenclean.config import ratio_tag  # noqa: E402  (pure Python: no torch at planning time)
+from tokenclean.launch import tokenclean_command  # noqa: E402
 
 PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
 TC = tokenclean_command(PYTHON)
@@ -40,10 +42,6 @@ TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
                            timeout_minutes=HARDWARE.get("timeout_minutes"))
 
 
-def ratio_tag(ratio) -> str:
-    return f"{float(ratio):g}"
-
-
 # Methods without a ratio: one mask (and one SFT row per seed). `full+warmup` trains every response token of
 # the pool and the warm-up set together (the fair baseline for methods that use the warm-up data through the
 # reference); `oracle` drops exactly the corrupted and garbage tokens (embedded world only: the ceiling).
@@ -52,14 +50,8 @@ UNRATIOED = ("full", "oracle", "full+warmup")
 CHAINED = ("self_evolving",)
 ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
 # The pool is cut into CHUNKS; the rounds use the last ROUNDS of them (the paper: 5 chunks, the first one is the
-# warm-up data, 4 rounds).
+# warm-up data, 4 rounds); tokenclean.config refuses fewer chunks than rounds.
 CHUNKS = config.get("self_evolving", {}).get("chunks", ROUNDS)
-if CHUNKS < ROUNDS:  # the one cross-key rule the schema cannot state; checked before any job runs
-    raise ValueError(f"config: self_evolving.chunks ({CHUNKS}) must be at least self_evolving.rounds ({ROUNDS})")
-
-# An embedded experiment generates its world and pretrains its base model; any other one brings its data
-# (rule `data`) and names its base model (a hub id or a local directory, loaded as it is).
-EMBEDDED = "world" in config
 DATA_DIR = f"{R}/world" if EMBEDDED else f"{R}/data"
 BASE_MODEL = f"{R}/models/base" if EMBEDDED else config["base_model"]["name"]
 TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") else ""
@@ -143,9 +135,10 @@ def model_dir(run: str) -> str:
 
 
 def train_flags(section: dict) -> str:
-    """The `train` block of a config section as `tokenclean train` flags."""
+    """The `train` block of a config section as `tokenclean train` flags, in key order: a job's params (and so
+    whether it re-runs) do not depend on the order the config file happens to list its keys in."""
     flags = []
-    for key, value in section.get("train", {}).items():
+    for key, value in sorted(section.get("train", {}).items()):
         flags += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
     return " ".join(flags)
 

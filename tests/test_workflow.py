@@ -105,6 +105,21 @@ def test_a_finished_workflow_has_nothing_left_to_do(smoke_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["sorted", "reversed"])
+def test_the_same_config_with_its_keys_in_another_order_reruns_nothing(smoke_run, tmp_path, reverse):
+    """Job parameters are canonical: saving the config with its keys in another order re-plans no job."""
+    import yaml
+
+    from tests.snakemake_plan import plan
+    from tests.test_config import reorder
+
+    moved = tmp_path / "smoke.yaml"
+    config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    moved.write_text(yaml.safe_dump(reorder(config, reverse), sort_keys=False))
+    jobs = plan(smoke_run.parents[1], moved)["jobs"]
+    assert len(jobs) > 40 and not [(j["rule"], j["reason"]) for j in jobs if j["needrun"]]
+
+
 def planned(work: Path, override: str, tmp_path: Path) -> tuple[set[str], list[str]]:
     """The rules a dry run with ``override`` would run, and the models whose losses it would compute."""
     (tmp_path / "more.yaml").write_text(override)

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, Callable[[argparse.Namespace], None]] = {}
 
     def add(name: str, fn: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings (not descriptions): a literal % must be doubled there only
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         p.add_argument("--threads", type=int, default=None, help="torch threads (the workflow passes the rule's threads)")
         p.set_defaults(func=fn)
         commands[name] = fn

@@ -1,0 +1,58 @@
+"""The workflow's plan as data, through Snakemake's Python API (not its human-readable dry-run text).
+
+Run as a script in a subprocess (planning changes the process's working directory and environment):
+
+    python tests/snakemake_plan.py --directory WORK --configfile A.yaml [B.yaml ...]
+
+prints one JSON object: every job of the DAG (rule, outputs, params, whether it must run and why) and the
+environment the jobs would inherit. `plan()` does that from a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan(workdir: Path, *configfiles: Path, env: dict[str, str] | None = None) -> dict:
+    """The plan of ``rule all`` for ``configfiles`` (none: config.yaml) in ``workdir``; no job runs."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--directory", str(workdir),
+           "--configfile", *map(str, configfiles)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env if env is not None else {**os.environ},
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--directory", type=Path, required=True)
+    parser.add_argument("--configfile", type=Path, nargs="*", default=[])
+    a = parser.parse_args()
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(dryrun=True, quiet={Quietness.ALL})) as api:
+        workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                    config_settings=ConfigSettings(configfiles=[p.resolve() for p in a.configfile]),
+                                    snakefile=ROOT / "Snakefile", workdir=a.directory.resolve())
+        workflow_api.dag(DAGSettings())
+        workflow = workflow_api._workflow  # the API has no public accessor for the built DAG's jobs
+        workflow._prepare_dag(forceall=False, ignore_incomplete=False, lock_warn_only=True, nolock=True)
+        workflow._build_dag()
+        dag = workflow.dag
+        jobs = [{"rule": job.rule.name, "output": sorted(map(str, job.output)),
+                 "params": {k: str(v) for k, v in job.params.items()},
+                 "needrun": dag.needrun(job), "reason": str(dag.reason(job)) if dag.needrun(job) else ""}
+                for job in dag.jobs]
+    print(json.dumps({"jobs": sorted(jobs, key=lambda j: j["output"]), "environ": dict(os.environ)}))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,148 @@
+"""The README's commands work as written, typed in the repository root.
+
+Every command of the README's ```bash blocks and every `.venv/bin/snakemake ...` command of its prose is picked
+up here, so a newly documented command is checked too:
+
+- a dry run (`snakemake -n ...`, `make dry-run`) runs verbatim;
+- a command that would run a workflow is in LONG, with the dry run that stands in for it;
+- a `tokenclean` example (placeholder file names) is parsed by the CLI's own parser: the command, its flags
+  and their values (JSON included) must be accepted.
+
+Make never reinstalls the environment here (`-o .venv/.installed`). Commands other than these (the benchmark
+scripts, wget, mkdir) are not run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.snakemake_plan import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+STAMP = ".venv/.installed"
+
+# Commands that run a workflow (or the test suite): too long for a test. A make target is checked with
+# `make -n` and a dry run of every snakemake command its recipe runs; a snakemake command by itself with `-n`,
+# its placeholder files replaced by configs of the repository.
+PAPER = "--configfile configs/paper/llama-3.2-3b.yaml configs/hardware/8-gpus.yaml"
+LONG = {
+    "make run",
+    "make test",
+    "make run CONFIG=configs/smoke.yaml",
+    ".venv/bin/snakemake --cores all --configfile my.yaml",
+    ".venv/bin/snakemake --cores all --use-conda",
+    f".venv/bin/snakemake --profile profiles/workstation {PAPER}",
+    f".venv/bin/snakemake --profile profiles/slurm {PAPER}",
+}
+PLACEHOLDERS = {"my.yaml": "configs/smoke.yaml"}
+CHECKED = ("make", ".venv/bin/snakemake", "snakemake", "tokenclean")
+
+
+def documented_commands(text: str = README) -> list[str]:
+    """The commands of the ```bash blocks (continuation lines joined, comments dropped) and of inline
+    `.venv/bin/snakemake ...` spans, in README order."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+            if line:
+                commands.append(" ".join(line.split()))
+    commands += [" ".join(c.split()) for c in re.findall(r"`(\.venv/bin/snakemake [^`]+)`", text)]
+    return [c for c in commands if c.split()[0] in CHECKED]
+
+
+def sh(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, shell=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ},
+                          timeout=600)
+
+
+def check_make(command: str, dry: bool) -> None:
+    """`make` without reinstalling; with `dry`, `make -n` and a dry run of each snakemake command it prints."""
+    args = command.split()[1:]
+    proc = sh(shlex.join(["make", "-o", STAMP, *(["-n"] if dry else []), *args]))
+    assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}{proc.stdout[-3000:]}"
+    if not dry:
+        return
+    recipe = proc.stdout.splitlines()
+    assert recipe, command
+    for line in recipe:
+        if line.startswith(".venv/bin/snakemake") and "--report" not in line:
+            check_run(f"{line} -n", command)
+
+
+def check_run(command: str, documented: str) -> None:
+    if "--use-conda" in command and shutil.which("conda") is None:
+        return  # nothing to check it with: conda is not installed here
+    proc = sh(command)
+    assert proc.returncode == 0, f"{documented} (ran: {command}):\n{proc.stderr[-3000:]}{proc.stdout[-3000:]}"
+
+
+def parse_tokenclean(command: str, previous: dict[str, list[str]]) -> None:
+    """Parse a `tokenclean` example with the real parser; `...` continues the last example of that command."""
+    from tokenclean.cli import build_parser
+
+    args = shlex.split(re.sub(r"\[(--[^]]+)\]", r"\1", command))[1:]  # `[--flag value]`: an optional flag
+    if "..." in args:
+        i = args.index("...")
+        args = previous[args[0]] + args[i + 1:]
+    previous[args[0]] = args
+    try:
+        build_parser().parse_args(args)
+    except SystemExit as e:
+        pytest.fail(f"README command does not parse (exit {e.code}): {command}")
+
+
+COMMANDS = documented_commands()
+
+
+def test_readme_commands_are_found():
+    """The parser sees the commands the README is known to show (a guard on the parsing itself)."""
+    assert "make run" in COMMANDS and "make dry-run" in COMMANDS
+    assert ".venv/bin/snakemake -n --configfile configs/paper/llama-3.2-3b.yaml" in COMMANDS
+    assert sum(c.startswith("tokenclean ") for c in COMMANDS) >= 15
+    assert not set(LONG) - set(COMMANDS), f"LONG lists commands the README no longer shows: {set(LONG) - set(COMMANDS)}"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if not c.startswith("tokenclean ")], ids=str)
+def test_documented_command_works_from_the_repository_root(command):
+    is_dry = re.search(r"(^| )(-n|--dry-run)( |$)", command) is not None or command == "make dry-run"
+    if command.startswith("make "):
+        assert is_dry or command in LONG, f"a new make command in the README: add it to LONG: {command}"
+        check_make(command, dry=not is_dry)
+    elif is_dry:
+        check_run(command, command)
+    else:
+        assert command in LONG, f"a new command that would run a workflow: add it to LONG: {command}"
+        check_run(" ".join(PLACEHOLDERS.get(w, w) for w in command.split()) + " -n", command)
+
+
+def test_documented_tokenclean_commands_parse():
+    previous: dict[str, list[str]] = {}
+    for command in COMMANDS:
+        if command.startswith("tokenclean "):
+            parse_tokenclean(command, previous)
+
+
+def test_documented_job_count_of_the_paper_plan(tmp_path):
+    """`.venv/bin/snakemake -n --configfile X` (N jobs): the README's count is the plan's."""
+    for command, jobs in re.findall(r"`(\.venv/bin/snakemake -n --configfile [^`]+)` \((\d+) jobs\)", README):
+        configs = [ROOT / c for c in command.split("--configfile")[1].split()]
+        assert len(plan(tmp_path, *configs)["jobs"]) == int(jobs), command
+
+
+def test_every_command_has_help(capsys):
+    """`tokenclean <command> --help` (the README's pointer to every flag) exits 0 for every command."""
+    from tokenclean.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for args in [[]] + [[c] for c in commands]:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*args, "--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: tokenclean"), args

@@ -1,0 +1,144 @@
+"""The experiment config as the workflow reads it: checked against schemas/config.schema.yaml (the one place
+that says which keys exist), defaults filled in, and the few rules the schema cannot state.
+
+Pure Python (jsonschema and PyYAML, no torch): the Snakefile calls it while planning, before any job runs,
+and turns a `ConfigError` into one line naming the file and the key.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema.exceptions import best_match
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config the workflow must not run: the message is one line, ``<file>: <key>: <what>``."""
+
+
+def ratio_tag(ratio: float) -> str:
+    """A keep ratio as it appears in run and mask names (``fixed_r0.6``): short, and read back by the rules."""
+    return f"{float(ratio):g}"
+
+
+def _key_path(path: Iterable[Any]) -> str:
+    """``sft.train.lr``, ``ratios[1]``: a config location as the user writes it."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _location(error: ValidationError) -> list[Any]:
+    """The config keys an error is about (an unknown key: the key itself)."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        path.append(next(k for k in error.instance if k not in error.schema.get("properties", {})))
+    return path
+
+
+def _message(error: ValidationError) -> str:
+    """One line for a schema error: where it is and what is wrong, in the config's terms."""
+    where = _key_path(_location(error))
+    if error.validator == "additionalProperties":
+        return f"{where}: unknown key"
+    prefix = f"{where}: " if where else ""
+    if error.validator == "required":
+        return f"{prefix}missing key {error.message.split(' is a required')[0]}"
+    if error.validator == "oneOf" and all(set(b) <= {"required", "description"} for b in error.validator_value):
+        # alternatives such as world | data: name them instead of dumping the schema
+        keys = [k for b in error.validator_value for k in b["required"]]
+        present = [k for k in keys if k in error.instance]
+        if len(present) > 1:
+            return f"{prefix}give only one of {' | '.join(keys)}, not {' and '.join(present)}"
+        return f"{prefix}give one of {' | '.join(keys)}"
+    about = error.schema.get("description") if isinstance(error.schema, Mapping) else None
+    return f"{prefix}{error.message}" + (f" ({about})" if about else "")
+
+
+def _with_defaults(validator_class):
+    """The validator class that also fills each property's schema default (as snakemake's validate does)."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub:
+                    instance.setdefault(key, sub["default"])
+        yield from check_properties(validator, props, instance, schema)
+
+    return validators.extend(validator_class, {"properties": properties})
+
+
+def _source(path: Iterable[Any], files: list[str]) -> str:
+    """The last config file that sets ``path`` (the one the user must edit), else all of them."""
+    path = list(path)
+    for name in reversed(files):
+        try:
+            node = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in path:
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+        else:
+            return name
+    return " + ".join(files) if files else "config"
+
+
+def _shown(path: Path) -> str:
+    """A config file's name as the user likely typed it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
+    """What the schema cannot state: values that pass it but would change or break the run (key path, what)."""
+    by_tag: dict[str, float] = {}
+    for i, r in enumerate(config["ratios"]):
+        tag = ratio_tag(r)
+        if tag in by_tag:
+            return ["ratios", i], f"{by_tag[tag]!r} and {r!r} would both be the run name r{tag}"
+        if float(tag) != float(r):
+            return ["ratios", i], (f"{r!r} would be written as r{tag} in run names and read back as {float(tag)!r};"
+                                   " give at most 6 significant digits")
+        by_tag[tag] = r
+    se = config.get("self_evolving", {})
+    rounds = se.get("rounds", 3)
+    if se.get("chunks", rounds) < rounds:
+        return ["self_evolving", "chunks"], f"{se['chunks']} must be at least self_evolving.rounds ({rounds})"
+    if "world" not in config and not config["evaluation"].get("benchmarks"):
+        # evaluation.tasks names the embedded world's task families; any other experiment needs lm-eval tasks
+        return ["evaluation"], "set evaluation.benchmarks (the lm-eval tasks) for an experiment with its own data"
+    return None
+
+
+def check_config(config: dict, files: list[str] | None = None, schema: Path = SCHEMA) -> dict:
+    """Validate ``config`` (read from ``files``, in order) and fill the schema's defaults in place.
+
+    Raises ConfigError with one line, ``<file>: <key>: <what>``, for the first problem found.
+    """
+    files = [_shown(Path(f)) for f in files or []]
+    spec = yaml.safe_load(Path(schema).read_text())
+    validator_class = validators.validator_for(spec, default=Draft202012Validator)
+    for _ in _with_defaults(validator_class)(spec).iter_errors(config):  # defaults first: a key with one is optional
+        pass
+    error = best_match(validator_class(spec).iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"{_source(_location(error), files)}: {_message(error)}")
+    problem = _rule_problem(config)
+    if problem is not None:
+        path, what = problem
+        raise ConfigError(f"{_source(path, files)}: {_key_path(path)}: {what}")
+    return config
