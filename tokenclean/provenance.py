@@ -7,7 +7,6 @@ between artifacts (an unpinned ``main`` that moved between jobs) are listed as a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -15,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tokenclean.artifacts import ArtifactError, atomic_file, read_json, sidecar_path
+from tokenclean.artifacts import ArtifactError, atomic_file, read_json, sha256_file, sidecar_path
 
 # distribution names of the packages whose versions change results
 PACKAGES = ("tokenclean", "torch", "transformers", "peft", "lm_eval", "datasets", "tokenizers")
@@ -23,14 +22,6 @@ DATA_FILES = ("pool", "warmup")
 TOKEN_KEYS = ("data", "data_fingerprint", "tokenizer", "tokenizer_revision", "tokenizer_commit",
               "tokenizer_fingerprint", "max_length", "n_samples", "n_tokens", "fingerprint")
 LOSS_KEYS = ("model", "model_revision", "model_commit", "model_fingerprint", "tokens_fingerprint", "dtype", "device")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str | None]:
