@@ -93,7 +93,7 @@ def paper_config(tmp: Path, model_dir: Path) -> dict:
         if b["task"] == "tc_logiqa":
             b["metadata"]["logiqa_dir"] = str(logiqa_files(tmp / "logiqa"))
         else:
-            b["metadata"].update(tydiqa_dev=str(dev), tydiqa_train=str(train), tydiqa_per_language=2)
+            b["metadata"].update(tydiqa_dev=str(dev), tydiqa_train=str(train))  # 100 per language: all 2 kept
     cfg["evaluation"]["benchmarks"] = benchmarks
     return cfg
 
@@ -136,6 +136,9 @@ def test_paper_config_runs_end_to_end_on_cpu(paper_run, tiny_model_dir):
     for r in rows:
         for task in ("tc_logiqa", "tc_tydiqa_goldp"):
             assert 0.0 <= float(r[f"{task}_mean"]) <= 1.0, (r["method"], task)
+    metrics = json.loads((results / "eval" / "base.json").read_text())["metrics"]
+    # TyDiQA: every dev question of the 9 languages (no limit); LogiQA: 99% of the test split, rounded up
+    assert metrics["tc_tydiqa_goldp"]["n_examples"] == 2 * len(LANGS) and metrics["tc_logiqa"]["n_examples"] == 4
     table = (results / "table.md").read_text()
     reference = [line.split(" | ")[3:5] for line in table.splitlines() if line.startswith("| *paper ")]
     assert len(reference) == 13  # seed 42: the 7 methods; 41-43: the 6 with three seeds
