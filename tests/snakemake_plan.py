@@ -4,7 +4,7 @@ Run as a script in a subprocess (planning changes the process's working director
 
     python tests/snakemake_plan.py --directory WORK --configfile A.yaml [B.yaml ...]
 
-prints one JSON object: every job of the DAG (rule, outputs, params, whether it must run and why) and the
+prints one JSON object: every job of the DAG (rule, outputs, logs, params, whether it must run and why) and the
 environment the jobs would inherit. `plan()` does that from a test.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _main() -> None:
         workflow._prepare_dag(forceall=False, ignore_incomplete=False, lock_warn_only=True, nolock=True)
         workflow._build_dag()
         dag = workflow.dag
-        jobs = [{"rule": job.rule.name, "output": sorted(map(str, job.output)),
+        jobs = [{"rule": job.rule.name, "output": sorted(map(str, job.output)), "log": sorted(map(str, job.log)),
                  "params": {k: str(v) for k, v in job.params.items()},
                  "needrun": dag.needrun(job), "reason": str(dag.reason(job)) if dag.needrun(job) else ""}
                 for job in dag.jobs]

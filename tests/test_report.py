@@ -122,6 +122,22 @@ def test_paper_numbers_beside_ours(tmp_path):
         load_paper_reference("gpt-2")
 
 
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_benchmark_of_a_paper_config_is_matched_to_the_papers_task(config):
+    """Each configured lm-eval task (tc_logiqa and tc_tydiqa_goldp included) finds the paper's column, and together
+    they cover the paper's 7 tasks, so the reference rows are complete and their average is the paper's own."""
+    import yaml
+
+    from tokenclean.report import paper_task
+
+    cfg = yaml.safe_load(config.read_text())
+    reference = load_paper_reference(cfg["paper_reference"])
+    mapped = {b["task"]: paper_task(b["task"], reference) for b in cfg["evaluation"]["benchmarks"]}
+    assert None not in mapped.values(), mapped
+    assert sorted(mapped.values()) == sorted(reference["tasks"])
+
+
 def test_paper_reference_rows_average_to_the_reported_average():
     """A typo in the shipped numbers shows as a row whose tasks do not average to the paper's own average."""
     data = json.loads(PAPER_REFERENCE.read_text())
