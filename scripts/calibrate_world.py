@@ -276,7 +276,8 @@ def workflow_targets(config: dict[str, Any]) -> list[str]:
 def snakemake_command(config_path: Path, config: dict[str, Any], cores: int, dry_run: bool) -> list[str]:
     """The workflow call for one variant (dry run: the plan as a TSV summary of every output file)."""
     snakemake = Path(sys.executable).with_name("snakemake")
-    cmd = [str(snakemake) if snakemake.exists() else "snakemake", "--cores", str(cores)]
+    # --rerun-incomplete: a variant interrupted mid-job is finished by the next call, not refused
+    cmd = [str(snakemake) if snakemake.exists() else "snakemake", "--cores", str(cores), "--rerun-incomplete"]
     cmd += ["--dry-run", "--summary"] if dry_run else []
     return cmd + ["--configfile", str(config_path), "--", *workflow_targets(config)]
 
