@@ -21,6 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from tokenclean.data import DataError, Message, Record, parse_record, read_jsonl
+from tests.test_properties import conversations
 from tokenclean.tokenization import render, tokenize_file, tokenize_records
 
 HEAD = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
@@ -134,19 +135,10 @@ def official_mask(record: Record, tok: PreTrainedTokenizerFast) -> tuple[list[in
     return ids, trained
 
 
+# any content may be empty or padded with whitespace
 content = st.lists(st.sampled_from(WORDS), min_size=0, max_size=8).map(" ".join)
 
 
-@st.composite
-def conversations(draw) -> Record:
-    """An optional system turn, then user/assistant turns (any content may be empty or padded with
-    whitespace); an assistant turn always follows a user turn, any turn may come last."""
-    messages = [Message("system", draw(content))] if draw(st.booleans()) else []
-    for _ in range(draw(st.integers(1, 3))):
-        messages += [Message("user", draw(content)), Message("assistant", draw(content))]
-    if draw(st.booleans()):
-        messages.append(Message("user", draw(content)))
-    return Record(tuple(messages))
 
 
 def _one(table) -> tuple[list[int], list[bool]]:
@@ -158,7 +150,7 @@ def _one(table) -> tuple[list[int], list[bool]]:
 # ---------------------------------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(record=conversations())
+@given(record=conversations(content))
 def test_text_is_the_official_concatenation_stripped(record):
     assert render(record, "</s>").text == official_concat(record.messages, "</s>").strip()
 
@@ -166,7 +158,7 @@ def test_text_is_the_official_concatenation_stripped(record):
 @pytest.mark.parametrize("kind", ["world", "sentencepiece", "llama3", "straddling"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(record=conversations())
+@given(record=conversations(content))
 def test_ids_and_mask_equal_the_official_prefix_rule(tokenizers, kind, record):
     tok = tokenizers[kind]
     official = official_mask(record, tok)

@@ -29,13 +29,14 @@ content = st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join
 
 
 @st.composite
-def conversations(draw) -> Record:
-    """An optional system turn, then user/assistant turns; at least one assistant turn, any may come last."""
-    messages = [Message("system", draw(content))] if draw(st.booleans()) else []
+def conversations(draw, contents: st.SearchStrategy[str] = content) -> Record:
+    """An optional system turn, then user/assistant turns whose texts come from ``contents``; at least one
+    assistant turn (each follows a user turn), any turn may come last."""
+    messages = [Message("system", draw(contents))] if draw(st.booleans()) else []
     for _ in range(draw(st.integers(1, 3))):
-        messages += [Message("user", draw(content)), Message("assistant", draw(content))]
+        messages += [Message("user", draw(contents)), Message("assistant", draw(contents))]
     if draw(st.booleans()):
-        messages.append(Message("user", draw(content)))
+        messages.append(Message("user", draw(contents)))
     return Record(tuple(messages))
 
 
