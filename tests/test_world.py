@@ -10,10 +10,11 @@ import pytest
 
 from tokenclean.data import TOKEN_CLASSES, read_jsonl
 from tokenclean.tokenization import tokenize_records
-from tokenclean.world import PREFIX, SUFFIX, build_tokenizer, generate_world
+from tokenclean.world import POOL_ONLY, PREFIX, SUFFIX, build_tokenizer, generate_world
 
 SMALL = {"seed": 3, "pretrain_docs": 300, "warmup_samples": 40, "pool_samples": 400, "eval_samples": 20,
-         "families": ["add", "reverse", "max", "sort", "capital"], "entities": 12}
+         "families": ["add", "reverse", "max", "sort", "capital", "novel_capital"], "entities": 12,
+         "novel_entities": 5}
 FAMILIES = SMALL["families"]
 
 
@@ -44,7 +45,35 @@ def rows(path: Path) -> list[dict]:
 
 
 def capitals(world: Path) -> dict[str, str]:
-    return dict(json.loads((world / "world.json").read_text())["entities"])
+    stats = json.loads((world / "world.json").read_text())
+    return dict(stats["entities"] + stats["novel_entities"])
+
+
+def country(prompt: str) -> str | None:
+    m = re.fullmatch(r"What is the capital of (\w+) \?", prompt)
+    return m[1] if m else None
+
+
+def test_novel_knowledge_is_in_the_pool_only(world):
+    """novel_capital's countries occur in the pool, never in the warm-up set; `capital` is evaluated on the countries
+    the warm-up set mentions, `novel_capital` on the novel ones; only novel_capital's right answers are class novel."""
+    stats = json.loads((world / "world.json").read_text())
+    novel = {c for c, _ in stats["novel_entities"]}
+    known = {c for c, _ in stats["entities"]}
+    assert len(novel) == 5 and len(known) == 12 and not novel & known
+    warmup = rows(world / "warmup.jsonl")
+    pool = rows(world / "pool.jsonl")
+    in_warmup = {country(r["messages"][0]["content"]) for r in warmup} - {None}
+    in_pool_novel = {country(r["messages"][0]["content"]) for r in pool if r["family"] == "novel_capital"}
+    assert in_warmup <= known and not in_warmup & novel and in_pool_novel == novel
+    assert all(r["family"] != "novel_capital" for r in warmup)
+    assert {country(r["prompt"]) for r in rows(world / "eval" / "capital.jsonl")} <= in_warmup
+    assert {country(r["prompt"]) for r in rows(world / "eval" / "novel_capital.jsonl")} <= novel
+    assert stats["entities_in_warmup"] == len(in_warmup)
+    for r in pool:
+        names = {c for _, _, c in r["classes"]}
+        assert ("novel" in names) <= (r["family"] == "novel_capital")
+        assert ("informative" in names) <= (r["family"] != "novel_capital")
 
 
 def test_deterministic_and_seed_dependent(world, tmp_path):
@@ -74,14 +103,15 @@ def test_answers_follow_the_rules_and_classes_are_exact(world):
         assert all(response[s:e] in junk for s, e in garbage) and bool(garbage) == r["garbage"]
         kept = " ".join(w for w in response.split(" ") if w not in junk)
         assert kept == PREFIX + r["answer"] + SUFFIX
-        # Answer characters: informative where they match the right answer, corrupted where they differ.
+        # Answer characters: informative (novel) where they match the right answer, corrupted where they differ.
         start = response.index(PREFIX) + len(PREFIX) if not garbage else None
         if start is not None:
             labels = {i: c for s, e, c in r["classes"] for i in range(s, e)}
             for i, ch in enumerate(r["answer"]):
                 if ch != " ":
                     ok = i < len(right) and right[i] == ch
-                    assert labels[start + i] == ("informative" if ok else "corrupted")
+                    right_class = "novel" if r["family"] in POOL_ONLY else "informative"
+                    assert labels[start + i] == (right_class if ok else "corrupted")
         has_corrupted = any(c == "corrupted" for _, _, c in r["classes"])
         assert has_corrupted == r["corrupted"]
         n_corrupt += r["corrupted"]
@@ -113,10 +143,16 @@ def test_records_parse_and_token_classes_follow_labels(world, tmp_path):
     for i in range(table.n_samples):
         a, b = table.offsets[i], table.offsets[i + 1]
         ids, c = table.input_ids[a:b], cls[a:b]
-        answer_text = tok.decode(ids[c == TOKEN_CLASSES.index("informative")].tolist()).replace(" ", "")
-        expect = "".join(ch for j, ch in enumerate(raw[i]["answer"])
-                         if ch != " " and j < len(raw[i]["right_answer"]) and raw[i]["right_answer"][j] == ch)
-        assert answer_text == expect
+        right_class = "novel" if raw[i]["family"] in POOL_ONLY else "informative"
+        other_class = "informative" if right_class == "novel" else "novel"
+        assert not (c == TOKEN_CLASSES.index(other_class)).any()
+        answer_ids = ids[np.isin(c, [TOKEN_CLASSES.index(right_class), TOKEN_CLASSES.index("corrupted")])]
+        assert tok.decode(answer_ids.tolist()).replace(" ", "") == raw[i]["answer"].replace(" ", "")
+        if raw[i]["family"] not in ("capital", "novel_capital"):  # one token per answer character
+            answer_text = tok.decode(ids[c == TOKEN_CLASSES.index(right_class)].tolist()).replace(" ", "")
+            expect = "".join(ch for j, ch in enumerate(raw[i]["answer"])
+                             if ch != " " and j < len(raw[i]["right_answer"]) and raw[i]["right_answer"][j] == ch)
+            assert answer_text == expect
         assert (c == TOKEN_CLASSES.index("corrupted")).any() == raw[i]["corrupted"]
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
-TOKEN_CLASSES = ("informative", "boilerplate", "corrupted", "garbage")
+# Ground-truth classes of the embedded world (tokenclean/world.py); `novel` (informative tokens of knowledge only
+# the pool holds) comes last so that the ids of the others never change.
+TOKEN_CLASSES = ("informative", "boilerplate", "corrupted", "garbage", "novel")
 
 
 class DataError(ValueError):

@@ -11,11 +11,18 @@ Every response character carries a class (``tokenclean.data.TOKEN_CLASSES``):
 - *informative*: the characters of a correct answer;
 - *boilerplate*: the template, which the pretrained base already predicts well;
 - *corrupted*: the answer characters that differ from the right answer (a plausible wrong answer);
-- *garbage*: junk words inserted between template words.
+- *garbage*: junk words inserted between template words;
+- *novel*: the characters of a correct answer about knowledge that only the pool holds (``novel_capital``).
 
 Families: ``add`` (two digits), ``reverse`` (3-5 letters), ``max`` (the larger of two numbers), ``sort``
 (3 letters) are rules, so a reference trained on a small clean set can generalise to new instances;
 ``capital`` asks for the capital of an invented country: facts that exist only in the SFT data.
+``novel_capital`` asks the same of countries that only the pool mentions, never the warm-up set: knowledge a
+real pool holds beyond its curated warm-up subset. Its correct answer characters are class *novel* (informative
+tokens that a reference trained on the warm-up set could not have learned): the blind spot of a fixed
+reference, which self-evolving cleaning exists for. Its held-out questions form their own task, so a table shows
+what only the pool teaches apart from what the reference could have learned (``capital`` is evaluated on the
+countries the warm-up set mentions).
 
 As with a real pretrained LLM, the base model brings skills that SFT has to connect to the chat format: the
 corpus states true instances of the rule families in prose ("3 plus 5 makes 8 ."), never in the chat format.
@@ -54,7 +61,8 @@ DEFAULT_WORLD: dict[str, Any] = {
     "garbage_rate": 0.2,      # fraction of pool samples with junk words inserted
     "junk_words": [2, 5],     # how many junk words a garbage sample gets (inclusive range)
     "junk_vocab": 60,         # size of the junk vocabulary
-    "entities": 40,           # invented countries of the `capital` family
+    "entities": 40,           # invented countries of the `capital` family (in the warm-up set and the pool)
+    "novel_entities": 20,     # invented countries of the `novel_capital` family (in the pool only)
     # Shares of the pretraining corpus: chat-formatted questions with random answers (format and template),
     # facts stating task instances in prose (the skills a pretrained model brings), prose of template phrases
     # and common words, word lists with the junk vocabulary.
@@ -137,21 +145,32 @@ def invented_entities(seed: int, n: int) -> list[tuple[str, str]]:
 
 
 def _capital(entities: list[tuple[str, str]]) -> Callable[[random.Random], Draw]:
+    """Capital questions about ``entities``; a wrong answer is another of their capitals."""
     def draw(rng: random.Random) -> Draw:
         i = rng.randrange(len(entities))
-        j = rng.choice([k for k in range(len(entities)) if k != i])
+        j = rng.choice([k for k in range(len(entities)) if k != i] or [i])  # one entity: no wrong capital
         country, capital = entities[i]
         return Draw(f"What is the capital of {country} ?", capital, entities[j][1], None)
     return draw
 
 
-def task_families(seed: int, n_entities: int) -> dict[str, Callable[[random.Random], Draw]]:
-    """Every available family: arithmetic, two string transformations, a comparison, and invented facts."""
+def entity_split(seed: int, n_entities: int, n_novel: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(known, novel) invented countries: known ones may occur anywhere, novel ones only in the pool."""
+    everything = invented_entities(seed, n_entities + n_novel)
+    return everything[:n_entities], everything[n_entities:]
+
+
+def task_families(seed: int, n_entities: int, n_novel: int = 2) -> dict[str, Callable[[random.Random], Draw]]:
+    """Every available family: arithmetic, two string transformations, a comparison, and invented facts (of
+    countries every split may mention, and of countries only the pool mentions)."""
+    known, novel = entity_split(seed, n_entities, n_novel)
     return {"add": _add, "reverse": _reverse, "max": _max, "sort": _sort,
-            "capital": _capital(invented_entities(seed, n_entities))}
+            "capital": _capital(known), "novel_capital": _capital(novel)}
 
 
 FAMILIES = tuple(task_families(0, 2))
+# Families whose knowledge only the pool holds: the warm-up set never draws them, their right answers are *novel*.
+POOL_ONLY = ("novel_capital",)
 
 
 def _check_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -166,9 +185,14 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
                          f"to non-negative shares with a positive sum, got {mix}")
     if int(p["entities"]) < 2:
         raise ValueError(f"world setting entities must be at least 2, got {p['entities']}")
+    if int(p["novel_entities"]) < 2:
+        raise ValueError(f"world setting novel_entities must be at least 2, got {p['novel_entities']}")
     bad = [f for f in p["families"] if f not in FAMILIES]
     if bad or not p["families"]:
         raise ValueError(f"world families must be a non-empty subset of {', '.join(FAMILIES)}; got {p['families']}")
+    if all(f in POOL_ONLY for f in p["families"]):
+        raise ValueError(f"world families must include one the warm-up set can hold (not only {', '.join(POOL_ONLY)}); "
+                         f"got {p['families']}")
     for key in ("corrupt_rate", "garbage_rate"):
         if not 0.0 <= float(p[key]) <= 1.0:
             raise ValueError(f"world setting {key} must be in [0, 1], got {p[key]}")
@@ -193,14 +217,14 @@ def junk_vocabulary(seed: int, size: int) -> list[str]:
     return sorted(words)
 
 
-def _answer_classes(start: int, given: str, right: str) -> list[list[Any]]:
+def _answer_classes(start: int, given: str, right: str, informative: str = "informative") -> list[list[Any]]:
     """Per-character classes of an answer: characters equal to the right answer's at the same position are
-    informative, the others (and any extra characters) corrupted. Spaces carry no class."""
+    ``informative`` (or *novel*), the others (and any extra characters) corrupted. Spaces carry no class."""
     spans: list[list[Any]] = []
     for i, ch in enumerate(given):
         if ch == " ":
             continue
-        cls = "informative" if i < len(right) and right[i] == ch else "corrupted"
+        cls = informative if i < len(right) and right[i] == ch else "corrupted"
         if spans and spans[-1][1] == start + i and spans[-1][2] == cls:
             spans[-1][1] += 1
         else:
@@ -221,7 +245,8 @@ def make_sample(rng: random.Random, family: str, draw: Callable[[random.Random],
         if response:
             response += " "
         if w == "\0":
-            classes += _answer_classes(len(response), answer, right)
+            classes += _answer_classes(len(response), answer, right,
+                                       "novel" if family in POOL_ONLY else "informative")
             response += answer
         elif w.startswith("\1"):
             classes.append([len(response), len(response) + len(w) - 1, "garbage"])
@@ -236,10 +261,11 @@ def make_sample(rng: random.Random, family: str, draw: Callable[[random.Random],
 def _sft_split(p: dict[str, Any], name: str, n: int, corrupt_rate: float, garbage_rate: float,
                junk_vocab: list[str]) -> list[dict[str, Any]]:
     rng = random.Random(f"{p['seed']}:{name}")
-    families = task_families(p["seed"], p["entities"])
+    families = task_families(p["seed"], p["entities"], p["novel_entities"])
+    drawn = [f for f in p["families"] if name == "pool" or f not in POOL_ONLY]
     rows = []
     for i in range(n):
-        family = p["families"][i % len(p["families"])]
+        family = drawn[i % len(drawn)]
         corrupt = rng.random() < corrupt_rate
         junk = rng.sample(junk_vocab, rng.randint(*p["junk_words"])) if rng.random() < garbage_rate else []
         rows.append(make_sample(rng, family, families[family], corrupt, junk))
@@ -247,9 +273,10 @@ def _sft_split(p: dict[str, Any], name: str, n: int, corrupt_rate: float, garbag
     return rows
 
 
-def _eval_split(p: dict[str, Any], family: str) -> list[dict[str, Any]]:
+def _eval_split(p: dict[str, Any], family: str,
+                draw: Callable[[random.Random], Draw] | None = None) -> list[dict[str, Any]]:
     rng = random.Random(f"{p['seed']}:eval:{family}")
-    draw = task_families(p["seed"], p["entities"])[family]
+    draw = draw or task_families(p["seed"], p["entities"], p["novel_entities"])[family]
     rows = []
     for _ in range(p["eval_samples"]):
         prompt, right, _, _ = draw(rng)
@@ -267,7 +294,7 @@ def _random_answer(rng: random.Random, draw: Callable[[random.Random], Draw]) ->
 
 def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
     rng = random.Random(f"{p['seed']}:corpus")
-    families = task_families(p["seed"], p["entities"])
+    families = task_families(p["seed"], p["entities"], p["novel_entities"])
     with_facts = [f for f in p["families"] if families[f](random.Random(0)).fact is not None]
     kinds = [k for k, share in p["corpus_mix"].items() if share > 0 and (k != "facts" or with_facts)]
     weights = [p["corpus_mix"][k] for k in kinds]
@@ -299,13 +326,23 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     junk = junk_vocabulary(p["seed"], p["junk_vocab"])
     warmup = _sft_split(p, "warmup", p["warmup_samples"], 0.0, 0.0, junk)
     pool = _sft_split(p, "pool", p["pool_samples"], p["corrupt_rate"], p["garbage_rate"], junk)
-    evals = {f: _eval_split(p, f) for f in p["families"]}
+    known, novel = entity_split(p["seed"], p["entities"], p["novel_entities"])
+    # `capital` is evaluated on the countries the warm-up set mentions (what the reference could have learned);
+    # `novel_capital` on those only the pool mentions (what only the pool teaches).
+    warmup_prompts = {r["messages"][0]["content"] for r in warmup}
+    in_warmup = [e for e in known if f"What is the capital of {e[0]} ?" in warmup_prompts]
+    draws = {"capital": _capital(in_warmup)} if in_warmup else {}
+    if "capital" in p["families"] and not in_warmup:
+        raise ValueError("the warm-up set mentions no country of the capital family; raise warmup_samples")
+    evals = {f: _eval_split(p, f, draws.get(f)) for f in p["families"]}
     corpus = _corpus(p, junk)
 
     train_prompts = {r["messages"][0]["content"] for r in warmup + pool}
     stats: dict[str, Any] = {
         "params": p, "families": p["families"], "junk_vocabulary": junk,
-        "entities": invented_entities(p["seed"], p["entities"]) if "capital" in p["families"] else [],
+        "entities": known if "capital" in p["families"] else [],
+        "entities_in_warmup": len(in_warmup) if "capital" in p["families"] else 0,
+        "novel_entities": novel if "novel_capital" in p["families"] else [],
         "n": {"corpus": len(corpus), "warmup": len(warmup), "pool": len(pool),
               **{f"eval_{f}": len(rows) for f, rows in evals.items()}},
         "pool_corrupted": sum(r["corrupted"] for r in pool),
