@@ -27,6 +27,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,8 @@ def read_rows(table_csv: Path) -> dict[str, dict[str, Any]]:
                           "n_seeds": int(row["n_seeds"])}
             if row.get("average_response_em_mean"):
                 out[label]["response_em"] = float(row["average_response_em_mean"])
+            out[label]["families"] = {k[: -len("_mean")]: float(v) for k, v in row.items()
+                                      if k.endswith("_mean") and not k.startswith("average") and v}
         except ValueError:
             raise CalibrationError(f"{table_csv}:{line}: a number is not a number") from None
     return out
@@ -320,6 +323,43 @@ def run(config: dict[str, Any], cores: int) -> tuple[int, float, str]:
     return proc.returncode, time.monotonic() - started, str(config_path)
 
 
+# What the base model depends on: two variants equal in these share their world and pretrained base.
+BASE_KEYS = ("world", "base_model", "max_length")
+# A base's outputs and their log and benchmark records (relative to the experiment's directory).
+BASE_OUTPUTS = ("world", "models/base", "logs/world.log", "logs/pretrain_base.log", "benchmarks/world.tsv",
+                "benchmarks/pretrain_base.tsv")
+
+
+def reuse_base(config: dict[str, Any]) -> str | None:
+    """Copy the world and pretrained base of an earlier calibration experiment with the same world, base model and
+    length (``BASE_KEYS``) into this variant's directory, times preserved, so that the workflow does not pretrain
+    again (3 minutes per variant); returns that experiment's name. Pretraining on CPU is deterministic (tested), so
+    the copy is what this variant would have made; ``--no-reuse`` makes it anyway."""
+    results_dir = ROOT / config.get("results_dir", "results")
+    target = results_dir / config["experiment"]
+    if (target / "models" / "base").exists():
+        return None
+    wanted = {k: config.get(k) for k in BASE_KEYS}
+    for other in sorted(results_dir.glob("calibration-*.config.yaml")):
+        source = results_dir / other.name[: -len(".config.yaml")]
+        if source == target or not (source / "models" / "base" / "config.json").is_file():
+            continue
+        earlier = yaml.safe_load(other.read_text()) or {}
+        if {k: earlier.get(k) for k in BASE_KEYS} != wanted:
+            continue
+        for rel in BASE_OUTPUTS:
+            src, dst = source / rel, target / rel
+            if not src.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, copy_function=shutil.copy2)
+            else:
+                shutil.copy2(src, dst)
+        return source.name
+    return None
+
+
 def job_seconds(results: Path) -> float:
     """CPU-side cost of a variant: the seconds of every job the workflow benchmarked (also when it was cached)."""
     total = 0.0
@@ -348,13 +388,18 @@ def variant_markdown(name: str, overrides: dict[str, Any], figures: dict[str, An
         f"{row} {v['passes']:.2f} ({v['steps']})" for row, v in p.items()) + ".")
     out.append(f"Time: {figures['wall_seconds'] / 60:.1f} min wall on {cores} cores this call, "
                f"{figures['job_seconds'] / 60:.1f} min of jobs in all.")
-    out += ["", "| row | passes | average answer acc | per seed | response match |", "|---|---|---|---|---|"]
+    if figures.get("base_from"):
+        out.append(f"World and base copied from `{figures['base_from']}` (same {', '.join(BASE_KEYS)}).")
+    families = sorted({f for row in figures["rows"].values() for f in row.get("families", {})})
+    out += ["", "| row | passes | average answer acc | per seed | response match | "
+            + " | ".join(families) + " |", "|---|---|---|---|---|" + "---|" * len(families)]
     for label, row in figures["rows"].items():
         passes_cell = f"{p[label.split('@')[0]]['passes']:.2f}" if label.split("@")[0] in p else "–"
         cell = f"{row['mean']:.3f}" + (f" ± {row['std']:.3f}" if row["n_seeds"] >= 2 else "")
         seeds = " / ".join(f"{v:.3f}" for v in row["per_seed"])
         em = f"{row['response_em']:.3f}" if "response_em" in row else "–"
-        out.append(f"| {label} | {passes_cell} | {cell} | {seeds} | {em} |")
+        fam = " | ".join(f"{row.get('families', {}).get(f, float('nan')):.2f}" for f in families)
+        out.append(f"| {label} | {passes_cell} | {cell} | {seeds} | {em} | {fam} |")
     out += ["", "Targets: " + ", ".join(f"{k} {show(v)}" for k, v in figures["targets"].items()) + ".", ""]
     return "\n".join(out)
 
@@ -403,6 +448,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--record", type=Path, default=RECORD, help="the calibration record to append to")
     parser.add_argument("--dry-run", action="store_true", help="plan only: passes and jobs, nothing runs")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="pretrain every variant's base, even where an earlier variant made the same one")
     return parser.parse_args(argv)
 
 
@@ -448,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     figures, sections, failed = {}, [], False
     for name, config in configs.items():
+        reused = None if a.no_reuse else reuse_base(config)
+        if reused:
+            print(f"{PROG}: {name}: world and base copied from {reused} (same {', '.join(BASE_KEYS)})")
         code, seconds, config_path = run(config, a.cores)
         results = ROOT / config.get("results_dir", "results") / config["experiment"]
         try:
@@ -457,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         except (CalibrationError, OSError, KeyError, ValueError) as e:
             failed = True
             figures[name] = {"error": str(e)}
-        figures[name].update(overrides=variants[name], config=config_path, wall_seconds=round(seconds, 1),
+        figures[name].update(overrides=variants[name], config=config_path, base_from=reused, wall_seconds=round(seconds, 1),
                              job_seconds=round(job_seconds(results), 1))
         print_variant(name, figures[name])
         sections.append(variant_markdown(name, variants[name], figures[name], a.cores))

@@ -56,7 +56,8 @@ def test_summary_rows_passes_and_targets(tmp_path):
     figures = cw.summarise(results, CONFIG)
     rows = figures["rows"]
     assert list(rows) == ["base", "warmup", "full", "random@0.6", "full+warmup"]
-    assert rows["full"] == {"mean": 0.53, "std": 0.02, "n_seeds": 2, "response_em": 0.53, "per_seed": [0.51, 0.55]}
+    assert rows["full"] == {"mean": 0.53, "std": 0.02, "n_seeds": 2, "response_em": 0.53, "per_seed": [0.51, 0.55],
+                            "families": {"add": 0.5}}
     assert rows["random@0.6"]["per_seed"] == [0.57, 0.63] and rows["base"]["per_seed"] == [0.02]
     assert {row: v["passes"] for row, v in figures["passes"].items()} == \
         {"warmup": 4.0, "full": 4.0, "random": 4.0, "full+warmup": 3.0}
@@ -140,3 +141,24 @@ def test_calibration_plans_no_token_scoring():
     assert rules["sft"] == 3 * 3 and rules["warmup"] and rules["report"] and "token_loss" not in rules
     scored = copy.deepcopy(base) | {"experiment": "calibration-plan-test", "methods": ["full", "rho"]}
     assert "token_loss" in cw.plan(scored)
+
+
+def test_a_variant_reuses_the_base_of_an_earlier_one_with_the_same_world(tmp_path, monkeypatch):
+    """Same world, base model and length: the world and base are copied (times kept), so the workflow does not
+    pretrain again; a different world is never matched."""
+    monkeypatch.setattr(cw, "ROOT", tmp_path)
+    results = tmp_path / "results"
+    earlier = {"experiment": "calibration-a", "world": {"seed": 0}, "base_model": {"pretrain": {}}, "max_length": 128}
+    (results / "calibration-a" / "models" / "base").mkdir(parents=True)
+    (results / "calibration-a" / "models" / "base" / "config.json").write_text("{}")
+    (results / "calibration-a" / "world").mkdir()
+    (results / "calibration-a" / "world" / "world.json").write_text("{}")
+    (results / "calibration-a.config.yaml").write_text(yaml.safe_dump(earlier))
+    same = {**earlier, "experiment": "calibration-b", "sft": {"train": {"epochs": 4}}}
+    assert cw.reuse_base(same) == "calibration-a"
+    copied = results / "calibration-b" / "models" / "base" / "config.json"
+    assert copied.read_text() == "{}"
+    assert copied.stat().st_mtime == (results / "calibration-a" / "models" / "base" / "config.json").stat().st_mtime
+    assert cw.reuse_base(same) is None  # already there: nothing copied again
+    other = {**earlier, "experiment": "calibration-c", "world": {"seed": 1}}
+    assert cw.reuse_base(other) is None and not (results / "calibration-c").exists()
