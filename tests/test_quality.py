@@ -1,4 +1,4 @@
-"""Ground-truth rows and measures: the oracle mask, concatenated tables, the cleaning-quality table."""
+"""Ground-truth rows and measures: the ground-truth masks, concatenated tables, the cleaning-quality table."""
 from __future__ import annotations
 
 import csv
@@ -25,20 +25,41 @@ def labelled_table(seed: int, n_samples: int = 12) -> TokenTable:
                       {"token_class": token_class, "sample_index": np.arange(n_samples)})
 
 
-def test_oracle_drops_exactly_the_harmful_tokens():
-    table = labelled_table(0)
-    mask = select("oracle", table)
+def test_labelled_tables_hold_every_class():
+    """The brute-force tests below see every class, novel included, inside and outside loss_mask."""
+    cls, resp = labelled_table(0).extras["token_class"], labelled_table(0).loss_mask
+    assert set(cls[resp].tolist()) == set(range(len(TOKEN_CLASSES))) and "novel" in TOKEN_CLASSES
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_truth_drop_noisy_keeps_every_response_token_but_the_corrupted_and_garbage_ones(seed):
+    table = labelled_table(seed)
+    mask = select("truth_drop_noisy", table)
     for p in range(table.n_tokens):
-        cls = table.extras["token_class"][p]
-        expect = bool(table.loss_mask[p]) and TOKEN_CLASSES[cls] in ("informative", "boilerplate")
-        assert mask[p] == expect
+        name = TOKEN_CLASSES[table.extras["token_class"][p]] if table.loss_mask[p] else None
+        assert mask[p] == (table.loss_mask[p] and name not in ("corrupted", "garbage")), p
 
 
-def test_oracle_refuses_data_without_labels():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_truth_keep_informative_keeps_exactly_the_informative_and_novel_tokens(seed):
+    table = labelled_table(seed)
+    mask = select("truth_keep_informative", table)
+    for p in range(table.n_tokens):
+        name = TOKEN_CLASSES[table.extras["token_class"][p]] if table.loss_mask[p] else None
+        assert mask[p] == (table.loss_mask[p] and name in ("informative", "novel")), p
+
+
+@pytest.mark.parametrize("method", ["truth_drop_noisy", "truth_keep_informative"])
+def test_truth_rows_refuse_data_without_labels(method):
     table = labelled_table(1)
     table.extras.pop("token_class")
-    with pytest.raises(ValueError, match="ground-truth"):
-        select("oracle", table)
+    with pytest.raises(ValueError, match=f"method '{method}' needs ground-truth token classes"):
+        select(method, table)
+
+
+def test_oracle_is_no_method_any_more():
+    with pytest.raises(ValueError, match="unknown selection method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
+        select("oracle", labelled_table(1))
 
 
 def test_class_counts_match_a_plain_count():
@@ -74,13 +95,15 @@ def test_quality_csv_and_concat(tmp_path):
     assert np.array_equal(ab.extras["token_class"], np.concatenate([a.extras["token_class"], b.extras["token_class"]]))
 
     fingerprint = TokenTable.load(tmp_path / "a.tokens.npz")[1]["fingerprint"]
-    save_array(tmp_path / "oracle.mask.npy", select("oracle", a), {"tokens_fingerprint": fingerprint})
+    save_array(tmp_path / "truth_drop_noisy.mask.npy", select("truth_drop_noisy", a),
+               {"tokens_fingerprint": fingerprint})
     save_array(tmp_path / "full.mask.npy", a.loss_mask.copy(), {"tokens_fingerprint": fingerprint})
-    write_quality(tmp_path / "a.tokens.npz", [tmp_path / "full.mask.npy", tmp_path / "oracle.mask.npy"],
+    write_quality(tmp_path / "a.tokens.npz", [tmp_path / "full.mask.npy", tmp_path / "truth_drop_noisy.mask.npy"],
                   tmp_path / "q.csv")
     rows = {r["mask"]: r for r in csv.DictReader(open(tmp_path / "q.csv"))}
-    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["oracle"]["kept_garbage"]) == 0.0
-    assert float(rows["oracle"]["kept_corrupted"]) == 0.0 and float(rows["oracle"]["recall_informative"]) == 1.0
+    truth = rows["truth_drop_noisy"]
+    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(truth["kept_garbage"]) == 0.0
+    assert float(truth["kept_corrupted"]) == 0.0 and float(truth["recall_informative"]) == 1.0
 
 
 def test_concat_refuses_mixed_tokenizers(tmp_path):

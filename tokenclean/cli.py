@@ -265,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, required=True, help="which chunk, 1-based")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
 
-    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global) or "
-                                  "oracle (ground truth, embedded world only).")
+    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global), or "
+                                  "by ground truth (embedded world only): truth_drop_noisy (every token but the "
+                                  "corrupted and garbage ones), truth_keep_informative (the informative and novel "
+                                  "ones only).")
     p.add_argument("--method", required=True, choices=list(SELECTION_METHODS))
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
