@@ -21,6 +21,18 @@ def report_outputs() -> list[str]:
     return out
 
 
+def trained_models() -> list[str]:
+    """Every model the table's rows trained (the warm-up model, each SFT row, each round of a chain): the report
+    reads each one's passes over its own data from what training recorded next to it."""
+    models = [model_dir("warmup")]
+    for run in sft_runs():
+        if parse_run(run)[0] in CHAINED:
+            models += [f"{R}/models/rounds/{run}_t{t}" for t in range(1, ROUNDS + 1)]
+        else:
+            models.append(model_dir(run))
+    return models
+
+
 localrules: report, rounds_report, provenance  # seconds of work: on the submitting machine, not a cluster job
 
 
@@ -49,10 +61,12 @@ rule provenance:
 
 
 rule report:
-    """One row per method x ratio, one column per task and the average; mean and std over seeds. One table per
-    metric (CSV, Markdown, LaTeX; best row in bold); the paper's numbers below ours when paper_reference is set."""
+    """One row per method x ratio, its passes over its own training data, one column per task and the average;
+    mean and std over seeds. One table per metric (CSV, Markdown, LaTeX; best row in bold, the ground-truth rows
+    never); the paper's numbers below ours when paper_reference is set."""
     input:
-        expand(f"{R}/eval/{{run}}.json", run=RUNS),
+        evals=expand(f"{R}/eval/{{run}}.json", run=RUNS),
+        models=trained_models(),
     output:
         csv=report(f"{R}/table.csv", caption="../report/table.rst", category="Tables", labels={"table": TABLE_METRICS[0]}),
         md=f"{R}/table.md",
@@ -69,8 +83,8 @@ rule report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} report {input} --metric {METRIC} --metrics {params.metrics} {params.paper} --out-csv {output.csv}"
-        " --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"
+        "{TC} report {input.evals} --models {input.models} --metric {METRIC} --metrics {params.metrics}"
+        " {params.paper} --out-csv {output.csv} --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"
 
 
 rule significance:

@@ -165,7 +165,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     from tokenclean.report import write_table
 
     write_table(a.evals, a.out_csv, a.out_md, metric=a.metric, out_tex=a.out_tex,
-                metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference)
+                metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference,
+                models=a.models)
 
 
 def cmd_significance(a: argparse.Namespace) -> None:
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-reference", default=None,
                    help="show the paper's numbers for this model below ours (a key of paper_reference.json, "
                         "e.g. llama-3.2-3b; benchmark suites only)")
+    p.add_argument("--models", nargs="*", default=[],
+                   help="the trained models' directories, named by run (warmup, full_s1, rho_r0.6_s1; a chain's "
+                        "rounds <row>_t<t>): each row's passes over its own data, from their tokenclean.json")
 
     p = add("significance", cmd_significance,
             "Paired bootstrap over evaluation examples: each method minus full-token SFT, per task and on average, "
