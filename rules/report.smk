@@ -144,7 +144,7 @@ rule figure_scores:
 
 
 rule figure_kept:
-    """Kept fraction of each ground-truth class per mask (embedded world)."""
+    """Kept fraction of each ground-truth class per mask, novel included (embedded world)."""
     input:
         f"{R}/cleaning_quality.csv",
     output:
@@ -196,7 +196,8 @@ rule token_view:
 
 
 rule cleaning_quality:
-    """Kept fraction of each ground-truth token class per mask (embedded world: the pool carries classes)."""
+    """Kept fraction of each ground-truth token class per mask (novel: what the reference could not know), and
+    precision/recall against the informative and novel tokens (embedded world: the pool carries classes)."""
     input:
         tokens=f"{R}/tokens/pool.tokens.npz",
         masks=pool_masks(),
@@ -213,7 +214,8 @@ rule cleaning_quality:
 
 
 rule score_separation:
-    """How the reference's scores fall by ground-truth class: does the score separate informative from noisy?"""
+    """How the reference's scores fall by ground-truth class: does the score separate informative (and novel)
+    from noisy tokens?"""
     input:
         tokens=f"{R}/tokens/pool.tokens.npz",
         base_loss=f"{R}/losses/base/pool.loss.npy",

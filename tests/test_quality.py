@@ -71,11 +71,25 @@ def test_class_counts_match_a_plain_count():
     for c, name in enumerate(TOKEN_CLASSES):
         members = [p for p in resp if table.extras["token_class"][p] == c]
         assert row[f"kept_{name}"] == pytest.approx(sum(keep[p] for p in members) / len(members))
+    # "informative" for precision and recall: both classes of tokens worth learning, informative and novel
+    worth = [p for p in resp if TOKEN_CLASSES[table.extras["token_class"][p]] in ("informative", "novel")]
     kept = [p for p in resp if keep[p]]
-    informative_kept = [p for p in kept if table.extras["token_class"][p] == 0]
-    assert row["precision_informative"] == pytest.approx(len(informative_kept) / len(kept))
-    assert row["recall_informative"] == pytest.approx(
-        len(informative_kept) / sum(table.extras["token_class"][p] == 0 for p in resp))
+    worth_kept = [p for p in worth if keep[p]]
+    assert row["precision_informative"] == pytest.approx(len(worth_kept) / len(kept))
+    assert row["recall_informative"] == pytest.approx(len(worth_kept) / len(worth))
+
+
+def test_class_counts_by_hand_with_novel_tokens():
+    names = ["informative", "novel", "novel", "boilerplate", "garbage", "novel", "informative", "corrupted", "x"]
+    token_class = np.array([TOKEN_CLASSES.index(n) if n != "x" else -1 for n in names], dtype=np.int8)
+    loss_mask = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    keep = np.array([1, 1, 0, 1, 1, 0, 0, 0, 0], dtype=bool)
+    row = class_counts(token_class, loss_mask, keep)
+    assert (row["n_novel"], row["kept_novel"]) == (3, pytest.approx(1 / 3))  # what the reference could not know
+    assert (row["n_informative"], row["kept_informative"]) == (2, 0.5)
+    assert row["n_kept"] == 4 and row["precision_informative"] == pytest.approx(2 / 4)  # informative 0, novel 1
+    assert row["recall_informative"] == pytest.approx(2 / 5)  # of 2 informative + 3 novel
+    assert row["kept_boilerplate"] == 1.0 and row["kept_garbage"] == 1.0 and row["kept_corrupted"] == 0.0
 
 
 def test_quality_csv_and_concat(tmp_path):
@@ -136,10 +150,14 @@ def test_separation_rows_follow_the_classes():
     ref = base.copy()
     ref[resp & (cls == TOKEN_CLASSES.index("informative"))] -= 1.0      # the reference learned the answers
     ref[resp & (cls == TOKEN_CLASSES.index("garbage"))] += 1.0          # and unlearned the junk
+    ref[resp & (cls == TOKEN_CLASSES.index("novel"))] += 2.0            # and never saw the pool's own knowledge
     ref[~resp] = np.nan
     rows = {r["class"]: r for r in separation_rows(cls, resp, base, ref)}
     assert rows["informative"]["mean_score"] == pytest.approx(1.0, abs=1e-6)
     assert rows["garbage"]["mean_score"] == pytest.approx(-1.0, abs=1e-6)
     assert rows["informative"]["auroc_vs_noisy"] == 1.0
     assert 0.3 < rows["boilerplate"]["auroc_vs_noisy"] < 1.0  # ties with corrupted (score 0), above garbage
+    assert rows["novel"]["mean_score"] == pytest.approx(-2.0, abs=1e-6)  # the reference's blind spot
+    assert rows["novel"]["auroc_vs_noisy"] == 0.0  # below every noisy token (garbage -1, corrupted 0)
+    assert np.isnan(rows["garbage"]["auroc_vs_noisy"]) and np.isnan(rows["corrupted"]["auroc_vs_noisy"])
     assert sum(r["n_tokens"] for r in rows.values()) == int(resp.sum())

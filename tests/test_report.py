@@ -375,6 +375,28 @@ def test_token_page_is_valid_html_with_one_element_per_token(tmp_path, tiny_toke
         assert ("k1" in classes) == bool(kept_fixed[p])
     # the text is escaped: the response's "& <ok>" survives as text, not markup
     assert "<ok>" not in page and "& <ok>" in "".join(parser.text)
+    # every class, novel included, has its underline colour and its place in the legend
+    for name in TOKEN_CLASSES:
+        assert f".c-{name}{{border-bottom-color:" in page and f"<span class=\"c-{name}\"" in page
+
+
+def test_token_page_shows_a_sample_with_novel_tokens():
+    from tokenclean.token_view import pick_samples
+
+    kinds = ["informative", "informative", "corrupted", "garbage", "novel"]  # one kind of token per sample
+    # each sample: a prompt token (class -1, outside loss_mask) and two response tokens of its kind
+    token_class = np.array([c for k in kinds for c in (-1, TOKEN_CLASSES.index(k), TOKEN_CLASSES.index(k))],
+                           dtype=np.int8)
+    table = TokenTable(np.zeros(15, dtype=np.int32), np.arange(0, 16, 3), token_class >= 0,
+                       {"token_class": token_class})
+    assert pick_samples(table, 4) == [0, 2, 3, 4]  # corrupted, garbage, novel, then the first clean one
+    assert pick_samples(table, 5) == [0, 1, 2, 3, 4]
+
+
+def test_every_token_class_has_a_colour():
+    from tokenclean.figures import CLASS_COLORS
+
+    assert set(CLASS_COLORS) == set(TOKEN_CLASSES) and len(set(CLASS_COLORS.values())) == len(CLASS_COLORS)
 
 
 def test_score_figure_from_the_pool(tmp_path, tiny_tokenizer_dir):
@@ -392,8 +414,8 @@ def test_figures_are_written(tmp_path):
     (tmp_path / "table.csv").write_text(
         "method,ratio,n_seeds,average_mean,average_std\nfull,,3,0.48,0.05\nfixed,0.3,3,0.5,0.1\n"
         "fixed,0.6,3,0.6,0.2\nrho,0.3,3,0.7,0.02\nrho,0.6,3,0.88,0.01\n")
-    (tmp_path / "q.csv").write_text("mask,kept_informative,kept_boilerplate,kept_corrupted,kept_garbage\n"
-                                    "full,1,1,1,1\nfixed_r0.6,0.85,0.67,0.15,0.05\n")
+    (tmp_path / "q.csv").write_text("mask,kept_informative,kept_boilerplate,kept_corrupted,kept_garbage,kept_novel\n"
+                                    "full,1,1,1,1,1\nfixed_r0.6,0.85,0.67,0.15,0.05,0.3\n")
     (tmp_path / "rounds.csv").write_text(
         "method,ratio,round,n_seeds,add_mean,add_std,average_mean,average_std\n"
         "self_evolving,0.6,0,3,0.97,0,0.93,0\nself_evolving,0.6,1,3,0.8,0.1,0.81,0.09\n")
