@@ -57,6 +57,22 @@ def test_truth_rows_refuse_data_without_labels(method):
         select(method, table)
 
 
+@pytest.mark.parametrize("method", ["truth_drop_noisy", "truth_keep_informative"])
+def test_select_command_on_data_without_labels_is_one_line_naming_the_table(method, tmp_path, capsys):
+    from tokenclean.cli import main
+
+    table = labelled_table(3)
+    table.extras.pop("token_class")
+    table.save(tmp_path / "pool.tokens.npz", {"tokenizer_fingerprint": "t"})
+    code = main(["select", "--method", method, "--tokens", str(tmp_path / "pool.tokens.npz"),
+                 "--out", str(tmp_path / "m.mask.npy")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err == (f"tokenclean select: error: {tmp_path / 'pool.tokens.npz'}: method '{method}' needs ground-truth "
+                   "token classes, which only the embedded world has")
+    assert not list(tmp_path.glob("m.mask*"))
+
+
 def test_oracle_is_no_method_any_more():
     with pytest.raises(ValueError, match="unknown selection method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
         select("oracle", labelled_table(1))

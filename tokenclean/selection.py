@@ -229,7 +229,12 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
         base, ref, provenance = load_losses(tmeta, tokens, base_loss, ref_loss)
         score = scores(base, ref, table.loss_mask)
         meta.update(provenance)
-    mask = select(method, table, ratio, seed, score)
+    try:
+        mask = select(method, table, ratio, seed, score)
+    except ValueError as e:
+        if method in TRUTH_METHODS:  # the token table lacks what the method reads: name it
+            raise ValueError(f"{tokens}: {e}") from None
+        raise
     meta.update(n_response_tokens=int(table.loss_mask.sum()), n_selected=int(mask.sum()),
                 n_samples_without_selected=int(np.count_nonzero(np.add.reduceat(mask, table.offsets[:-1]) == 0))
                 if table.n_samples else 0)
