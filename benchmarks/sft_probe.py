@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from tokenclean.artifacts import TokenTable
-from tokenclean.data import TOKEN_CLASSES
+from tokenclean.data import TOKEN_CLASSES, TRUTH_METHODS
 from tokenclean.loss import token_losses
 from tokenclean.models import load_model, set_threads
 from tokenclean.selection import select
@@ -36,7 +36,7 @@ def subset(table: TokenTable, samples: range) -> TokenTable:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="results/<experiment> of an embedded run")
-    ap.add_argument("--method", default="full", choices=["full", "random", "oracle"])
+    ap.add_argument("--method", default="full", choices=["full", "random", *TRUTH_METHODS])
     ap.add_argument("--ratio", type=float, default=0.6)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)

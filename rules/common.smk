@@ -44,8 +44,9 @@ TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
 
 # Methods without a ratio: one mask (and one SFT row per seed). `full+warmup` trains every response token of
 # the pool and the warm-up set together (the fair baseline for methods that use the warm-up data through the
-# reference); `oracle` drops exactly the corrupted and garbage tokens (embedded world only: the ceiling).
-UNRATIOED = ("full", "oracle", "full+warmup")
+# reference); the ground-truth rows (embedded world only) read the token classes: `truth_drop_noisy` drops exactly
+# the corrupted and garbage tokens, `truth_keep_informative` keeps exactly the informative and novel ones.
+UNRATIOED = ("full", "truth_drop_noisy", "truth_keep_informative", "full+warmup")
 # Methods trained as a chain of rounds over chunks of the pool (rules/self_evolving.smk), not by the sft rule.
 CHAINED = ("self_evolving",)
 ROUNDS = config.get("self_evolving", {}).get("rounds", 3)

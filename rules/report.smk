@@ -21,6 +21,18 @@ def report_outputs() -> list[str]:
     return out
 
 
+def trained_models() -> list[str]:
+    """Every model the table's rows trained (the warm-up model, each SFT row, each round of a chain): the report
+    reads each one's passes over its own data from what training recorded next to it."""
+    models = [model_dir("warmup")]
+    for run in sft_runs():
+        if parse_run(run)[0] in CHAINED:
+            models += [f"{R}/models/rounds/{run}_t{t}" for t in range(1, ROUNDS + 1)]
+        else:
+            models.append(model_dir(run))
+    return models
+
+
 localrules: report, rounds_report, provenance  # seconds of work: on the submitting machine, not a cluster job
 
 
@@ -49,10 +61,12 @@ rule provenance:
 
 
 rule report:
-    """One row per method x ratio, one column per task and the average; mean and std over seeds. One table per
-    metric (CSV, Markdown, LaTeX; best row in bold); the paper's numbers below ours when paper_reference is set."""
+    """One row per method x ratio, its passes over its own training data, one column per task and the average;
+    mean and std over seeds. One table per metric (CSV, Markdown, LaTeX; best row in bold, the ground-truth rows
+    never); the paper's numbers below ours when paper_reference is set."""
     input:
-        expand(f"{R}/eval/{{run}}.json", run=RUNS),
+        evals=expand(f"{R}/eval/{{run}}.json", run=RUNS),
+        models=trained_models(),
     output:
         csv=report(f"{R}/table.csv", caption="../report/table.rst", category="Tables", labels={"table": TABLE_METRICS[0]}),
         md=f"{R}/table.md",
@@ -69,8 +83,8 @@ rule report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} report {input} --metric {METRIC} --metrics {params.metrics} {params.paper} --out-csv {output.csv}"
-        " --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"
+        "{TC} report {input.evals} --models {input.models} --metric {METRIC} --metrics {params.metrics}"
+        " {params.paper} --out-csv {output.csv} --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"
 
 
 rule significance:
@@ -130,7 +144,7 @@ rule figure_scores:
 
 
 rule figure_kept:
-    """Kept fraction of each ground-truth class per mask (embedded world)."""
+    """Kept fraction of each ground-truth class per mask, novel included (embedded world)."""
     input:
         f"{R}/cleaning_quality.csv",
     output:
@@ -182,7 +196,8 @@ rule token_view:
 
 
 rule cleaning_quality:
-    """Kept fraction of each ground-truth token class per mask (embedded world: the pool carries classes)."""
+    """Kept fraction of each ground-truth token class per mask (novel: what the reference could not know), and
+    precision/recall against the informative and novel tokens (embedded world: the pool carries classes)."""
     input:
         tokens=f"{R}/tokens/pool.tokens.npz",
         masks=pool_masks(),
@@ -199,7 +214,8 @@ rule cleaning_quality:
 
 
 rule score_separation:
-    """How the reference's scores fall by ground-truth class: does the score separate informative from noisy?"""
+    """How the reference's scores fall by ground-truth class: does the score separate informative (and novel)
+    from noisy tokens?"""
     input:
         tokens=f"{R}/tokens/pool.tokens.npz",
         base_loss=f"{R}/losses/base/pool.loss.npy",

@@ -122,6 +122,10 @@ BAD = {
     "missing key": ({k: v for k, v in load(SMOKE).items() if k != "sft"}, "missing key 'sft'"),
     "fewer chunks than rounds": (smoke_with(self_evolving={"rounds": 3, "chunks": 2}),
                                  "self_evolving.chunks: 2 must be at least self_evolving.rounds (3)"),
+    "the old oracle method": (smoke_with(methods=["full", "oracle"]),
+                              "methods[1]: oracle was replaced by two ground-truth rows, truth_drop_noisy (every "
+                              "response token but the corrupted and garbage ones) and truth_keep_informative"),
+    "an unknown method": (smoke_with(methods=["full", "orcale"]), "methods[1]: 'orcale' is not one of"),
 }
 
 
@@ -143,6 +147,20 @@ def test_non_embedded_experiment_needs_benchmarks():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("method", ["truth_drop_noisy", "truth_keep_informative"])
+def test_ground_truth_methods_need_the_embedded_world(method):
+    cfg = load(PAPER)
+    cfg["methods"] = ["full", method]
+    with pytest.raises(ConfigError, match=rf"^config: methods\[1\]: {method} reads the ground-truth token classes, "
+                                          "which only the embedded world has$"):
+        check_config(cfg)
+
+
+def test_the_smoke_config_runs_both_ground_truth_methods():
+    methods = check_config(load(SMOKE))["methods"]
+    assert "truth_drop_noisy" in methods and "truth_keep_informative" in methods and "oracle" not in methods
+
+
 def test_error_names_the_file_that_sets_the_key(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("sft: {train: {lrr: 1}}\n")
@@ -152,7 +170,7 @@ def test_error_names_the_file_that_sets_the_key(tmp_path):
         check_config(cfg, [SMOKE, extra])
 
 
-@pytest.mark.parametrize("case", ["unknown key", "two ratios, one run name", "experiment .."])
+@pytest.mark.parametrize("case", ["unknown key", "two ratios, one run name", "experiment ..", "the old oracle method"])
 def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_path):
     cfg, expected = BAD[case]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))

@@ -405,6 +405,30 @@ def test_a_bad_evaluation_json_names_the_file(tmp_path, capsys, good, command, c
     assert _all_files(out) == []
 
 
+@pytest.mark.parametrize("content,expected", [
+    (None, "tokenclean.json: file not found"),
+    ('{"steps": 10, "train_config": {"batch_size": 8}, "samples_used": 40}',
+     "tokenclean.json: field 'samples_without_selected_tokens' missing"),
+    ('{"steps": "ten", "train_config": {"batch_size": 8}, "samples_used": 40, "samples_without_selected_tokens": 0,'
+     ' "seconds": 1}', "tokenclean.json: unexpected content (ValueError"),
+    ('{"steps": 10, "train_config": {"batch_size": 8}, "samples_used": 0, "samples_without_selected_tokens": 0,'
+     ' "seconds": 1}', "tokenclean.json: trained on no samples"),
+])
+def test_a_bad_training_record_names_the_file(tmp_path, capsys, good, content, expected):
+    """The report reads each row's passes from what training recorded next to its model."""
+    model = tmp_path / "models" / "full_s0"
+    model.mkdir(parents=True)
+    if content is not None:
+        (model / "tokenclean.json").write_text(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["report", str(good["full_s0.json"]), "--models", str(model), "--out-csv", str(out / "t.csv"),
+            "--out-md", str(out / "t.md")]
+    line = assert_one_line_error(capsys, main(args), "report", model)
+    assert expected in line, line
+    assert _all_files(out) == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # writes: an array and its sidecar (and a report's several files) appear together or not at all
 # ---------------------------------------------------------------------------------------------------------

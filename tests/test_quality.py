@@ -1,4 +1,4 @@
-"""Ground-truth rows and measures: the oracle mask, concatenated tables, the cleaning-quality table."""
+"""Ground-truth rows and measures: the ground-truth masks, concatenated tables, the cleaning-quality table."""
 from __future__ import annotations
 
 import csv
@@ -25,20 +25,57 @@ def labelled_table(seed: int, n_samples: int = 12) -> TokenTable:
                       {"token_class": token_class, "sample_index": np.arange(n_samples)})
 
 
-def test_oracle_drops_exactly_the_harmful_tokens():
-    table = labelled_table(0)
-    mask = select("oracle", table)
+def test_labelled_tables_hold_every_class():
+    """The brute-force tests below see every class, novel included, inside and outside loss_mask."""
+    cls, resp = labelled_table(0).extras["token_class"], labelled_table(0).loss_mask
+    assert set(cls[resp].tolist()) == set(range(len(TOKEN_CLASSES))) and "novel" in TOKEN_CLASSES
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_truth_drop_noisy_keeps_every_response_token_but_the_corrupted_and_garbage_ones(seed):
+    table = labelled_table(seed)
+    mask = select("truth_drop_noisy", table)
     for p in range(table.n_tokens):
-        cls = table.extras["token_class"][p]
-        expect = bool(table.loss_mask[p]) and TOKEN_CLASSES[cls] in ("informative", "boilerplate")
-        assert mask[p] == expect
+        name = TOKEN_CLASSES[table.extras["token_class"][p]] if table.loss_mask[p] else None
+        assert mask[p] == (table.loss_mask[p] and name not in ("corrupted", "garbage")), p
 
 
-def test_oracle_refuses_data_without_labels():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_truth_keep_informative_keeps_exactly_the_informative_and_novel_tokens(seed):
+    table = labelled_table(seed)
+    mask = select("truth_keep_informative", table)
+    for p in range(table.n_tokens):
+        name = TOKEN_CLASSES[table.extras["token_class"][p]] if table.loss_mask[p] else None
+        assert mask[p] == (table.loss_mask[p] and name in ("informative", "novel")), p
+
+
+@pytest.mark.parametrize("method", ["truth_drop_noisy", "truth_keep_informative"])
+def test_truth_rows_refuse_data_without_labels(method):
     table = labelled_table(1)
     table.extras.pop("token_class")
-    with pytest.raises(ValueError, match="ground-truth"):
-        select("oracle", table)
+    with pytest.raises(ValueError, match=f"method '{method}' needs ground-truth token classes"):
+        select(method, table)
+
+
+@pytest.mark.parametrize("method", ["truth_drop_noisy", "truth_keep_informative"])
+def test_select_command_on_data_without_labels_is_one_line_naming_the_table(method, tmp_path, capsys):
+    from tokenclean.cli import main
+
+    table = labelled_table(3)
+    table.extras.pop("token_class")
+    table.save(tmp_path / "pool.tokens.npz", {"tokenizer_fingerprint": "t"})
+    code = main(["select", "--method", method, "--tokens", str(tmp_path / "pool.tokens.npz"),
+                 "--out", str(tmp_path / "m.mask.npy")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err == (f"tokenclean select: error: {tmp_path / 'pool.tokens.npz'}: method '{method}' needs ground-truth "
+                   "token classes, which only the embedded world has")
+    assert not list(tmp_path.glob("m.mask*"))
+
+
+def test_oracle_is_no_method_any_more():
+    with pytest.raises(ValueError, match="unknown selection method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
+        select("oracle", labelled_table(1))
 
 
 def test_class_counts_match_a_plain_count():
@@ -50,11 +87,25 @@ def test_class_counts_match_a_plain_count():
     for c, name in enumerate(TOKEN_CLASSES):
         members = [p for p in resp if table.extras["token_class"][p] == c]
         assert row[f"kept_{name}"] == pytest.approx(sum(keep[p] for p in members) / len(members))
+    # "informative" for precision and recall: both classes of tokens worth learning, informative and novel
+    worth = [p for p in resp if TOKEN_CLASSES[table.extras["token_class"][p]] in ("informative", "novel")]
     kept = [p for p in resp if keep[p]]
-    informative_kept = [p for p in kept if table.extras["token_class"][p] == 0]
-    assert row["precision_informative"] == pytest.approx(len(informative_kept) / len(kept))
-    assert row["recall_informative"] == pytest.approx(
-        len(informative_kept) / sum(table.extras["token_class"][p] == 0 for p in resp))
+    worth_kept = [p for p in worth if keep[p]]
+    assert row["precision_informative"] == pytest.approx(len(worth_kept) / len(kept))
+    assert row["recall_informative"] == pytest.approx(len(worth_kept) / len(worth))
+
+
+def test_class_counts_by_hand_with_novel_tokens():
+    names = ["informative", "novel", "novel", "boilerplate", "garbage", "novel", "informative", "corrupted", "x"]
+    token_class = np.array([TOKEN_CLASSES.index(n) if n != "x" else -1 for n in names], dtype=np.int8)
+    loss_mask = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    keep = np.array([1, 1, 0, 1, 1, 0, 0, 0, 0], dtype=bool)
+    row = class_counts(token_class, loss_mask, keep)
+    assert (row["n_novel"], row["kept_novel"]) == (3, pytest.approx(1 / 3))  # what the reference could not know
+    assert (row["n_informative"], row["kept_informative"]) == (2, 0.5)
+    assert row["n_kept"] == 4 and row["precision_informative"] == pytest.approx(2 / 4)  # informative 0, novel 1
+    assert row["recall_informative"] == pytest.approx(2 / 5)  # of 2 informative + 3 novel
+    assert row["kept_boilerplate"] == 1.0 and row["kept_garbage"] == 1.0 and row["kept_corrupted"] == 0.0
 
 
 def test_quality_csv_and_concat(tmp_path):
@@ -74,13 +125,15 @@ def test_quality_csv_and_concat(tmp_path):
     assert np.array_equal(ab.extras["token_class"], np.concatenate([a.extras["token_class"], b.extras["token_class"]]))
 
     fingerprint = TokenTable.load(tmp_path / "a.tokens.npz")[1]["fingerprint"]
-    save_array(tmp_path / "oracle.mask.npy", select("oracle", a), {"tokens_fingerprint": fingerprint})
+    save_array(tmp_path / "truth_drop_noisy.mask.npy", select("truth_drop_noisy", a),
+               {"tokens_fingerprint": fingerprint})
     save_array(tmp_path / "full.mask.npy", a.loss_mask.copy(), {"tokens_fingerprint": fingerprint})
-    write_quality(tmp_path / "a.tokens.npz", [tmp_path / "full.mask.npy", tmp_path / "oracle.mask.npy"],
+    write_quality(tmp_path / "a.tokens.npz", [tmp_path / "full.mask.npy", tmp_path / "truth_drop_noisy.mask.npy"],
                   tmp_path / "q.csv")
     rows = {r["mask"]: r for r in csv.DictReader(open(tmp_path / "q.csv"))}
-    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["oracle"]["kept_garbage"]) == 0.0
-    assert float(rows["oracle"]["kept_corrupted"]) == 0.0 and float(rows["oracle"]["recall_informative"]) == 1.0
+    truth = rows["truth_drop_noisy"]
+    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(truth["kept_garbage"]) == 0.0
+    assert float(truth["kept_corrupted"]) == 0.0 and float(truth["recall_informative"]) == 1.0
 
 
 def test_concat_refuses_mixed_tokenizers(tmp_path):
@@ -113,10 +166,14 @@ def test_separation_rows_follow_the_classes():
     ref = base.copy()
     ref[resp & (cls == TOKEN_CLASSES.index("informative"))] -= 1.0      # the reference learned the answers
     ref[resp & (cls == TOKEN_CLASSES.index("garbage"))] += 1.0          # and unlearned the junk
+    ref[resp & (cls == TOKEN_CLASSES.index("novel"))] += 2.0            # and never saw the pool's own knowledge
     ref[~resp] = np.nan
     rows = {r["class"]: r for r in separation_rows(cls, resp, base, ref)}
     assert rows["informative"]["mean_score"] == pytest.approx(1.0, abs=1e-6)
     assert rows["garbage"]["mean_score"] == pytest.approx(-1.0, abs=1e-6)
     assert rows["informative"]["auroc_vs_noisy"] == 1.0
     assert 0.3 < rows["boilerplate"]["auroc_vs_noisy"] < 1.0  # ties with corrupted (score 0), above garbage
+    assert rows["novel"]["mean_score"] == pytest.approx(-2.0, abs=1e-6)  # the reference's blind spot
+    assert rows["novel"]["auroc_vs_noisy"] == 0.0  # below every noisy token (garbage -1, corrupted 0)
+    assert np.isnan(rows["garbage"]["auroc_vs_noisy"]) and np.isnan(rows["corrupted"]["auroc_vs_noisy"])
     assert sum(r["n_tokens"] for r in rows.values()) == int(resp.sum())

@@ -53,8 +53,10 @@ def evals(tmp_path) -> list[Path]:
     for seed, (a, m) in enumerate([(0.9, 0.8), (0.8, 0.6), (1.0, 0.7)], 1):
         files.append(world_eval(tmp_path / f"fixed_r0.6_s{seed}.json", {"add": a, "max": m},
                                 {"add": 0.5, "max": 4.0}))
-    for seed in (1, 2, 3):  # a ceiling that beats every method: shown, never bold
-        files.append(world_eval(tmp_path / f"oracle_s{seed}.json", {"add": 1.0, "max": 1.0},
+    for seed in (1, 2, 3):  # ground-truth rows that beat every method: shown, never bold
+        files.append(world_eval(tmp_path / f"truth_drop_noisy_s{seed}.json", {"add": 1.0, "max": 1.0},
+                                {"add": 0.1, "max": 0.1}))
+        files.append(world_eval(tmp_path / f"truth_keep_informative_s{seed}.json", {"add": 1.0, "max": 0.9},
                                 {"add": 0.1, "max": 0.1}))
     return files
 
@@ -62,7 +64,10 @@ def evals(tmp_path) -> list[Path]:
 def test_table_means_stds_and_best_marks(evals, tmp_path):
     rows = write_table(evals, tmp_path / "table.csv", tmp_path / "table.md", out_tex=tmp_path / "table.tex")
     csv_rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "table.csv"))}
-    assert list(csv_rows) == ["base", "full", "fixed", "oracle"]
+    assert list(csv_rows) == ["base", "full", "fixed", "truth_drop_noisy", "truth_keep_informative"]
+    header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["method", "ratio", "n_seeds", "passes", "add_mean", "add_std"]
+    assert csv_rows["full"]["passes"] == ""  # no models given: no passes
     full = csv_rows["full"]
     assert float(full["add_mean"]) == pytest.approx(0.6) and float(full["add_std"]) == pytest.approx(0.1)
     assert float(full["max_mean"]) == pytest.approx(0.5) and float(full["max_std"]) == pytest.approx(np.std([.4, .4, .7], ddof=1), abs=1e-4)
@@ -76,16 +81,79 @@ def test_table_means_stds_and_best_marks(evals, tmp_path):
 
     md = (tmp_path / "table.md").read_text()
     assert md.index("answer accuracy") < md.index("whole-response") < md.index("answer NLL")  # headline first
-    # accuracy: fixed is best on add, max and average; the oracle (higher still) is marked apart, not bold
-    assert md_row(md, 0, "fixed")[3:6] == ["**0.900 ± 0.100**", "**0.700 ± 0.100**", "**0.800 ± 0.087**"]
-    assert md_row(md, 0, "oracle†")[3] == "1.000 ± 0.000" and "ceiling" in md
-    assert md_row(md, 0, "base")[3] == "0.000"  # one run: no ± shown
-    # answer NLL: lower is better; fixed on add (0.5), full on max (2.0 < 4.0 < 8.0)
-    assert md_row(md, 2, "fixed")[3] == "**0.50 ± 0.00**" and md_row(md, 2, "full")[4] == "**2.00 ± 1.00**"
-    assert "**" not in md_row(md, 2, "fixed")[4]
+    # accuracy: fixed is best on add, max and average; the ground-truth rows (higher still) are marked apart, not
+    # bold, and nothing calls them a ceiling
+    assert md_row(md, 0, "fixed")[4:7] == ["**0.900 ± 0.100**", "**0.700 ± 0.100**", "**0.800 ± 0.087**"]
+    assert md_row(md, 0, "truth_drop_noisy†")[4] == "1.000 ± 0.000"
+    assert md_row(md, 0, "truth_keep_informative†")[4:6] == ["1.000 ± 0.000", "0.900 ± 0.000"]
+    assert "† reads the ground-truth token classes: never in bold." in md and "ceiling" not in md.lower()
+    assert md_row(md, 0, "base")[3:5] == ["–", "0.000"]  # no passes; one run: no ± shown
+    # answer NLL: lower is better; fixed on add (0.5), full on max (2.0 < 4.0 < 8.0); the ground-truth rows'
+    # 0.10 is lower still and not bold
+    assert md_row(md, 2, "fixed")[4] == "**0.50 ± 0.00**" and md_row(md, 2, "full")[5] == "**2.00 ± 1.00**"
+    assert "**" not in md_row(md, 2, "fixed")[5] and md_row(md, 2, "truth_drop_noisy†")[4] == "0.10 ± 0.00"
     tex = (tmp_path / "table.tex").read_text()
     assert tex.count("\\begin{tabular}") == 3 and "\\textbf{0.900$\\pm$0.100}" in tex
-    assert "oracle$^\\dagger$ & -- & 1.000$\\pm$0.000" in tex
+    assert "truth\\_drop\\_noisy$^\\dagger$ & -- & -- & 1.000$\\pm$0.000" in tex
+    assert "ground-truth token classes excluded" in tex and "ceiling" not in tex.lower()
+
+
+def trained(path: Path, steps: int, batch_size: int, used: int, without: int = 0) -> Path:
+    """A model directory as `tokenclean train` leaves it, as far as the report reads it (tokenclean.json)."""
+    path.mkdir(parents=True)
+    (path / "tokenclean.json").write_text(json.dumps({
+        "kind": "model", "steps": steps, "train_config": {"batch_size": batch_size, "steps": steps},
+        "samples_used": used, "samples_without_selected_tokens": without, "seconds": 1.5}))
+    return path
+
+
+@pytest.fixture
+def trained_rows(tmp_path) -> tuple[list[Path], list[Path]]:
+    """Evaluations and the models behind them: warm-up, two full seeds, two fixed seeds, one self-evolving chain."""
+    acc, nll = {"add": 0.5, "max": 0.5}, {"add": 1.0, "max": 1.0}
+    runs = ["base", "warmup", "full_s1", "full_s2", "fixed_r0.6_s1", "fixed_r0.6_s2", "self_evolving_r0.6_s1"]
+    evals = [world_eval(tmp_path / f"{run}.json", acc, nll) for run in runs]
+    m = tmp_path / "models"
+    models = [trained(m / "warmup", 30, 8, 100),                                   # 30 * 8 / 100 = 2.4
+              trained(m / "sft" / "full_s1", 10, 8, 40), trained(m / "sft" / "full_s2", 10, 8, 40),  # 2.0
+              # a sample whose mask kept no token is still the row's data: 10 * 8 / (35 + 5) = 2.0; 13 * 8 / 40
+              trained(m / "sft" / "fixed_r0.6_s1", 10, 8, 35, 5), trained(m / "sft" / "fixed_r0.6_s2", 13, 8, 40),
+              # the rounds together: (4 + 3 + 3) * 8 / (14 + 13 + 13) = 2.0 (not a mean of per-round passes)
+              trained(m / "rounds" / "self_evolving_r0.6_s1_t1", 4, 8, 14),
+              trained(m / "rounds" / "self_evolving_r0.6_s1_t2", 3, 8, 12, 1),
+              trained(m / "rounds" / "self_evolving_r0.6_s1_t3", 3, 8, 13)]
+    return evals, models
+
+
+def test_every_row_shows_its_passes_over_its_own_data(trained_rows, tmp_path):
+    evals, models = trained_rows
+    write_table(evals, tmp_path / "t.csv", tmp_path / "t.md", out_tex=tmp_path / "t.tex", models=models)
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "t.csv"))}
+    assert {m: r["passes"] for m, r in rows.items()} == {
+        "base": "", "warmup": "2.4000", "full": "2.0000", "fixed": "2.3000", "self_evolving": "2.0000"}
+    md = (tmp_path / "t.md").read_text()
+    for section in range(3):  # every metric's table
+        assert md_row(md, section, "base")[3] == "–" and md_row(md, section, "fixed")[3] == "2.30"
+    assert "| method | ratio | seeds | passes | add |" in md and "optimizer steps × batch size / samples" in md
+    tex = (tmp_path / "t.tex").read_text()
+    assert "Method & Ratio & Passes & add" in tex and "warmup & -- & 2.40 & " in tex
+
+
+def test_passes_need_every_round_of_a_chain_and_an_evaluated_row(trained_rows, tmp_path):
+    from tokenclean.report import row_passes
+
+    evals, models = trained_rows
+    rounds = [m for m in models if m.parent.name == "rounds"]
+    with pytest.raises(ValueError, match=r"self_evolving_r0\.6_s1_t1: round 2 of the chain self_evolving_r0\.6_s1 "
+                                         "is missing"):
+        write_table(evals, tmp_path / "t.csv", models=[rounds[0], rounds[2]])
+    assert row_passes(rounds[:2])[("self_evolving", "0.6")][0] == pytest.approx((4 + 3) * 8 / (14 + 13))
+    extra = trained(tmp_path / "models" / "sft" / "rho_r0.6_s1", 10, 8, 40)
+    with pytest.raises(ValueError, match=r"rho_r0\.6_s1: no evaluation of this model's row"):
+        write_table(evals, tmp_path / "t.csv", models=models + [extra])
+    with pytest.raises(ValueError, match="a second model of run full_s1"):
+        write_table(evals, tmp_path / "t.csv", models=models + [trained(tmp_path / "again" / "full_s1", 1, 1, 1)])
+    assert not (tmp_path / "t.csv").exists()
 
 
 def test_table_errors_leave_nothing_behind(evals, tmp_path):
@@ -107,13 +175,13 @@ def test_paper_numbers_beside_ours(tmp_path):
     write_table(files, tmp_path / "table.csv", tmp_path / "table.md", metric="score",
                 out_tex=tmp_path / "table.tex", paper_reference="llama-3.2-3b")
     md = (tmp_path / "table.md").read_text()
-    assert md_row(md, 0, "full")[3:6] == ["44.00 ± 0.00", "**57.00 ± 0.00**", "50.50 ± 0.00"]  # percent, as the paper
+    assert md_row(md, 0, "full")[4:7] == ["44.00 ± 0.00", "**57.00 ± 0.00**", "50.50 ± 0.00"]  # percent, as the paper
     # the paper's seed-42 and 3-seed rows for the methods we ran, in the same columns
-    assert md_row(md, 0, "*paper Full tokens*")[3:5] == ["43.32", "56.87"]
+    assert md_row(md, 0, "*paper Full tokens*")[3:6] == ["–", "43.32", "56.87"]
     seed_rows = [line for line in md.splitlines() if line.startswith("| *paper Fixed-Model*")]
     assert len(seed_rows) == 2 and "48.24 ± 0.61" in seed_rows[1]
     # our table has 2 of the paper's 7 tasks: its average is re-taken over them and starred
-    assert md_row(md, 0, "*paper Fixed-Model*")[5] == f"{(48.95 + 57.09) / 2:.2f}*"
+    assert md_row(md, 0, "*paper Fixed-Model*")[6] == f"{(48.95 + 57.09) / 2:.2f}*"
     assert "Self-Evolving" not in md  # not run here
     assert "csv_results/Llama-3.2-3B" in md and "paper Full tokens (seed 42)" in (tmp_path / "table.tex").read_text()
     with open(tmp_path / "table.csv") as f:  # the CSV holds our numbers only
@@ -307,6 +375,28 @@ def test_token_page_is_valid_html_with_one_element_per_token(tmp_path, tiny_toke
         assert ("k1" in classes) == bool(kept_fixed[p])
     # the text is escaped: the response's "& <ok>" survives as text, not markup
     assert "<ok>" not in page and "& <ok>" in "".join(parser.text)
+    # every class, novel included, has its underline colour and its place in the legend
+    for name in TOKEN_CLASSES:
+        assert f".c-{name}{{border-bottom-color:" in page and f"<span class=\"c-{name}\"" in page
+
+
+def test_token_page_shows_a_sample_with_novel_tokens():
+    from tokenclean.token_view import pick_samples
+
+    kinds = ["informative", "informative", "corrupted", "garbage", "novel"]  # one kind of token per sample
+    # each sample: a prompt token (class -1, outside loss_mask) and two response tokens of its kind
+    token_class = np.array([c for k in kinds for c in (-1, TOKEN_CLASSES.index(k), TOKEN_CLASSES.index(k))],
+                           dtype=np.int8)
+    table = TokenTable(np.zeros(15, dtype=np.int32), np.arange(0, 16, 3), token_class >= 0,
+                       {"token_class": token_class})
+    assert pick_samples(table, 4) == [0, 2, 3, 4]  # corrupted, garbage, novel, then the first clean one
+    assert pick_samples(table, 5) == [0, 1, 2, 3, 4]
+
+
+def test_every_token_class_has_a_colour():
+    from tokenclean.figures import CLASS_COLORS
+
+    assert set(CLASS_COLORS) == set(TOKEN_CLASSES) and len(set(CLASS_COLORS.values())) == len(CLASS_COLORS)
 
 
 def test_score_figure_from_the_pool(tmp_path, tiny_tokenizer_dir):
@@ -324,8 +414,8 @@ def test_figures_are_written(tmp_path):
     (tmp_path / "table.csv").write_text(
         "method,ratio,n_seeds,average_mean,average_std\nfull,,3,0.48,0.05\nfixed,0.3,3,0.5,0.1\n"
         "fixed,0.6,3,0.6,0.2\nrho,0.3,3,0.7,0.02\nrho,0.6,3,0.88,0.01\n")
-    (tmp_path / "q.csv").write_text("mask,kept_informative,kept_boilerplate,kept_corrupted,kept_garbage\n"
-                                    "full,1,1,1,1\nfixed_r0.6,0.85,0.67,0.15,0.05\n")
+    (tmp_path / "q.csv").write_text("mask,kept_informative,kept_boilerplate,kept_corrupted,kept_garbage,kept_novel\n"
+                                    "full,1,1,1,1,1\nfixed_r0.6,0.85,0.67,0.15,0.05,0.3\n")
     (tmp_path / "rounds.csv").write_text(
         "method,ratio,round,n_seeds,add_mean,add_std,average_mean,average_std\n"
         "self_evolving,0.6,0,3,0.97,0,0.93,0\nself_evolving,0.6,1,3,0.8,0.1,0.81,0.09\n")

@@ -55,20 +55,22 @@ def test_nothing_is_written_outside_the_results(smoke_run):
 def test_smoke_workflow_writes_the_table(smoke_run):
     with open(smoke_run / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "oracle", "full+warmup",
-                                         "self_evolving"]
+    assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "truth_drop_noisy",
+                                         "truth_keep_informative", "full+warmup", "self_evolving"]
     for r in rows:
         for task in ("add", "reverse", "max", "sort", "average", "average_response_em"):
             assert 0.0 <= float(r[f"{task}_mean"]) <= 1.0
         assert float(r["average_answer_nll_mean"]) > 0.0
-    assert (smoke_run / "table.md").read_text().count("\n|") >= 9
+    assert (smoke_run / "table.md").read_text().count("\n|") >= 10
 
 
 def test_cleaning_quality_reports_every_pool_mask(smoke_run):
     with open(smoke_run / "cleaning_quality.csv") as f:
         rows = {r["mask"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"full", "random_r0.6_s1", "rho_r0.6", "fixed_r0.6", "oracle"}
-    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["oracle"]["kept_garbage"]) == 0.0
+    assert set(rows) == {"full", "random_r0.6_s1", "rho_r0.6", "fixed_r0.6", "truth_drop_noisy",
+                         "truth_keep_informative"}
+    assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["truth_drop_noisy"]["kept_garbage"]) == 0.0
+    assert float(rows["truth_keep_informative"]["kept_boilerplate"]) == 0.0
     with open(smoke_run / "score_separation.csv") as f:
         classes = [r["class"] for r in csv.DictReader(f)]
     assert classes == ["informative", "boilerplate", "corrupted", "garbage"]
@@ -154,7 +156,7 @@ def test_changing_only_report_settings_reruns_only_the_report_stage(smoke_run, t
 
 def test_a_new_ratio_and_seed_schedule_no_scoring_without_self_evolving(smoke_run, tmp_path):
     """Scores depend only on (model, data, tokenizer): fixed-model rows at a new ratio and seed re-select only."""
-    jobs, scored = planned(smoke_run.parents[1], "methods: [full, random, rho, fixed, oracle, full+warmup]\n"
+    jobs, scored = planned(smoke_run.parents[1], "methods: [full, random, rho, fixed, truth_drop_noisy, full+warmup]\n"
                            "ratios: [0.6, 0.3]\nseeds: [1, 2]\n", tmp_path)
     assert {"select", "sft", "evaluate", "report"} <= jobs
     assert "token_loss" not in jobs and not scored
@@ -301,12 +303,12 @@ def test_smoke_workflow_leaves_every_report_output(smoke_run):
         assert (smoke_run / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert not (smoke_run / "figures" / "score_vs_ratio.png").exists()
     md = (smoke_run / "table.md").read_text()
-    assert md.count("### ") == 3 and "oracle†" in md
+    assert md.count("### ") == 3 and "truth_drop_noisy†" in md and "truth_keep_informative†" in md
     assert "\\toprule" in (smoke_run / "table.tex").read_text()
     with open(smoke_run / "significance.csv") as f:
         sig = list(csv.DictReader(f))
-    assert {r["method"] for r in sig} == {"base", "warmup", "random", "rho", "fixed", "oracle", "full+warmup",
-                                          "self_evolving"}
+    assert {r["method"] for r in sig} == {"base", "warmup", "random", "rho", "fixed", "truth_drop_noisy",
+                                          "truth_keep_informative", "full+warmup", "self_evolving"}
     assert {r["metric"] for r in sig} == {"answer_acc", "response_em", "answer_nll"}
     assert all(float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"]) for r in sig)
     page = (smoke_run / "token_view.html").read_text()

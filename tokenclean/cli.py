@@ -165,7 +165,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     from tokenclean.report import write_table
 
     write_table(a.evals, a.out_csv, a.out_md, metric=a.metric, out_tex=a.out_tex,
-                metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference)
+                metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference,
+                models=a.models)
 
 
 def cmd_significance(a: argparse.Namespace) -> None:
@@ -265,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, required=True, help="which chunk, 1-based")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
 
-    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global) or "
-                                  "oracle (ground truth, embedded world only).")
+    p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global), or "
+                                  "by ground truth (embedded world only): truth_drop_noisy (every token but the "
+                                  "corrupted and garbage ones), truth_keep_informative (the informative and novel "
+                                  "ones only).")
     p.add_argument("--method", required=True, choices=list(SELECTION_METHODS))
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
@@ -343,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-reference", default=None,
                    help="show the paper's numbers for this model below ours (a key of paper_reference.json, "
                         "e.g. llama-3.2-3b; benchmark suites only)")
+    p.add_argument("--models", nargs="*", default=[],
+                   help="the trained models' directories, named by run (warmup, full_s1, rho_r0.6_s1; a chain's "
+                        "rounds <row>_t<t>): each row's passes over its own data, from their tokenclean.json")
 
     p = add("significance", cmd_significance,
             "Paired bootstrap over evaluation examples: each method minus full-token SFT, per task and on average, "

@@ -14,6 +14,8 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
+from tokenclean.data import TRUTH_METHODS
+
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
@@ -103,6 +105,21 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+# Method names that no longer exist, and what replaced them: said before the schema's bare "not one of".
+RENAMED_METHODS = {
+    "oracle": "was replaced by two ground-truth rows, truth_drop_noisy (every response token but the corrupted "
+              "and garbage ones) and truth_keep_informative (the informative and novel ones only)"}
+
+
+def _renamed_problem(config: dict) -> tuple[list[Any], str] | None:
+    """A method listed under a name it no longer has (key path, what)."""
+    methods = config.get("methods")
+    for i, method in enumerate(methods if isinstance(methods, list) else []):
+        if isinstance(method, str) and method in RENAMED_METHODS:
+            return ["methods", i], f"{method} {RENAMED_METHODS[method]}"
+    return None
+
+
 def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
     """What the schema cannot state: values that pass it but would change or break the run (key path, what)."""
     by_tag: dict[str, float] = {}
@@ -118,6 +135,10 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
     rounds = se.get("rounds", 3)
     if se.get("chunks", rounds) < rounds:
         return ["self_evolving", "chunks"], f"{se['chunks']} must be at least self_evolving.rounds ({rounds})"
+    for i, method in enumerate(config["methods"]):
+        if method in TRUTH_METHODS and "world" not in config:
+            return ["methods", i], (f"{method} reads the ground-truth token classes, which only the embedded world "
+                                    "has")
     if "world" not in config and not config["evaluation"].get("benchmarks"):
         # evaluation.tasks names the embedded world's task families; any other experiment needs lm-eval tasks
         return ["evaluation"], "set evaluation.benchmarks (the lm-eval tasks) for an experiment with its own data"
@@ -134,6 +155,10 @@ def check_config(config: dict, files: list[str] | None = None, schema: Path = SC
     validator_class = validators.validator_for(spec, default=Draft202012Validator)
     for _ in _with_defaults(validator_class)(spec).iter_errors(config):  # defaults first: a key with one is optional
         pass
+    renamed = _renamed_problem(config)
+    if renamed is not None:
+        path, what = renamed
+        raise ConfigError(f"{_source(path, files)}: {_key_path(path)}: {what}")
     error = best_match(validator_class(spec).iter_errors(config))
     if error is not None:
         raise ConfigError(f"{_source(_location(error), files)}: {_message(error)}")

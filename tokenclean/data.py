@@ -23,6 +23,15 @@ ROLES = ("system", "user", "assistant")
 # Ground-truth classes of the embedded world (tokenclean/world.py); `novel` (informative tokens of knowledge only
 # the pool holds) comes last so that the ids of the others never change.
 TOKEN_CLASSES = ("informative", "boilerplate", "corrupted", "garbage", "novel")
+# The classes worth learning (novel tokens are informative ones a reference trained on the warm-up set cannot
+# know) and the harmful ones: the ground-truth rows, the cleaning-quality measures and the score separation
+# all group the classes this way.
+INFORMATIVE_CLASSES = ("informative", "novel")
+NOISY_CLASSES = ("corrupted", "garbage")
+# The ground-truth rows (selection methods, embedded world only) and the classes each keeps: they say what
+# training on exactly those tokens gives; whether that beats every method is for the table to show.
+TRUTH_METHODS = {"truth_drop_noisy": tuple(c for c in TOKEN_CLASSES if c not in NOISY_CLASSES),
+                 "truth_keep_informative": INFORMATIVE_CLASSES}
 
 
 class DataError(ValueError):

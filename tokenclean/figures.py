@@ -23,7 +23,10 @@ from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, reading
 from tokenclean.data import TOKEN_CLASSES
 from tokenclean.report import LOWER_IS_BETTER, METRIC_LABELS
 
-CLASS_COLORS = {"informative": "#2ca02c", "boilerplate": "#8c8c8c", "corrupted": "#d62728", "garbage": "#ff7f0e"}
+# One colour per ground-truth class (tokenclean.data.TOKEN_CLASSES), in the figures and the token page: novel
+# (informative tokens only the pool teaches) in purple, apart from the informative green and the noisy red/orange.
+CLASS_COLORS = {"informative": "#2ca02c", "boilerplate": "#8c8c8c", "corrupted": "#d62728", "garbage": "#ff7f0e",
+                "novel": "#9467bd"}
 
 
 def _pyplot():

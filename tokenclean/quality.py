@@ -1,8 +1,12 @@
 """Cleaning quality: which ground-truth token classes each selection kept (embedded world only).
 
 Real data has no token labels; the synthetic world does, so there we can measure what a method actually
-removed. For every mask: the fraction of response tokens kept in each class, and the precision and recall of
-"kept" against "informative" (precision: kept tokens that are informative; recall: informative tokens kept).
+removed. For every mask: the fraction of response tokens kept in each class (``kept_<class>``), and the
+precision and recall of "kept" against the informative tokens, both classes of them: ``informative`` and
+``novel`` (answers only the pool teaches; precision: kept tokens that are informative or novel; recall:
+informative and novel tokens kept). ``kept_novel`` is the recall of the novel tokens alone: whether a method
+keeps what its reference could not know, the blind spot self-evolving cleaning exists for; set it beside
+``kept_informative``, the recall of the informative tokens the reference could learn.
 And, independent of any ratio, how well the score itself separates the classes (:func:`separation_table`):
 when cleaning loses to full SFT, this says whether the reference or the selection rule is to blame.
 """
@@ -17,11 +21,16 @@ from typing import Any
 import numpy as np
 
 from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array
-from tokenclean.data import TOKEN_CLASSES
+from tokenclean.data import INFORMATIVE_CLASSES, NOISY_CLASSES, TOKEN_CLASSES
+
+
+def _in_classes(token_class: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    return np.isin(token_class, [TOKEN_CLASSES.index(c) for c in names])
 
 
 def class_counts(token_class: np.ndarray, loss_mask: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
-    """Kept fraction per class, precision/recall of kept vs informative, over response tokens."""
+    """Kept fraction per class, precision/recall of kept vs the informative classes (informative and novel),
+    over response tokens."""
     if np.any(keep & ~loss_mask):
         raise ArtifactError("mask selects tokens outside loss_mask")
     row: dict[str, Any] = {"n_response_tokens": int(loss_mask.sum()), "n_kept": int(keep.sum())}
@@ -29,7 +38,7 @@ def class_counts(token_class: np.ndarray, loss_mask: np.ndarray, keep: np.ndarra
         in_class = loss_mask & (token_class == c)
         row[f"n_{name}"] = int(in_class.sum())
         row[f"kept_{name}"] = float(keep[in_class].mean()) if in_class.any() else float("nan")
-    informative = loss_mask & (token_class == TOKEN_CLASSES.index("informative"))
+    informative = loss_mask & _in_classes(token_class, INFORMATIVE_CLASSES)
     hits = int((keep & informative).sum())
     row["precision_informative"] = hits / row["n_kept"] if row["n_kept"] else float("nan")
     row["recall_informative"] = hits / int(informative.sum()) if informative.any() else float("nan")
@@ -66,10 +75,12 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 def separation_rows(token_class: np.ndarray, loss_mask: np.ndarray, base: np.ndarray, ref: np.ndarray
                     ) -> list[dict[str, Any]]:
-    """Per class: token count, score quantiles, mean losses under both models, and the AUROC of the score
-    against the noisy tokens (corrupted and garbage): 1.0 = every token of the class outscores every noisy one."""
+    """Per class: token count, score quantiles, mean losses under both models, and, for every class that is not
+    noise (informative, boilerplate, novel), the AUROC of the score against the noisy tokens (corrupted and
+    garbage): 1.0 = every token of the class outscores every noisy one. A reference that never saw the novel
+    knowledge should score novel tokens lower than informative ones: that is its blind spot."""
     score = np.where(loss_mask, base - ref, np.nan)
-    noisy = loss_mask & np.isin(token_class, [TOKEN_CLASSES.index("corrupted"), TOKEN_CLASSES.index("garbage")])
+    noisy = loss_mask & _in_classes(token_class, NOISY_CLASSES)
     rows = []
     for c, name in enumerate(TOKEN_CLASSES):
         sel = loss_mask & (token_class == c)
@@ -79,7 +90,7 @@ def separation_rows(token_class: np.ndarray, loss_mask: np.ndarray, base: np.nda
         rows.append({"class": name, "n_tokens": int(sel.sum()), "mean_score": float(score[sel].mean()),
                      "p10_score": float(q10), "median_score": float(q50), "p90_score": float(q90),
                      "mean_base_loss": float(base[sel].mean()), "mean_ref_loss": float(ref[sel].mean()),
-                     "auroc_vs_noisy": auroc(score[sel], score[noisy]) if name in ("informative", "boilerplate")
+                     "auroc_vs_noisy": auroc(score[sel], score[noisy]) if name not in NOISY_CLASSES
                      else float("nan")})
     return rows
 

@@ -5,9 +5,11 @@ Evaluation files are named by run: ``<method>.json`` (one model, e.g. ``base``, 
 
 :func:`write_table` writes ``table.csv`` (the headline metric per task and on average, plus the averages of the
 other metrics), ``table_<metric>.csv`` for every other metric, and ``table.md`` / ``table.tex`` with one table
-per metric, headline first, the best row of each column in bold. The oracle (it reads the ground-truth token
-classes) is a ceiling, not a competitor: it is marked with a dagger and never bold. For a benchmark suite, the
-paper's own numbers (``paper_reference.json``) can be shown below ours.
+per metric, headline first, the best row of each column in bold. Rows that read the ground-truth token classes
+(``truth_drop_noisy``, ``truth_keep_informative``) use what no method can see: they are marked with a dagger and
+never bold. Every row shows its passes over its own training data, as its models recorded them
+(:func:`row_passes`). For a benchmark suite, the paper's own numbers (``paper_reference.json``) can be shown below
+ours.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_file, read_json, reading, write_texts
+from tokenclean.data import TRUTH_METHODS
 
 RUN_NAME = re.compile(r"^(?P<method>[a-z0-9_+-]+?)(?:_r(?P<ratio>[0-9.]+))?(?:_s(?P<seed>\d+))?$")
 HEADLINE = "answer_acc"
@@ -89,11 +92,70 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------------------
+# passes: how many times a row's training went over its own data
+# ---------------------------------------------------------------------------------------------------------
+ROUND_DIR = re.compile(r"^(?P<row>.+)_t(?P<round>\d+)$")  # models/rounds/<row>_t<t>: round t of a chain
+
+
+def passes(steps: int, batch_size: int, samples: int) -> float:
+    """How many times a run goes over its own data: optimizer steps × batch size / samples."""
+    return steps * batch_size / samples
+
+
+def training_record(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """What ``tokenclean train`` recorded next to a model (``tokenclean.json``): its optimizer steps, batch size,
+    the samples of the token table it trained on (those whose mask kept no token included: the row's own data),
+    its training seconds, and so its passes."""
+    path = Path(model_dir) / "tokenclean.json"
+    meta = read_json(path)
+    with reading(path):
+        record = {"steps": int(meta["steps"]), "batch_size": int(meta["train_config"]["batch_size"]),
+                  "samples": int(meta["samples_used"]) + int(meta["samples_without_selected_tokens"]),
+                  "seconds": float(meta["seconds"])}
+        if record["samples"] < 1:
+            raise ValueError(f"{path}: trained on no samples")
+    return {**record, "passes": passes(record["steps"], record["batch_size"], record["samples"])}
+
+
+def row_passes(model_dirs: list[str | os.PathLike]) -> dict[tuple[str, str], tuple[float, Path]]:
+    """Passes per table row (method, ratio): the mean over its seeds' models, and one of its model directories
+    (for messages).
+
+    A model directory is named by its run (``warmup``, ``full_s1``, ``rho_r0.6_s1``); a chained row's rounds are
+    ``<row>_t<t>`` (``self_evolving_r0.6_s1_t2``) and count together: the samples all its rounds drew over the
+    samples of the chunks they trained on (the pool when every chunk has a round), sum of steps × batch size
+    over sum of chunk sizes. Every round from 1 to the last given must be there.
+    """
+    per_run: dict[str, dict[int, tuple[Path, dict[str, Any]]]] = defaultdict(dict)
+    for d in map(Path, model_dirs):
+        m = ROUND_DIR.match(d.name)
+        run, round_ = (m["row"], int(m["round"])) if m else (d.name, 0)
+        if round_ in per_run[run] or (per_run[run] and (round_ == 0) != (0 in per_run[run])):
+            raise ValueError(f"{d}: a second model of run {run}" + (f" (round {round_})" if round_ else ""))
+        per_run[run][round_] = (d, training_record(d))
+    runs: dict[tuple[str, str], list[tuple[float, Path]]] = defaultdict(list)
+    for run, records in per_run.items():
+        first = records[min(records)][0]
+        try:
+            method, ratio, _ = parse_run_name(run)
+        except ValueError:
+            raise ValueError(f"{first}: a model directory is named by its run (<method>[_r<ratio>][_s<seed>], a "
+                             "chain's rounds <run>_t<t>)") from None
+        missing = sorted(set(range(1, max(records) + 1)) - set(records)) if 0 not in records else []
+        if missing:
+            raise ValueError(f"{first}: round {missing[0]} of the chain {run} is missing (its rounds' passes add up)")
+        drawn = sum(r["steps"] * r["batch_size"] for _, r in records.values())
+        runs[(method, ratio)].append((drawn / sum(r["samples"] for _, r in records.values()), first))
+    return {row: (sum(p for p, _ in values) / len(values), values[0][1]) for row, values in runs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # formatting: which direction is better, how many digits, which rows compete for "best"
 # ---------------------------------------------------------------------------------------------------------
 LOWER_IS_BETTER = frozenset({"answer_nll"})
-# Rows that use ground truth the methods cannot see: shown, marked apart, never "best".
-CEILINGS = frozenset({"oracle"})
+# Rows that read the ground-truth token classes, which the methods cannot see: shown, marked apart, never "best"
+# (whether they beat every method is the table's to show, not an assumption).
+GROUND_TRUTH_ROWS = frozenset(TRUTH_METHODS)
 METRIC_LABELS = {"answer_acc": "answer accuracy", "response_em": "whole-response exact match",
                  "answer_nll": "answer NLL (nats, lower is better)", "score": "score (each task's metric, x 100)"}
 PAPER_REFERENCE = Path(__file__).resolve().parent / "paper_reference.json"
@@ -108,7 +170,7 @@ def best_rows(rows: list[dict[str, Any]], column: str, metric: str) -> set[int]:
     """Indices of the rows with the best mean in ``column`` among competing rows (every tie is best; none when
     all competing rows read the same)."""
     values = {i: r[f"{column}_mean"] for i, r in enumerate(rows)
-              if r["method"] not in CEILINGS and f"{column}_mean" in r}
+              if r["method"] not in GROUND_TRUTH_ROWS and f"{column}_mean" in r}
     if not values:
         return set()
     scale, decimals = metric_format(metric)
@@ -137,7 +199,12 @@ def _tex_escape(text: str) -> str:
 
 
 def _row_label(row: dict[str, Any]) -> str:
-    return row["method"] + ("†" if row["method"] in CEILINGS else "")
+    return row["method"] + ("†" if row["method"] in GROUND_TRUTH_ROWS else "")
+
+
+def _passes_cell(row: dict[str, Any], none: str = "–") -> str:
+    """A row's passes over its own data, 2 decimals; ``none`` where no model recorded them (base, the paper)."""
+    return f"{row['passes']:.2f}" if row.get("passes") is not None else none
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,14 +276,15 @@ def _md_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, extras:
     headers = tasks + ["average"] + [e.replace("average_", "avg ") for e in extras]
     best = {c: best_rows(rows, c, metric if c in tasks + ["average"] else c.removeprefix("average_"))
             for c in columns}
-    lines = [f"| method | ratio | seeds | {' | '.join(headers)} |", "|---" * (len(headers) + 3) + "|"]
+    lines = [f"| method | ratio | seeds | passes | {' | '.join(headers)} |", "|---" * (len(headers) + 4) + "|"]
     for i, row in enumerate(rows):
         cells = []
         for c in columns:
             m = metric if c in tasks + ["average"] else c.removeprefix("average_")
             text = _cell(row, c, m, " ± ")
             cells.append(f"**{text}**" if i in best[c] else text)
-        lines.append(f"| {_row_label(row)} | {row['ratio'] or '–'} | {row['n_seeds']} | {' | '.join(cells)} |")
+        lines.append(f"| {_row_label(row)} | {row['ratio'] or '–'} | {row['n_seeds']} | {_passes_cell(row)} | "
+                     f"{' | '.join(cells)} |")
     for row in paper:
         cells = []
         for c in columns:
@@ -224,7 +292,7 @@ def _md_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, extras:
             text = _cell(shown, c, metric, " ± ")
             cells.append(text + ("*" if c == "average" and row.get("average_partial") and text != "–" else ""))
         seeds = "42" if row["kind"] == "seed42" else "41–43"
-        lines.append(f"| *{row['method']}* | {row['ratio'] or '–'} | {seeds} | {' | '.join(cells)} |")
+        lines.append(f"| *{row['method']}* | {row['ratio'] or '–'} | {seeds} | – | {' | '.join(cells)} |")
     return lines
 
 
@@ -234,16 +302,17 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
     best = {c: best_rows(rows, c, metric) for c in columns}
     out = ["\\begin{table}[t]", "\\centering", "\\small",
            "\\caption{" + _tex_escape(caption).replace("±", "$\\pm$") + "}",
-           "\\begin{tabular}{ll" + "c" * len(columns) + "}", "\\toprule",
-           "Method & Ratio & " + " & ".join(_tex_escape(c.capitalize() if c == "average" else c) for c in columns)
+           "\\begin{tabular}{llc" + "c" * len(columns) + "}", "\\toprule",
+           "Method & Ratio & Passes & " + " & ".join(_tex_escape(c.capitalize() if c == "average" else c) for c in columns)
            + " \\\\", "\\midrule"]
     for i, row in enumerate(rows):
         cells = []
         for c in columns:
             text = _cell(row, c, metric, "$\\pm$")
             cells.append(f"\\textbf{{{text}}}" if i in best[c] else text)
-        label = _tex_escape(row["method"]) + ("$^\\dagger$" if row["method"] in CEILINGS else "")
-        out.append(f"{label} & {row['ratio'] or '--'} & " + " & ".join(cells).replace("–", "--") + " \\\\")
+        label = _tex_escape(row["method"]) + ("$^\\dagger$" if row["method"] in GROUND_TRUTH_ROWS else "")
+        out.append(f"{label} & {row['ratio'] or '--'} & {_passes_cell(row, '--')} & "
+                   + " & ".join(cells).replace("–", "--") + " \\\\")
     if paper:
         out.append("\\midrule")
         for row in paper:
@@ -253,7 +322,7 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
                 text = _cell(shown, c, metric, "$\\pm$").replace("–", "--")
                 cells.append(text + ("$^*$" if c == "average" and row.get("average_partial") and text != "--" else ""))
             seeds = "seed 42" if row["kind"] == "seed42" else "3 seeds"
-            out.append(f"\\textit{{{_tex_escape(row['method'])} ({seeds})}} & {row['ratio'] or '--'} & "
+            out.append(f"\\textit{{{_tex_escape(row['method'])} ({seeds})}} & {row['ratio'] or '--'} & -- & "
                        + " & ".join(cells) + " \\\\")
     out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(out)
@@ -261,17 +330,23 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
 
 def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike, out_md: str | os.PathLike | None = None,
                 metric: str = HEADLINE, out_tex: str | os.PathLike | None = None, metrics: list[str] | None = None,
-                paper_reference: str | None = None) -> list[dict[str, Any]]:
+                paper_reference: str | None = None, models: list[str | os.PathLike] = ()) -> list[dict[str, Any]]:
     """Write the experiment's tables; returns the headline rows.
 
     ``metrics`` (default: the headline and those of ``SECONDARY`` every file reports) get one table each in
     ``table.md`` / ``table.tex`` and, except the headline, ``<out_csv stem>_<metric>.csv``. ``table.csv`` keeps
-    its columns: the headline per task and on average, then the averages of the other metrics.
+    its columns: the row's labels, its passes, the headline per task and on average, then the averages of the
+    other metrics. ``models``: the trained models' directories, named by run (:func:`row_passes`); a row without
+    one (the base model) has no passes.
     """
     tasks, rows = collect(eval_files, metric)
+    passes_by_row = row_passes(list(models))
+    unknown = sorted(set(passes_by_row) - {(r["method"], r["ratio"]) for r in rows})
+    if unknown:
+        raise ValueError(f"{passes_by_row[unknown[0]][1]}: no evaluation of this model's row was given")
     extras = [f"average_{x}" for x in SECONDARY if x != metric and all(f"average_{x}_mean" in r for r in rows)]
-    columns = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"] + extras
-                                                for s in ("mean", "std")]
+    columns = ["method", "ratio", "n_seeds", "passes"] + [f"{t}_{s}" for t in tasks + ["average"] + extras
+                                                          for s in ("mean", "std")]
     if metrics is None:
         metrics = [metric] + [e.removeprefix("average_") for e in extras]
     if metrics[0] != metric:
@@ -282,6 +357,9 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
     per_metric = {metric: (tasks, rows)}
     for m in metrics[1:]:
         per_metric[m] = collect(eval_files, m)
+    for _, m_rows in per_metric.values():
+        for row in m_rows:
+            row["passes"] = passes_by_row.get((row["method"], row["ratio"]), (None,))[0]
     # all outputs are built before any is written, so a bad file leaves none behind
     md_parts, tex_parts = [], []
     for m, (m_tasks, m_rows) in per_metric.items():
@@ -289,8 +367,8 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
         title = f"{METRIC_LABELS.get(m, m)}, mean ± std over seeds"
         md = [f"### {title}", ""] + _md_table(m_tasks, m_rows, m, extras if m == metric else (), paper)
         notes = []
-        if any(r["method"] in CEILINGS for r in m_rows):
-            notes.append("† ceiling: reads the ground-truth token classes; not ranked.")
+        if any(r["method"] in GROUND_TRUTH_ROWS for r in m_rows):
+            notes.append("† reads the ground-truth token classes: never in bold.")
         if paper:
             notes.append(f"Rows in italics: the paper's numbers for {reference['name']} ({reference['source']}); "
                          f"{reference.get('note', '')}")
@@ -298,7 +376,9 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
                 notes.append("* the paper's values averaged over the tasks of this table only (the paper's own "
                              "average is over its 7 tasks).")
         md_parts.append("\n".join(md + ([""] + notes if notes else [])))
-        tex_parts.append(_tex_table(m_tasks, m_rows, m, title + ("; bold: best row (oracle excluded)"), paper))
+        tex_parts.append(_tex_table(m_tasks, m_rows, m, f"{title}; bold: best row (rows reading the ground-truth "
+                                    "token classes excluded); passes: optimizer steps x batch size / samples of "
+                                    "the row's own training data", paper))
     outputs: dict[str | os.PathLike, str] = {}
     for m, (m_tasks, m_rows) in per_metric.items():
         if m != metric:
@@ -306,7 +386,9 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
                                                        for s in ("mean", "std")]
             outputs[metric_csv(out_csv, m)] = _csv_text(m_rows, m_cols)
     if out_md:
-        outputs[out_md] = ("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run)."
+        outputs[out_md] = ("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run). "
+                           "Passes: optimizer steps × batch size / samples of the row's own training data, as its "
+                           "models recorded them (a self-evolving row: its rounds together over their chunks)."
                            "\n\n" + "\n\n".join(md_parts) + "\n")
     if out_tex:
         outputs[out_tex] = "% tokenclean report: needs \\usepackage{booktabs}\n" + "\n\n".join(tex_parts) + "\n"

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
-from tokenclean.data import TOKEN_CLASSES
+from tokenclean.data import TOKEN_CLASSES, TRUTH_METHODS
 
-METHODS = ("full", "random", "rho", "fixed", "oracle")
+METHODS = ("full", "random", "rho", "fixed", *TRUTH_METHODS)
 SCORED_METHODS = ("rho", "fixed")
 
 
@@ -65,15 +65,16 @@ def select_full(loss_mask: np.ndarray) -> np.ndarray:
     return loss_mask.copy()
 
 
-def select_oracle(loss_mask: np.ndarray, token_class: np.ndarray | None) -> np.ndarray:
-    """Ground truth (embedded world only): every response token except the corrupted and garbage ones.
+def select_truth(method: str, loss_mask: np.ndarray, token_class: np.ndarray | None) -> np.ndarray:
+    """Ground truth (embedded world only): the response tokens whose class ``TRUTH_METHODS[method]`` keeps.
 
-    The ceiling of any cleaning method: it removes exactly the harmful tokens and nothing else.
+    ``truth_drop_noisy`` drops exactly the corrupted and garbage tokens; ``truth_keep_informative`` keeps exactly
+    the informative and novel ones (no template tokens either).
     """
     if token_class is None or not np.any(token_class[loss_mask] >= 0):
-        raise ValueError("method 'oracle' needs ground-truth token classes, which only the embedded world has")
-    harmful = np.isin(token_class, [TOKEN_CLASSES.index("corrupted"), TOKEN_CLASSES.index("garbage")])
-    return loss_mask & ~harmful
+        raise ValueError(f"method {method!r} needs ground-truth token classes, which only the embedded world has")
+    kept = np.isin(token_class, [TOKEN_CLASSES.index(c) for c in TRUTH_METHODS[method]])
+    return loss_mask & kept
 
 
 def select_random(loss_mask: np.ndarray, ratio: float, seed: int, block: int = 1 << 16) -> np.ndarray:
@@ -189,8 +190,9 @@ def select(method: str, table: TokenTable, ratio: float = 1.0, seed: int = 0,
         "random": lambda: select_random(table.loss_mask, ratio, seed),
         "fixed": lambda: select_fixed(_need(score, method), table.loss_mask, ratio),
         "rho": lambda: select_rho(_need(score, method), table.loss_mask, table.offsets, ratio),
-        "oracle": lambda: select_oracle(table.loss_mask, table.extras.get("token_class")),
     }
+    rules.update({m: (lambda m=m: select_truth(m, table.loss_mask, table.extras.get("token_class")))
+                  for m in TRUTH_METHODS})
     if method not in rules:
         raise ValueError(f"unknown selection method {method!r} (expected one of {', '.join(METHODS)})")
     mask = rules[method]()
@@ -227,7 +229,12 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
         base, ref, provenance = load_losses(tmeta, tokens, base_loss, ref_loss)
         score = scores(base, ref, table.loss_mask)
         meta.update(provenance)
-    mask = select(method, table, ratio, seed, score)
+    try:
+        mask = select(method, table, ratio, seed, score)
+    except ValueError as e:
+        if method in TRUTH_METHODS:  # the token table lacks what the method reads: name it
+            raise ValueError(f"{tokens}: {e}") from None
+        raise
     meta.update(n_response_tokens=int(table.loss_mask.sum()), n_selected=int(mask.sum()),
                 n_samples_without_selected=int(np.count_nonzero(np.add.reduceat(mask, table.offsets[:-1]) == 0))
                 if table.n_samples else 0)

@@ -4,8 +4,9 @@ For a few samples of the pool, every response token is one ``<span class="tok">`
 (base loss - reference loss; blue = positive, the reference learnt it; magenta = negative), its underline its
 ground-truth class (embedded world), and radio buttons at the top (pure CSS) strike through the tokens the
 chosen mask dropped. Hovering a token shows its score, class and which masks kept it. Samples are picked
-deterministically: in the embedded world, in turn one with corrupted tokens, one with garbage and one clean,
-each the first of its kind not yet shown; otherwise the first samples of the pool.
+deterministically: in the embedded world, in turn one with corrupted tokens, one with garbage, one with novel
+tokens (knowledge only the pool holds) and one clean, each the first of its kind not yet shown; otherwise the
+first samples of the pool.
 """
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ def pick_samples(table: TokenTable, n: int) -> list[int]:
     token_class = table.extras.get("token_class")
     if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
         return list(range(n))
-    kinds: list[list[int]] = [[], [], []]  # corrupted, garbage, clean
-    corrupted, garbage = TOKEN_CLASSES.index("corrupted"), TOKEN_CLASSES.index("garbage")
+    shown_first = [TOKEN_CLASSES.index(c) for c in ("corrupted", "garbage", "novel")]
+    kinds: list[list[int]] = [[] for _ in range(len(shown_first) + 1)]  # ... then clean
     for i in range(table.n_samples):
         c = token_class[table.offsets[i]:table.offsets[i + 1]]
-        kinds[0 if np.any(c == corrupted) else 1 if np.any(c == garbage) else 2].append(i)
+        kinds[next((k for k, cls in enumerate(shown_first) if np.any(c == cls)), len(shown_first))].append(i)
     picked: list[int] = []
     while len(picked) < n:
         for k in kinds:
