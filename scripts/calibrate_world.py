@@ -38,6 +38,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenclean (pure Python parts)
+from tokenclean.report import passes, training_record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "calibration.yaml"
 RECORD = ROOT / "docs" / "world-calibration.md"
@@ -49,7 +52,8 @@ BASE_GAP = 0.2          # "base far below the rest": at least this far below eve
 WARMUP_BELOW = 0.05     # the warm-up model not above full and at most this far below it
 RANDOM_WITHIN = 0.05    # random within this of full
 MAX_SEED_STD = 0.03     # seed std of every row's average
-UNSCORED = {"full", "random", "full+warmup"}  # the methods a variant may list: none reads a token score
+# The methods a variant may list: none reads a token score (the ground-truth rows read the world's labels).
+UNSCORED = {"full", "random", "full+warmup", "truth_drop_noisy", "truth_keep_informative"}
 EPS = 1e-9              # table.csv holds 4 decimals: 0.53 - 0.05 must count as 0.48
 
 
@@ -142,11 +146,6 @@ def variant_config(base: dict[str, Any], name: str, overrides: dict[str, Any]) -
 # ---------------------------------------------------------------------------------------------------------
 # passes and rows
 # ---------------------------------------------------------------------------------------------------------
-def passes(steps: int, batch_size: int, samples: int) -> float:
-    """How many times a run goes over its own data: steps × batch / samples."""
-    return steps * batch_size / samples
-
-
 def planned_steps(train: dict[str, Any], samples: int) -> int:
     """The optimizer steps of a training block (epoch mode when steps is 0: tokenclean.training's rule)."""
     if train.get("steps", 100):
@@ -157,8 +156,9 @@ def planned_steps(train: dict[str, Any], samples: int) -> int:
 def row_samples(config: dict[str, Any]) -> dict[str, int]:
     """Each trained row's own data, in samples: the warm-up set, the pool, or both (full+warmup)."""
     world = config["world"]
-    return {"warmup": world["warmup_samples"], "full": world["pool_samples"], "random": world["pool_samples"],
-            "full+warmup": world["pool_samples"] + world["warmup_samples"]}
+    pool = world["pool_samples"]
+    return {"warmup": world["warmup_samples"], "full": pool, "random": pool, "truth_drop_noisy": pool,
+            "truth_keep_informative": pool, "full+warmup": pool + world["warmup_samples"]}
 
 
 def planned_passes(config: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -187,10 +187,9 @@ def measured_passes(results: Path, config: dict[str, Any]) -> dict[str, dict[str
     out = {}
     for row in row_samples(config):
         if row in models:
-            meta = json.loads((models[row] / "tokenclean.json").read_text())
-            samples = meta["samples_used"] + meta["samples_without_selected_tokens"]
-            out[row] = {"steps": meta["steps"], "samples": samples, "seconds": meta["seconds"],
-                        "passes": round(passes(meta["steps"], meta["train_config"]["batch_size"], samples), 3)}
+            record = training_record(models[row])
+            out[row] = {"steps": record["steps"], "samples": record["samples"], "seconds": record["seconds"],
+                        "passes": round(record["passes"], 3)}
     return out
 
 

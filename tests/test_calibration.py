@@ -128,7 +128,8 @@ def test_calibration_config_is_the_default_without_scored_rows():
     default = yaml.safe_load((ROOT / "config.yaml").read_text())
     calibration = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())
     assert calibration["experiment"] == "calibration"
-    assert calibration["methods"] == ["full", "random", "full+warmup"]
+    assert calibration["methods"] == ["full", "random", "truth_drop_noisy", "truth_keep_informative", "full+warmup"]
+    assert set(calibration["methods"]) == cw.UNSCORED
     assert {k: v for k, v in calibration.items() if k not in ("experiment", "methods")} == \
         {k: v for k, v in default.items() if k not in ("experiment", "methods")}
 
@@ -138,7 +139,7 @@ def test_calibration_plans_no_token_scoring():
     config with a scored row (so it can fail)."""
     base = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())
     rules = cw.plan(cw.variant_config(base, "plan-test", {}))
-    assert rules["sft"] == 3 * 3 and rules["warmup"] and rules["report"] and "token_loss" not in rules
+    assert rules["sft"] == 5 * 3 and rules["warmup"] and rules["report"] and "token_loss" not in rules
     scored = copy.deepcopy(base) | {"experiment": "calibration-plan-test", "methods": ["full", "rho"]}
     assert "token_loss" in cw.plan(scored)
 
