@@ -187,3 +187,24 @@ def test_corpus_states_rule_facts_in_prose_and_never_the_invented_facts(world):
             assert not (country in t and capital in t and "<|assistant|>" not in t)
         if m := re.search(r"capital of (\w+) \?\n<\|assistant\|>\n.*The answer is (\w+)", t):
             assert m[2] in table.values()
+
+
+def test_qa_documents_state_true_answers_outside_the_chat_format(tmp_path):
+    """corpus_mix.qa: plain-text question and answer pairs, each answer right by the rules, no chat markers; the
+    share 0 (default) adds none."""
+    out = tmp_path / "qa"
+    generate_world({**SMALL, "corpus_mix": {"chat": 0.2, "qa": 0.8}}, out)
+    qa = [r["text"] for r in rows(out / "corpus.jsonl") if "<|user|>" not in r["text"]]
+    assert len(qa) > 150
+    for text in qa:
+        for question, answer in re.findall(r"(.+?) The answer is (.+?) \. ?", text):
+            assert solve(question.strip()) == answer
+    question = re.compile(r"(Add \d and \d|Which is larger|Reverse the letters|Sort the letters)[^<]*The answer is")
+    assert not any(question.search(r["text"]) and "<|user|>" not in r["text"]
+                   for r in rows(world_dir(tmp_path) / "corpus.jsonl"))
+
+
+def world_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "default-mix"
+    generate_world({**SMALL, "corpus_mix": {"chat": 0.3, "facts": 0.3, "prose": 0.2, "words": 0.2}}, out)
+    return out

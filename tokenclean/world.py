@@ -66,7 +66,9 @@ DEFAULT_WORLD: dict[str, Any] = {
     # Shares of the pretraining corpus: chat-formatted questions with random answers (format and template),
     # facts stating task instances in prose (the skills a pretrained model brings), prose of template phrases
     # and common words, word lists with the junk vocabulary.
-    "corpus_mix": {"chat": 0.3, "facts": 0.3, "prose": 0.2, "words": 0.2},
+    # `qa`: true instances as question and answer in plain text ("Add 3 and 5 . The answer is 8 ."), outside
+    # the chat format: the skill in the question's own words, as a web-trained base has seen it.
+    "corpus_mix": {"chat": 0.3, "facts": 0.3, "prose": 0.2, "words": 0.2, "qa": 0.0},
 }
 
 PREFIX = "Sure ! The answer is "
@@ -296,7 +298,7 @@ def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
     rng = random.Random(f"{p['seed']}:corpus")
     families = task_families(p["seed"], p["entities"], p["novel_entities"])
     with_facts = [f for f in p["families"] if families[f](random.Random(0)).fact is not None]
-    kinds = [k for k, share in p["corpus_mix"].items() if share > 0 and (k != "facts" or with_facts)]
+    kinds = [k for k, share in p["corpus_mix"].items() if share > 0 and (k not in ("facts", "qa") or with_facts)]
     weights = [p["corpus_mix"][k] for k in kinds]
     template_phrases = ["Sure !", "The answer is", "Hope this helps .", PREFIX.strip(), SUFFIX.strip()]
     docs = []
@@ -307,6 +309,9 @@ def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
             text = f"<|user|>\n{family(rng).prompt}\n<|assistant|>\n{PREFIX}{_random_answer(rng, family)}{SUFFIX}"
         elif kind == "facts":  # a few true statements of task instances, in prose
             text = " ".join(families[rng.choice(with_facts)](rng).fact for _ in range(rng.randint(1, 4)))
+        elif kind == "qa":  # a few true instances as question and answer, outside the chat format
+            draws = [families[rng.choice(with_facts)](rng) for _ in range(rng.randint(1, 4))]
+            text = " ".join(f"{d.prompt} The answer is {d.right} ." for d in draws)
         elif kind == "prose":  # filler prose around template phrases
             parts = []
             for _ in range(rng.randint(3, 8)):
