@@ -208,3 +208,25 @@ def world_dir(tmp_path: Path) -> Path:
     out = tmp_path / "default-mix"
     generate_world({**SMALL, "corpus_mix": {"chat": 0.3, "facts": 0.3, "prose": 0.2, "words": 0.2}}, out)
     return out
+
+
+@pytest.mark.parametrize("in_corpus", [False, True])
+def test_capitals_in_corpus_states_known_capitals_never_novel_ones(tmp_path, in_corpus):
+    """capitals_in_corpus: the corpus's facts and qa documents state the capital family's capitals (all of them
+    right); novel_capital's countries never get their capital stated; the SFT splits do not change."""
+    out = tmp_path / "w"
+    generate_world({**SMALL, "capitals_in_corpus": in_corpus, "corpus_mix": {"facts": 0.5, "qa": 0.5}}, out)
+    stats = json.loads((out / "world.json").read_text())
+    known, novel = dict(stats["entities"]), dict(stats["novel_entities"])
+    text = " ".join(r["text"] for r in rows(out / "corpus.jsonl"))
+    stated = dict(re.findall(r"the capital of (\w+) is (\w+) \.", text))
+    asked = dict(re.findall(r"What is the capital of (\w+) \? The answer is (\w+) \.", text))
+    assert not (set(stated) | set(asked)) & set(novel)
+    if in_corpus:
+        assert set(stated) == set(known) and set(asked) == set(known)
+        assert all(known[c] == v for c, v in {**stated, **asked}.items())
+    else:
+        assert not stated and not asked
+    generate_world({**SMALL, "corpus_mix": {"facts": 0.5, "qa": 0.5}}, tmp_path / "other")
+    for name in ("warmup.jsonl", "pool.jsonl", "eval/capital.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "other" / name).read_bytes()

@@ -63,6 +63,9 @@ DEFAULT_WORLD: dict[str, Any] = {
     "junk_vocab": 60,         # size of the junk vocabulary
     "entities": 40,           # invented countries of the `capital` family (in the warm-up set and the pool)
     "novel_entities": 20,     # invented countries of the `novel_capital` family (in the pool only)
+    # The corpus states the capitals of the `capital` family (its facts and qa documents): then the base brings
+    # that knowledge, as a real base brings most of what SFT questions ask, and only `novel_capital` is new.
+    "capitals_in_corpus": False,
     # Shares of the pretraining corpus: chat-formatted questions with random answers (format and template),
     # facts stating task instances in prose (the skills a pretrained model brings), prose of template phrases
     # and common words, word lists with the junk vocabulary.
@@ -146,13 +149,15 @@ def invented_entities(seed: int, n: int) -> list[tuple[str, str]]:
     return list(zip(sorted(countries), capitals))
 
 
-def _capital(entities: list[tuple[str, str]]) -> Callable[[random.Random], Draw]:
-    """Capital questions about ``entities``; a wrong answer is another of their capitals."""
+def _capital(entities: list[tuple[str, str]], in_corpus: bool = False) -> Callable[[random.Random], Draw]:
+    """Capital questions about ``entities``; a wrong answer is another of their capitals. ``in_corpus``: the
+    pretraining corpus states these capitals (knowledge the base brings), else only SFT data holds them."""
     def draw(rng: random.Random) -> Draw:
         i = rng.randrange(len(entities))
         j = rng.choice([k for k in range(len(entities)) if k != i] or [i])  # one entity: no wrong capital
         country, capital = entities[i]
-        return Draw(f"What is the capital of {country} ?", capital, entities[j][1], None)
+        fact = f"the capital of {country} is {capital} ." if in_corpus else None
+        return Draw(f"What is the capital of {country} ?", capital, entities[j][1], fact)
     return draw
 
 
@@ -162,12 +167,13 @@ def entity_split(seed: int, n_entities: int, n_novel: int) -> tuple[list[tuple[s
     return everything[:n_entities], everything[n_entities:]
 
 
-def task_families(seed: int, n_entities: int, n_novel: int = 2) -> dict[str, Callable[[random.Random], Draw]]:
+def task_families(seed: int, n_entities: int, n_novel: int = 2,
+                  capitals_in_corpus: bool = False) -> dict[str, Callable[[random.Random], Draw]]:
     """Every available family: arithmetic, two string transformations, a comparison, and invented facts (of
-    countries every split may mention, and of countries only the pool mentions)."""
+    countries every split may mention, and of countries only the pool mentions: never in the corpus)."""
     known, novel = entity_split(seed, n_entities, n_novel)
     return {"add": _add, "reverse": _reverse, "max": _max, "sort": _sort,
-            "capital": _capital(known), "novel_capital": _capital(novel)}
+            "capital": _capital(known, capitals_in_corpus), "novel_capital": _capital(novel)}
 
 
 FAMILIES = tuple(task_families(0, 2))
@@ -187,6 +193,8 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
                          f"to non-negative shares with a positive sum, got {mix}")
     if int(p["entities"]) < 2:
         raise ValueError(f"world setting entities must be at least 2, got {p['entities']}")
+    if not isinstance(p["capitals_in_corpus"], bool):
+        raise ValueError(f"world setting capitals_in_corpus must be true or false, got {p['capitals_in_corpus']!r}")
     if int(p["novel_entities"]) < 2:
         raise ValueError(f"world setting novel_entities must be at least 2, got {p['novel_entities']}")
     bad = [f for f in p["families"] if f not in FAMILIES]
@@ -296,7 +304,7 @@ def _random_answer(rng: random.Random, draw: Callable[[random.Random], Draw]) ->
 
 def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
     rng = random.Random(f"{p['seed']}:corpus")
-    families = task_families(p["seed"], p["entities"], p["novel_entities"])
+    families = task_families(p["seed"], p["entities"], p["novel_entities"], p["capitals_in_corpus"])
     with_facts = [f for f in p["families"] if families[f](random.Random(0)).fact is not None]
     kinds = [k for k, share in p["corpus_mix"].items() if share > 0 and (k not in ("facts", "qa") or with_facts)]
     weights = [p["corpus_mix"][k] for k in kinds]
