@@ -108,7 +108,7 @@ def test_variant_overrides_round_trip_and_merge():
     ("a b", {}, "use letters"),
     ("x", {"methods": ["full", "rho"]}, "not overridable"),
     ("x", {"experiment": "embedded"}, "not overridable"),
-    ("x", {"sft": {"train": {"epochs": 2}}}, "set sft.train.steps=0"),
+    ("x", {"sft": {"train": {"steps": 100}}}, "set sft.train.steps=0"),  # epochs 4 (the default) and steps
 ])
 def test_bad_variants_are_refused(name, overrides, message):
     base = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())

@@ -58,7 +58,7 @@ def test_smoke_workflow_writes_the_table(smoke_run):
     assert [r["method"] for r in rows] == ["base", "warmup", "full", "random", "rho", "fixed", "truth_drop_noisy",
                                          "truth_keep_informative", "full+warmup", "self_evolving"]
     for r in rows:
-        for task in ("add", "reverse", "max", "sort", "average", "average_response_em"):
+        for task in ("add", "reverse", "max", "sort", "novel_capital", "average", "average_response_em"):
             assert 0.0 <= float(r[f"{task}_mean"]) <= 1.0
         assert float(r["average_answer_nll_mean"]) > 0.0
     assert (smoke_run / "table.md").read_text().count("\n|") >= 10
@@ -71,9 +71,10 @@ def test_cleaning_quality_reports_every_pool_mask(smoke_run):
                          "truth_keep_informative"}
     assert float(rows["full"]["kept_garbage"]) == 1.0 and float(rows["truth_drop_noisy"]["kept_garbage"]) == 0.0
     assert float(rows["truth_keep_informative"]["kept_boilerplate"]) == 0.0
+    assert float(rows["truth_keep_informative"]["kept_novel"]) == float(rows["truth_drop_noisy"]["kept_novel"]) == 1.0
     with open(smoke_run / "score_separation.csv") as f:
         classes = [r["class"] for r in csv.DictReader(f)]
-    assert classes == ["informative", "boilerplate", "corrupted", "garbage"]
+    assert classes == ["informative", "boilerplate", "corrupted", "garbage", "novel"]
 
 
 def test_every_rule_logged_and_every_model_records_its_provenance(smoke_run):
