@@ -13,6 +13,7 @@ scripts, wget, mkdir) are not run.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.snakemake_plan import plan
 
@@ -146,3 +148,31 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([*args, "--help"])
         assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: tokenclean"), args
+
+
+def calibration_commands(path: Path) -> list[str]:
+    """The indented `.venv/bin/python scripts/calibrate_world.py ...` lines of a docs page (without placeholders)."""
+    return [line.strip() for line in path.read_text().splitlines()
+            if line.startswith("    .venv/bin/python scripts/calibrate_world.py") and "[" not in line]
+
+
+@pytest.mark.parametrize("command", calibration_commands(ROOT / "docs" / "embedded-world.md"))
+def test_the_documented_calibration_runs_as_written(command):
+    """docs/embedded-world.md's calibration command, typed in the repository root, plans its variant (with
+    --dry-run: the run itself takes minutes) and scores no token."""
+    proc = subprocess.run(shlex.split(command) + ["--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final-w1000-e30-n200-eq4" in proc.stdout and "token_loss" not in proc.stdout
+
+
+def test_the_documented_calibration_is_the_default_world():
+    """The variant the docs name as the default world is config.yaml's world, base model and recipes."""
+    spec = importlib.util.spec_from_file_location("calibrate_world", ROOT / "scripts" / "calibrate_world.py")
+    cw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cw)
+    variants = cw.load_variants(ROOT / "scripts" / "calibration-variants.yaml")
+    base = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())
+    chosen = cw.variant_config(base, "final-w1000-e30-n200-eq4", variants["final-w1000-e30-n200-eq4"])
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for key in ("world", "base_model", "warmup", "sft", "seeds", "max_length", "self_evolving"):
+        assert chosen[key] == default[key], key
