@@ -2,8 +2,8 @@
 """Calibrate the embedded world on the rows that use no token score (issue 13).
 
 Each named variant is a set of config overrides merged into ``configs/calibration.yaml`` (the default experiment
-with the rows base, warmup, full, random, full+warmup and the two ground-truth rows) and run as its own experiment, ``calibration-<variant>``,
-through the workflow (``snakemake --cores N --configfile <merged config> <table.csv> <significance.csv>``, from
+with the rows base, warmup, full, random, full+warmup and the two ground-truth rows) and run as its own
+experiment, ``calibration-<variant>``, through the workflow (``snakemake --cores N --configfile <merged config> <table.csv> <significance.csv>``, from
 the repository root). For every variant it prints each row's average answer accuracy (mean ± std over seeds),
 the passes each row and the warm-up model made over its own data (steps × batch / samples, as the trained
 models recorded them), and which of issue 13's targets hold; it ends with one JSON line of the figures and
