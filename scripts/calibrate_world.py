@@ -2,12 +2,12 @@
 """Calibrate the embedded world on the rows that use no token score (issue 13).
 
 Each named variant is a set of config overrides merged into ``configs/calibration.yaml`` (the default experiment
-with the rows base, warmup, full, random, full+warmup and the two ground-truth rows) and run as its own
-experiment, ``calibration-<variant>``, through the workflow (``snakemake --cores N --configfile <merged config>
-<table.csv> <significance.csv>``, from the repository root). For every variant it prints each row's average answer accuracy (mean ± std over seeds),
-the passes each row and the warm-up model made over its own data (steps × batch / samples, as the trained
-models recorded them), and which of issue 13's targets hold; it ends with one JSON line of the figures and
-appends a section to the calibration record, ``docs/world-calibration.md``.
+with the rows base, warmup, full, random, full+warmup and the two ground-truth rows) and run as its own experiment,
+``calibration-<variant>``, through the workflow (``snakemake --cores N --configfile <merged config> <table.csv>
+<significance.csv>``, from the repository root). For every variant it prints each row's average answer accuracy
+(mean ± std over seeds), the passes each row and the warm-up model made over its own data (steps × batch / samples,
+as the trained models recorded them), and which of issue 13's targets hold; it ends with one JSON line of the
+figures and appends a section to the calibration record, ``docs/world-calibration.md``.
 
     python scripts/calibrate_world.py --variant b8 sft.train.batch_size=8 warmup.train.batch_size=8
     python scripts/calibrate_world.py --variants scripts/calibration-variants.yaml [--only NAME ...] [--dry-run]
