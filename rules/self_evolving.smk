@@ -99,10 +99,17 @@ def chain_evals() -> list[str]:
     return [f"{R}/eval/warmup.json"] + rounds + [f"{R}/eval/{row}.json" for row in rows]
 
 
+def chain_models() -> list[str]:
+    """The warm-up model (round 0) and every round's model: each round's passes over its own data."""
+    rows = [run for run in sft_runs() if parse_run(run)[0] in CHAINED]
+    return [model_dir("warmup")] + [f"{R}/models/rounds/{row}_t{t}" for row in rows for t in range(1, ROUNDS + 1)]
+
+
 rule rounds_report:
-    """The self-evolving curve: average score per round (round 0 = the warm-up model), mean and std over seeds."""
+    """The self-evolving curve: average score and passes per round (round 0 = the warm-up model), over seeds."""
     input:
-        chain_evals(),
+        evals=chain_evals(),
+        models=chain_models(),
     output:
         f"{R}/rounds.csv",
     log:
@@ -112,4 +119,5 @@ rule rounds_report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} rounds {input} --rounds {ROUNDS} --metric {METRIC} --out {output} > {log} 2>&1"
+        "{TC} rounds {input.evals} --models {input.models} --rounds {ROUNDS} --metric {METRIC} --out {output} "
+        "> {log} 2>&1"

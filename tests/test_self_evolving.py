@@ -77,3 +77,30 @@ def test_rounds_table_starts_at_the_warmup_model_and_ends_at_the_row(tmp_path):
     assert float(rows[0]["add_mean"]) == pytest.approx(0.2)
     assert float(rows[1]["add_mean"]) == pytest.approx(0.45) and int(rows[1]["n_seeds"]) == 2
     assert float(rows[3]["average_mean"]) == pytest.approx((0.85 + 0.6) / 2)
+
+
+def fake_model(path, steps: int, batch: int, samples: int) -> str:
+    path.mkdir(parents=True)
+    (path / "tokenclean.json").write_text(json.dumps(
+        {"steps": steps, "samples_used": samples, "samples_without_selected_tokens": 0, "seconds": 1.0,
+         "train_config": {"batch_size": batch}}))
+    return str(path)
+
+
+def test_rounds_table_shows_each_rounds_passes_over_its_own_data(tmp_path):
+    """round 0: the warm-up model over the warm-up set; round t: the mean over seeds of its chunk passes (steps ×
+    batch / samples, as each round's model recorded them); blank without the models."""
+    files = [tmp_path / "warmup.json"]
+    fake_eval(files[0], 0.2, 0.4)
+    models = [fake_model(tmp_path / "models" / "warmup", 10, 8, 20)]  # 4 passes
+    for seed, steps in ((1, 6), (2, 9)):
+        for t in (1, 2):
+            files.append(tmp_path / f"self_evolving_r0.6_s{seed}_t{t}.json")
+            fake_eval(files[-1], 0.5, 0.5)
+            models.append(fake_model(tmp_path / "models" / "rounds" / f"self_evolving_r0.6_s{seed}_t{t}",
+                                     steps * t, 4, 12))
+    rows = write_rounds([str(f) for f in files], rounds=2, out_csv=tmp_path / "rounds.csv", models=models)
+    assert [r["passes"] for r in rows] == [4.0, pytest.approx((2 + 3) / 2), pytest.approx((4 + 6) / 2)]
+    assert [r["passes"] for r in write_rounds([str(f) for f in files], 2, tmp_path / "r2.csv")] == ["", "", ""]
+    header = (tmp_path / "rounds.csv").read_text().splitlines()[0]
+    assert header.startswith("method,ratio,round,n_seeds,passes,")

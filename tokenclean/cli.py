@@ -211,7 +211,7 @@ def cmd_provenance(a: argparse.Namespace) -> None:
 def cmd_rounds(a: argparse.Namespace) -> None:
     from tokenclean.report import write_rounds
 
-    write_rounds(a.evals, a.rounds, a.out, metric=a.metric)
+    write_rounds(a.evals, a.rounds, a.out, metric=a.metric, models=a.models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
     p.add_argument("--rounds", type=int, required=True, help="number of rounds (a row's own file is the last)")
     p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
+    p.add_argument("--models", nargs="*", default=[],
+                   help="the warm-up model and the rounds' directories (<row>_t<t>): each round's passes over its "
+                        "own data, from their tokenclean.json")
     p.add_argument("--out", required=True, help="output CSV")
     return parser
 

@@ -404,13 +404,21 @@ def metric_csv(out_csv: str | os.PathLike, metric: str) -> Path:
 
 
 def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str | os.PathLike,
-                 metric: str = HEADLINE) -> list[dict[str, Any]]:
+                 metric: str = HEADLINE, models: list[str | os.PathLike] | None = None) -> list[dict[str, Any]]:
     """The self-evolving curve: per (method, ratio, round), the mean and std over seeds of ``metric``.
 
     Round 0 is ``warmup.json`` (the first reference, where every chain starts); ``<row>_t<t>.json`` is round t of
     the chain ``<row>`` (e.g. ``self_evolving_r0.6_s1_t1``); a row's own file (``self_evolving_r0.6_s1.json``)
-    is its last round, ``rounds``.
+    is its last round, ``rounds``. ``models`` (the warm-up model and the rounds' directories ``<row>_t<t>``) fill
+    the ``passes`` column: how many times each round went over its own data (round 0: the warm-up set; round t:
+    its chunk), the mean over seeds, as training recorded it; blank without them.
     """
+    passes_by_round: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for d in map(Path, models or []):
+        m = ROUND_DIR.match(d.name)
+        if d.name == "warmup" or m:
+            key = ("", "", 0) if not m else (*parse_run_name(m["row"])[:2], int(m["round"]))
+            passes_by_round[key].append(training_record(d)["passes"])
     start: list[dict[str, float]] = []
     per_round: dict[tuple[str, str, int], list[dict[str, float]]] = defaultdict(list)
     tasks: list[str] = []
@@ -432,11 +440,13 @@ def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str 
         chain = ([(0, start)] if start else []) + sorted(
             (t, seeds) for (m, r, t), seeds in per_round.items() if (m, r) == (method, ratio))
         for round_, seeds in chain:
-            row: dict[str, Any] = {"method": method, "ratio": ratio, "round": round_, "n_seeds": len(seeds)}
+            done = passes_by_round.get(("", "", 0) if round_ == 0 else (method, ratio, round_), [])
+            row: dict[str, Any] = {"method": method, "ratio": ratio, "round": round_, "n_seeds": len(seeds),
+                                   "passes": sum(done) / len(done) if done else ""}
             for task in tasks + ["average"]:
                 row[f"{task}_mean"], row[f"{task}_std"] = mean_std([s[task] for s in seeds if task in s])
             rows.append(row)
-    columns = ["method", "ratio", "round", "n_seeds"] + [f"{t}_{s}" for t in tasks + ["average"]
+    columns = ["method", "ratio", "round", "n_seeds", "passes"] + [f"{t}_{s}" for t in tasks + ["average"]
                                                          for s in ("mean", "std")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
