@@ -124,6 +124,16 @@ def pool_masks() -> list[str]:
     return [f"{R}/masks/{name}.mask.npy" for name in names]
 
 
+def chain_runs() -> list[str]:
+    """The configured runs trained as a chain of rounds (rules/self_evolving.smk)."""
+    return [run for run in sft_runs() if parse_run(run)[0] in CHAINED]
+
+
+def round_models(run: str) -> list[str]:
+    """Every round's model of a chain, round 1 to the last (the row's own model)."""
+    return [f"{R}/models/rounds/{run}_t{t}" for t in range(1, ROUNDS + 1)]
+
+
 def model_dir(run: str) -> str:
     """The model a run's evaluation reads: a self-evolving row is the last model of its chain."""
     if run in ("base", "warmup"):
@@ -131,7 +141,7 @@ def model_dir(run: str) -> str:
     if run.startswith("rounds/"):
         return f"{R}/models/{run}"
     if parse_run(run)[0] in CHAINED:
-        return f"{R}/models/rounds/{run}_t{ROUNDS}"
+        return round_models(run)[-1]
     return f"{R}/models/sft/{run}"
 
 

@@ -26,10 +26,7 @@ def trained_models() -> list[str]:
     reads each one's passes over its own data from what training recorded next to it."""
     models = [model_dir("warmup")]
     for run in sft_runs():
-        if parse_run(run)[0] in CHAINED:
-            models += [f"{R}/models/rounds/{run}_t{t}" for t in range(1, ROUNDS + 1)]
-        else:
-            models.append(model_dir(run))
+        models += round_models(run) if run in chain_runs() else [model_dir(run)]
     return models
 
 

@@ -1,8 +1,9 @@
 # The self-evolving chain, rule self_evolve (the paper's Self-Evolving Cleaning): the pool is cut into ROUNDS contiguous chunks;
 # round t scores chunk t with the base model and model t-1 (the warm-up model for t = 1), keeps the chunk's global
-# top fraction and trains model t-1 further on it. The rounds share the sft step budget and each restarts the
-# learning-rate schedule (and, with LoRA, gets a fresh adapter on the merged model). A row
-# `self_evolving_r<ratio>_s<seed>` is the last model of its chain; every round is evaluated (rounds.csv).
+# top fraction and trains model t-1 further on it. Each round makes the sft epochs over its chunk (with `steps`
+# instead, the rounds share them) and restarts the learning-rate schedule (and, with LoRA, gets a fresh adapter on
+# the merged model). A row `self_evolving_r<ratio>_s<seed>` is the last model of its chain; every round is
+# evaluated (rounds.csv).
 
 
 def chunk_name(t) -> str:
@@ -94,15 +95,14 @@ rule self_evolve:
 
 def chain_evals() -> list[str]:
     """Every round's evaluation (the last round is the row's own evaluation) and the warm-up model's (round 0)."""
-    rows = [run for run in sft_runs() if parse_run(run)[0] in CHAINED]
+    rows = chain_runs()
     rounds = [f"{R}/eval/rounds/{row}_t{t}.json" for row in rows for t in range(1, ROUNDS)]
     return [f"{R}/eval/warmup.json"] + rounds + [f"{R}/eval/{row}.json" for row in rows]
 
 
 def chain_models() -> list[str]:
     """The warm-up model (round 0) and every round's model: each round's passes over its own data."""
-    rows = [run for run in sft_runs() if parse_run(run)[0] in CHAINED]
-    return [model_dir("warmup")] + [f"{R}/models/rounds/{row}_t{t}" for row in rows for t in range(1, ROUNDS + 1)]
+    return [model_dir("warmup")] + [model for row in chain_runs() for model in round_models(row)]
 
 
 rule rounds_report:

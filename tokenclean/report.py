@@ -429,7 +429,7 @@ def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str 
         if name == "warmup":
             start.append(scores)
             continue
-        m = re.match(r"^(?P<row>.+)_t(?P<round>\d+)$", name)
+        m = ROUND_DIR.match(name)
         row, round_ = (m["row"], int(m["round"])) if m else (name, rounds)
         method, ratio, _ = parse_run_name(row)
         per_round[(method, ratio, round_)].append(scores)
