@@ -10,7 +10,6 @@ import torch
 @pytest.fixture()
 def captured(monkeypatch) -> list[dict]:
     """Model construction and lm-eval runs replaced by fakes that record their arguments (nothing is loaded)."""
-    import lm_eval
 
     import tokenclean.evaluation as ev
     import tokenclean.models as models
@@ -21,11 +20,11 @@ def captured(monkeypatch) -> list[dict]:
         def __init__(self, **kwargs):
             made.append(kwargs)
 
-    def fake_evaluate(model, tasks, **_):
+    def fake_run(lm, tm, tasks, **_):
         return {"results": {t: {"acc,none": 0.5} for t in tasks}, "samples": {}, "n-samples": {}}
 
     monkeypatch.setattr(ev, "_benchmark_hflm_class", lambda: FakeLM)
-    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    monkeypatch.setattr(ev, "run_lm_eval", fake_run)
     monkeypatch.setattr(models, "pick_device", lambda device=None: torch.device("cuda"))
     return made
 

@@ -41,7 +41,7 @@ def _limit_arg(text: str) -> int | float:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from tokenclean.training import TrainConfig
+    from tokenclean.train_config import TrainConfig
 
     g = p.add_argument_group("training hyperparameters")
     for f in dataclasses.fields(TrainConfig):
@@ -61,7 +61,7 @@ def _add_revision_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from tokenclean.training import TrainConfig
+    from tokenclean.train_config import TrainConfig
 
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 

@@ -249,13 +249,34 @@ def _check_lm_alignment(lm: Any, data_files: dict[str, Path]) -> None:
         check_alignment(lm, row["prompt"], row["response"], row["answer_span"])
 
 
-def _set_seeds(seed: int) -> None:
+def run_lm_eval(lm: Any, tm: Any, tasks: list[str], num_fewshot: int | None, limit: int | float | None,
+                seed: int) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` for a model already loaded, without its environment report.
+
+    The same steps as ``simple_evaluate`` (load the tasks, apply ``num_fewshot`` where a task's config does not
+    fix it at 0, seed everything and each task's few-shot sampler, then ``lm_eval.evaluator.evaluate`` with the
+    per-sample log) but not its ``add_env_info``, which runs ``pip list`` and other subprocesses: about 1.3 s of
+    each of the embedded run's 32 evaluation jobs, for a record these results do not keep (provenance.json has
+    the versions).
+    """
     import numpy as np
     import torch
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    loaded = tm.load(tasks)
+    for task in loaded["tasks"].values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+    out = lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
+    if out is None:  # only on non-zero ranks of a distributed run
+        raise RuntimeError("lm-eval returned no results")
+    return out
 
 
 def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_list: Sequence[str],
@@ -269,7 +290,6 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     Both are written atomically (samples first). Returns the results dict.
     """
     import lm_eval
-    from lm_eval import simple_evaluate
 
     t0 = time.perf_counter()
     tasks_dir = Path(tasks_dir)
@@ -288,15 +308,8 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     _check_lm_alignment(lm, data_files)
     t_setup = time.perf_counter() - t0
 
-    _set_seeds(seed)
     names = [n for f in families for n in task_names(f)]
-    out = simple_evaluate(
-        model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=True, bootstrap_iters=0,
-        apply_chat_template=False, num_fewshot=None, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed,
-    )
-    if out is None:  # only on non-zero ranks of a distributed run
-        raise RuntimeError("lm-eval returned no results")
+    out = run_lm_eval(lm, tm, names, num_fewshot=None, limit=limit, seed=seed)
     metrics: dict[str, dict[str, float]] = {}
     n_examples: dict[str, int] = {}
     sample_rows: list[dict[str, Any]] = []
@@ -467,7 +480,6 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     example; a group's examples under its own task name) for the paired bootstrap of the report.
     """
     import lm_eval
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from tokenclean.models import pick_device
@@ -503,12 +515,8 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
             _free_accelerator_memory()
             lm, lm_args = make_hf_lm(str(model), **json.loads(args)), args
         used_args.update({b["task"]: json.loads(args) for b in group})
-        _set_seeds(seed)
-        out = simple_evaluate(model=lm, tasks=[b["task"] for b in group], task_manager=tm, num_fewshot=shots,
-                              limit=json.loads(run_limit), log_samples=True, bootstrap_iters=0, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        if out is None:  # only on non-zero ranks of a distributed run
-            raise RuntimeError("lm-eval returned no results")
+        out = run_lm_eval(lm, tm, [b["task"] for b in group], num_fewshot=shots, limit=json.loads(run_limit),
+                          seed=seed)
         for b in group:
             found = out["results"].get(b["task"], {})
             key = f"{b['metric']},none"

@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,68 +32,9 @@ from tokenclean import distributed
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array
 from tokenclean.batching import collate, pack
 from tokenclean.loss import target_nll
+from tokenclean.train_config import MERGE_DTYPES, TrainConfig  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-# How a LoRA adapter is merged and saved: float32 (the official runs' merge script loads the base in float32,
-# merges and saves float32), or auto = the training dtype. float32 is the default because LoRA updates at the
-# paper's learning rate are often smaller than half a bf16 step of the weight they are added to: merged into
-# bf16 weights they are partly rounded away, and again in every self-evolving round. It doubles the disk size
-# of a saved model (bf16 -> fp32); later jobs load it in their own dtype as before.
-MERGE_DTYPES = ("float32", "auto")
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one SFT run; every field is also a ``tokenclean train`` flag."""
-
-    steps: int = 100                       # optimizer steps (equal across rows of a table); 0 = use epochs
-    epochs: float = 0.0                    # used when steps == 0: steps = ceil(epochs * samples / batch_size)
-    batch_size: int = 32                   # samples per optimizer step
-    micro_batch_size: int = 0              # samples per forward pass (gradient accumulation); 0 = batch_size
-    pack_length: int = 0                   # > 0: pack samples into rows of this many tokens; 0 = pad each sample
-    loss_normalization: str = "step"       # step: mean over the step's selected tokens; micro_batch: as HF Trainer
-    gradient_checkpointing: bool = False   # recompute activations in the backward pass (less memory, ~30% slower)
-    checkpoint_every: int = 0              # > 0: save a resumable checkpoint every this many steps
-    lr: float = 1e-3
-    schedule: str = "cosine"               # cosine | linear | constant
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9                # AdamW betas and epsilon: torch's defaults, as the paper's runs
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0             # 0 = no clipping (the paper's setting)
-    seed: int = 0
-    shuffle: bool = True                   # False = file order, as the paper's runs
-    lora_r: int = 0                        # 0 = full fine-tuning
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    merge_dtype: str = "float32"           # LoRA: merge and save in float32 (as the official runs); auto = dtype
-    device: str = "auto"
-    dtype: str = "auto"
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
-            raise ValueError("set steps > 0, or steps = 0 and epochs > 0")
-        if self.loss_normalization not in ("step", "micro_batch"):
-            raise ValueError(f"unknown loss_normalization {self.loss_normalization!r} (step, micro_batch)")
-        if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be >= 0 (0 = no checkpoints)")
-        if self.pack_length < 0:
-            raise ValueError("pack_length must be >= 0 (0 = no packing)")
-        if self.batch_size < 1 or self.micro_batch_size < 0:
-            raise ValueError("batch_size must be >= 1 and micro_batch_size >= 0")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_epsilon <= 0:
-            raise ValueError("adam_beta1 and adam_beta2 must be in [0, 1) and adam_epsilon > 0")
-        if self.merge_dtype not in MERGE_DTYPES:
-            raise ValueError(f"unknown merge_dtype {self.merge_dtype!r} ({', '.join(MERGE_DTYPES)})")
-
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
@@ -310,8 +250,11 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    # foreach: one multi-tensor update instead of a Python loop over the parameters. torch picks it on
+    # accelerators but not on the CPU, where a tiny model's step is mostly per-tensor overhead; on the CPU the
+    # result is bitwise the same and the embedded SFT step about 5% faster (measured side by side).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, foreach=True)
     if world > 1 and cfg.loss_normalization == "micro_batch" and math.ceil(
             cfg.batch_size / (cfg.micro_batch_size or cfg.batch_size)) % world:
         log.warning("%d processes share %d micro-batches per step: some processes idle; make batch_size / "
