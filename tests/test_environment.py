@@ -47,3 +47,25 @@ def test_installed_versions_match_lock():
     pins = lock_pins()
     for name in ("torch", "transformers", "snakemake", "lm-eval", "numpy", "tokenizers", "peft"):
         assert version(name).split("+")[0] == pins[name], name
+
+
+def test_the_lock_is_complete_so_make_install_can_skip_dependency_resolution():
+    """`make install` runs `pip install --no-deps -r requirements.lock`: every requirement of every locked package
+    (for this platform and Python, without extras) must itself be locked, at a version it accepts."""
+    import re
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {canonicalize_name(name): version for name, version in lock_pins().items()}
+    missing = []
+    for name in pins:
+        for text in distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            pinned = pins.get(canonicalize_name(req.name))
+            if pinned is None or not req.specifier.contains(re.sub(r"\+.*", "", pinned), prereleases=True):
+                missing.append(f"{name} needs {text}, the lock has {pinned}")
+    assert not missing, "\n".join(missing)
