@@ -47,6 +47,8 @@ TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
 # reference); the ground-truth rows (embedded world only) read the token classes: `truth_drop_noisy` drops exactly
 # the corrupted and garbage tokens, `truth_keep_informative` keeps exactly the informative and novel ones.
 UNRATIOED = ("full", "truth_drop_noisy", "truth_keep_informative", "full+warmup")
+# Methods whose mask ranks the whole pool by loss(base) - loss(warm-up model) (rules/selection.smk).
+POOL_SCORED = ("rho", "fixed")
 # Methods trained as a chain of rounds over chunks of the pool (rules/self_evolving.smk), not by the sft rule.
 CHAINED = ("self_evolving",)
 ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
@@ -61,6 +63,12 @@ TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") e
 GPU_JOBS = "gpus" in HARDWARE or not EMBEDDED
 TRAIN_GPUS = GPUS if GPU_JOBS else 0
 ONE_GPU = 1 if GPU_JOBS else 0
+
+# Jobs that other jobs wait for start first among the ready ones (Snakemake's rule `priority`): the warm-up
+# model, tokenizing, scoring, selection and each round of a self-evolving chain, whose rounds are the longest path
+# of the DAG. Left to the scheduler's choice, the chains of the embedded run started late and their last rounds
+# and evaluations ran with one core idle for about 30 s at the end.
+UNBLOCKING = 1
 
 
 def model_ref(name: str) -> str:

@@ -31,6 +31,7 @@ rule tokenize:
         revision=revision_flag(),
     wildcard_constraints:
         dataset="warmup|pool",
+    priority: UNBLOCKING
     log:
         f"{R}/logs/tokenize/{{dataset}}.log",
     benchmark:
@@ -49,6 +50,7 @@ rule concat_tokens:
         warmup=f"{R}/tokens/warmup.tokens.npz",
     output:
         f"{R}/tokens/pool+warmup.tokens.npz",
+    priority: UNBLOCKING
     log:
         f"{R}/logs/tokenize/pool+warmup.log",
     benchmark:
@@ -73,6 +75,7 @@ rule warmup:
     threads: THREADS
     resources:
         gpu=TRAIN_GPUS,
+    priority: UNBLOCKING
     log:
         f"{R}/logs/warmup.log",
     benchmark:

@@ -15,6 +15,7 @@ rule token_loss:
     threads: THREADS
     resources:
         gpu=ONE_GPU,
+    priority: UNBLOCKING
     log:
         f"{R}/logs/token_loss/{{model}}.{{dataset}}.log",
     benchmark:

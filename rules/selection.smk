@@ -1,6 +1,6 @@
 def select_inputs(wildcards):
     inputs = {"tokens": f"{R}/tokens/pool.tokens.npz"}
-    if wildcards.mask.split("_r")[0] in ("rho", "fixed"):
+    if wildcards.mask.split("_r")[0] in POOL_SCORED:
         inputs["base_loss"] = f"{R}/losses/base/pool.loss.npy"
         inputs["ref_loss"] = f"{R}/losses/warmup/pool.loss.npy"
     return inputs
@@ -23,6 +23,7 @@ rule select:
         f"{R}/masks/{{mask}}.mask.npy",
     params:
         args=select_args,
+    priority: UNBLOCKING
     log:
         f"{R}/logs/select/{{mask}}.log",
     benchmark:

@@ -32,6 +32,7 @@ rule chunk_tokens:
         f"{R}/tokens/pool.tokens.npz",
     output:
         f"{R}/tokens/pool.c{{index}}of{{chunks}}.tokens.npz",
+    priority: UNBLOCKING
     log:
         f"{R}/logs/tokenize/pool.c{{index}}of{{chunks}}.log",
     benchmark:
@@ -41,6 +42,33 @@ rule chunk_tokens:
     shell:
         "{TC} chunk --tokens {input} --chunks {wildcards.chunks} --index {wildcards.index} --out {output} > {log} 2>&1"
 
+
+
+# With a pool-scored method (rho, fixed) configured, the base and warm-up models score the whole pool anyway:
+# the chain cuts their losses on a chunk from those instead of scoring the chunk again.
+if any(method in POOL_SCORED for method in config["methods"]):
+
+    ruleorder: chunk_loss > token_loss
+
+    rule chunk_loss:
+        """Chunk `index` of `chunks` of a model's losses on the whole pool, as losses on that chunk."""
+        input:
+            tokens=f"{R}/tokens/pool.tokens.npz",
+            loss=f"{R}/losses/{{model}}/pool.loss.npy",
+        output:
+            f"{R}/losses/{{model}}/pool.c{{index}}of{{chunks}}.loss.npy",
+        wildcard_constraints:
+            model="base|warmup",
+        priority: UNBLOCKING
+        log:
+            f"{R}/logs/token_loss/{{model}}.pool.c{{index}}of{{chunks}}.log",
+        benchmark:
+            f"{R}/benchmarks/token_loss/{{model}}.pool.c{{index}}of{{chunks}}.tsv"
+        conda:
+            "../envs/tokenclean.yaml"
+        shell:
+            "{TC} chunk --tokens {input.tokens} --loss {input.loss} --chunks {wildcards.chunks} --index {wildcards.index}"
+            " --out {output} > {log} 2>&1"
 
 rule select_round:
     """Round t's mask: the global top fraction of chunk t by loss(base) - loss(model t-1)."""
@@ -55,6 +83,7 @@ rule select_round:
     wildcard_constraints:
         row="self_evolving_r[0-9.]+_s[0-9]+",
         t="[0-9]+",
+    priority: UNBLOCKING
     log:
         f"{R}/logs/select/rounds/{{row}}_t{{t}}.log",
     benchmark:
@@ -82,6 +111,7 @@ rule self_evolve:
     threads: THREADS
     resources:
         gpu=TRAIN_GPUS,
+    priority: UNBLOCKING
     log:
         f"{R}/logs/sft/rounds/{{row}}_t{{t}}.log",
     benchmark:

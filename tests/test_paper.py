@@ -39,12 +39,15 @@ def expected_counts(cfg: dict) -> dict[str, int]:
                   "fixed": (ratios, ratios * seeds)}
     methods = [m for m in cfg["methods"] if m != "self_evolving"]
     chains = ratios * seeds
+    pool_scored = "self_evolving" in cfg["methods"] and bool({"rho", "fixed"} & set(methods))
     sft = sum(per_method[m][1] for m in methods)
     return {
         "data": 1, "tokenize": 2, "warmup": 1, "chunk_tokens": rounds,
-        # base and reference score the pool once; the base scores each round's chunk once, the warm-up model
-        # the first round's; each later round is scored by its chain's previous model
-        "token_loss": 2 + rounds + 1 + (rounds - 1) * chains,
+        # base and reference score the pool once; with rho or fixed configured, the chain's base losses on each
+        # round's chunk and the warm-up model's on the first are cut from those (chunk_loss), else scored; each
+        # later round is scored by its chain's previous model
+        "token_loss": 2 + (rounds - 1) * chains + (0 if pool_scored else rounds + 1),
+        "chunk_loss": rounds + 1 if pool_scored else 0,
         "select": sum(per_method[m][0] for m in methods), "sft": sft,
         "select_round": rounds * chains, "self_evolve": rounds * chains,
         "evaluate": 2 + sft + chains + (rounds - 1) * chains,  # base, warm-up, every row, every earlier round

@@ -104,3 +104,41 @@ def test_rounds_table_shows_each_rounds_passes_over_its_own_data(tmp_path):
     assert [r["passes"] for r in write_rounds([str(f) for f in files], 2, tmp_path / "r2.csv")] == ["", "", ""]
     header = (tmp_path / "rounds.csv").read_text().splitlines()[0]
     assert header.startswith("method,ratio,round,n_seeds,passes,")
+
+
+def test_a_chunk_of_the_pools_losses_is_the_chunks_rows_and_passes_as_made_on_the_chunk(tmp_path):
+    """`tokenclean chunk --loss`: what the chain reads for a model that scored the whole pool (base, warm-up)."""
+    from tokenclean.artifacts import load_array, save_array
+    from tokenclean.cli import main
+    from tokenclean.selection import select_file
+
+    table = ragged_table(11)
+    pool = tmp_path / "pool.tokens.npz"
+    pmeta = table.save(pool, {"tokenizer_fingerprint": "t"})
+    rng = np.random.default_rng(1)
+    for name in ("base", "ref"):
+        losses = np.where(table.loss_mask, rng.random(table.n_tokens), np.nan).astype(np.float32)
+        save_array(tmp_path / f"{name}.loss.npy", losses, {"kind": "loss", "tokens": str(pool),
+                                                           "tokens_fingerprint": pmeta["fingerprint"]})
+    for index in (1, 2, 3):
+        chunk = tmp_path / f"pool.c{index}of3.tokens.npz"
+        assert main(["chunk", "--tokens", str(pool), "--chunks", "3", "--index", str(index), "--out", str(chunk)]) == 0
+        ctable, cmeta = TokenTable.load(chunk)
+        for name in ("base", "ref"):
+            out = tmp_path / f"{name}.c{index}of3.loss.npy"
+            assert main(["chunk", "--tokens", str(pool), "--loss", str(tmp_path / f"{name}.loss.npy"), "--chunks", "3",
+                         "--index", str(index), "--out", str(out)]) == 0
+            part, _ = load_array(out, "loss", made_on=(chunk, cmeta))  # refused if made on another table
+            whole, _ = load_array(tmp_path / f"{name}.loss.npy", "loss")
+            expected = [whole[p] for s in ctable.extras["source_sample"]  # brute force: sample by sample
+                        for p in range(table.offsets[s], table.offsets[s + 1])]
+            np.testing.assert_array_equal(part, np.asarray(expected, dtype=np.float32))
+        select_file("fixed", chunk, tmp_path / f"round{index}.mask.npy", 0.5,
+                    base_loss=str(tmp_path / f"base.c{index}of3.loss.npy"),
+                    ref_loss=str(tmp_path / f"ref.c{index}of3.loss.npy"))
+    # a loss array made on another table is refused: one line, exit 2
+    other = tmp_path / "other.tokens.npz"
+    ragged_table(12, seed=5).save(other, {})
+    assert main(["chunk", "--tokens", str(other), "--loss", str(tmp_path / "base.loss.npy"), "--chunks", "3",
+                 "--index", "1", "--out", str(tmp_path / "bad.loss.npy")]) == 2
+    assert not (tmp_path / "bad.loss.npy").exists()

@@ -118,7 +118,7 @@ def cmd_separation(a: argparse.Namespace) -> None:
 def cmd_chunk(a: argparse.Namespace) -> None:
     from tokenclean.tokenization import chunk_file
 
-    meta = chunk_file(a.tokens, a.chunks, a.index, a.out)
+    meta = chunk_file(a.tokens, a.chunks, a.index, a.out, a.loss)
     logging.info("%s: chunk %d of %d, %d samples", a.out, a.index, a.chunks, meta["n_samples"])
 
 
@@ -260,11 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files, in order")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
 
-    p = add("chunk", cmd_chunk, "One of N contiguous, near-equal chunks of a token table (self-evolving rounds).")
+    p = add("chunk", cmd_chunk, "One of N contiguous, near-equal chunks of a token table, or of a loss array made on it "
+                               "(self-evolving rounds).")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
     p.add_argument("--chunks", type=int, required=True, help="how many chunks the table is cut into")
     p.add_argument("--index", type=int, required=True, help="which chunk, 1-based")
-    p.add_argument("--out", required=True, help="output X.tokens.npz")
+    p.add_argument("--loss", default=None, help="a loss array made on --tokens: write the chunk's rows of it "
+                                                "(X.loss.npy) instead of the chunk's token table")
+    p.add_argument("--out", required=True, help="output X.tokens.npz (X.loss.npy with --loss)")
 
     p = add("select", cmd_select, "Select tokens to train on: full, random, rho (per sample), fixed (global), or "
                                   "by ground truth (embedded world only): truth_drop_noisy (every token but the "
