@@ -185,3 +185,21 @@ def test_rho_and_fixed_handle_one_token_and_prompt_only_samples(ratio):
     s = np.where(loss_mask, rng.integers(0, 3, offsets[-1]), np.nan).astype(np.float32)  # many ties
     assert np.array_equal(select("rho", table, ratio, score=s), brute_rho(s, loss_mask, offsets, ratio))
     assert np.array_equal(select("fixed", table, ratio, score=s), brute_fixed(s, loss_mask, ratio))
+
+
+def test_a_select_job_never_starts_torch_yet_its_threads_bind_torch_when_it_starts(tmp_path):
+    """Light jobs (select, report, ...) skip torch's two-second start; `--threads` still limits torch later."""
+    import subprocess
+    import sys
+
+    table = TokenTable(np.arange(12) % 7, np.array([0, 5, 12]), np.array([False, True, True, True, True, False] + [True] * 6))
+    tokens = tmp_path / "t.tokens.npz"
+    table.save(tokens, {})
+    code = ("import sys; from tokenclean.cli import main\n"
+            f"assert main(['select', '--threads', '1', '--method', 'full', '--tokens', {str(tokens)!r},"
+            f" '--out', {str(tmp_path / 'm.mask.npy')!r}]) == 0\n"
+            "assert 'torch' not in sys.modules, 'select imported torch'\n"
+            "import torch; print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1"

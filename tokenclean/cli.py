@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -432,7 +433,6 @@ def check_paths(args: argparse.Namespace) -> None:
     """Refuse, in one line, a file flag that names a directory or an unreadable file, a directory flag that
     names a file, and an output that could not be written."""
     from tokenclean.artifacts import ArtifactError, require_file, require_writable
-    from tokenclean.models import require_model_dir
 
     spec = getattr(args, "spec", None) or {}  # the data command's sources: {"pool": {"path": ...}, ...}
     for path in [s["path"] for s in spec.values() if isinstance(s, dict) and isinstance(s.get("path"), str)]:
@@ -449,6 +449,8 @@ def check_paths(args: argparse.Namespace) -> None:
     for name in MODEL_DIRS:
         for path in _paths(getattr(args, name, None)):
             if Path(path).exists():  # a missing one is the loader's to report (after cheaper checks)
+                from tokenclean.models import require_model_dir  # only where a model is named: it starts torch
+
                 require_model_dir(path)
     for name in OUTPUTS:
         for path in _paths(getattr(args, name, None)):
@@ -467,6 +469,16 @@ def error_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def limit_threads(threads: int | None) -> None:
+    """Honour the workflow rule's ``threads`` (torch would otherwise use every core of the machine) without
+    importing torch: torch takes its thread count from OMP_NUM_THREADS when it starts, so a command that never
+    needs it (select, report, ...) starts in a fraction of a second instead of about two."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:  # already started (a test, or a caller that imported it)
+            sys.modules["torch"].set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input and file-system errors end in one line and exit code 2: our own errors
     (ArtifactError, DataError), ValueError (a value the command cannot use, UnicodeDecodeError included),
@@ -478,9 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     from tokenclean.artifacts import ArtifactError
     from tokenclean.data import DataError
-    from tokenclean.models import set_threads
 
-    set_threads(args.threads)
+    limit_threads(args.threads)
     try:
         check_paths(args)
         args.func(args)

@@ -24,12 +24,6 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
             "float16": torch.float16, "fp16": torch.float16}[dtype]
 
 
-def set_threads(threads: int | None) -> None:
-    """Honour the workflow rule's ``threads`` (torch would otherwise use every core of the machine)."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def require_model_dir(name_or_path: str) -> None:
     """Fail clearly when ``name_or_path`` looks like a local path and is no directory.
 
