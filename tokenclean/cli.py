@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenclean import __version__
+from tokenclean.export import FORMATS as EXPORT_FORMATS
 from tokenclean.selection import METHODS as SELECTION_METHODS
 
 
@@ -129,6 +130,14 @@ def cmd_select(a: argparse.Namespace) -> None:
     meta = select_file(a.method, a.tokens, a.out, a.ratio, a.seed, a.base_loss, a.ref_loss)
     logging.info("%s: kept %d of %d response tokens; %d samples keep none", a.out, meta["n_selected"],
                  meta["n_response_tokens"], meta["n_samples_without_selected"])
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from tokenclean.export import export_file
+
+    meta = export_file(a.tokens, a.out, a.mask, a.weights, a.format, a.keep_empty)
+    logging.info("%s: %d samples (%d without a trained token dropped), %d tokens, %d trained", a.out,
+                 meta["n_samples"], meta["n_samples_dropped"], meta["n_tokens"], meta["n_trained_tokens"])
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -293,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_revision_flag(p)
     _add_train_flags(p)
 
+    p = add("export", cmd_export, "Write a token table with its selection for other trainers: a datasets directory "
+                                  "(datasets.load_from_disk) or JSON lines, with input_ids, labels (-100 where a "
+                                  "token is not trained; not shifted), attention_mask and optionally weights.")
+    p.add_argument("--tokens", required=True, help="X.tokens.npz")
+    p.add_argument("--mask", help="X.mask.npy made on --tokens (default: every response token)")
+    p.add_argument("--weights", help="per-token weights made on --tokens (e.g. an online method's): a weights "
+                                     "column, 0 where not trained")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="hf",
+                   help="hf: a datasets directory (save_to_disk); jsonl: <out>/data.jsonl")
+    p.add_argument("--keep-empty", action="store_true",
+                   help="keep samples with no trained token (default: drop them, as tokenclean train does)")
+    p.add_argument("--out", required=True, help="output directory (with export.json, the provenance)")
+
     p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
     p.add_argument("--model", required=True, help="model directory (or, with --benchmarks, a hub id)")
     p.add_argument("--tasks-dir", help="the world's lm-eval task directory (embedded experiments)")
@@ -418,11 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that name files or directories, checked before a command starts (so that hours of scoring or training
 # never end in an unreadable input or an unwritable output). Any command's flag of these names is checked.
 INPUT_FILES = ("data", "corpus", "tokens", "mask", "masks", "base_loss", "ref_loss", "evals", "table", "quality",
-               "rounds_csv")
+               "rounds_csv", "weights")
 INPUT_DIRS = ("tasks_dir", "include_path")
 MODEL_DIRS = ("model", "tokenizer")  # a directory or a hub id: a file is refused here, the rest by the loaders
 OUTPUTS = ("out", "out_csv", "out_md", "out_tex")
-DIRECTORY_OUTPUTS = ("world", "pretrain", "train", "data")  # commands whose --out is a directory
+DIRECTORY_OUTPUTS = ("world", "pretrain", "train", "data", "export")  # commands whose --out is a directory
 
 
 def _paths(value: Any) -> list[str]:
