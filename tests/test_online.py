@@ -166,7 +166,7 @@ def test_step_normalisation_gives_the_same_gradient_on_any_micro_batch_split(mon
                           shuffle=False)
         method = Online(name, ol.resolve(name, None), {"base_loss": base})
         grads.append(_grads(monkeypatch, AutoModelForCausalLM.from_pretrained(tiny_model_dir), table, cfg, method))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("normalization", ["step", "micro_batch"])
@@ -200,7 +200,7 @@ def test_without_an_online_method_training_is_unchanged_and_unit_weights_give_pl
         model, summary = train_model(model, table, table.loss_mask.copy(), cfg, 0, progress=False, online=method)
         runs[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
         assert ("online" in summary) == (name is not None)
-    assert torch.allclose(runs[None], runs["ones"], atol=1e-5)
+    assert torch.allclose(runs[None], runs["ones"], atol=1e-4)  # float noise, amplified a little by Adam
 
 
 def _tokens_file(tmp_path, tok, table):
@@ -241,7 +241,7 @@ def test_the_weights_artifact_averages_each_tokens_weights_over_two_epochs(monke
         assert len(progress) == 2
         a, b = table.offsets[s], table.offsets[s + 1]
         keep = mask[a:b]
-        assert np.allclose(weights[a:b][keep], ref[a:b][keep] + np.mean(progress), atol=1e-6)
+        assert np.allclose(weights[a:b][keep], ref[a:b][keep] + np.mean(progress), rtol=1e-6, atol=1e-5)
     assert kept_mask(weights, threshold=0.0).sum() == mask.sum()
     info = json.loads((out / "tokenclean.json").read_text())
     assert info["online"]["method"] == "echo"
