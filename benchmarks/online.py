@@ -44,8 +44,8 @@ def main() -> None:
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, pack_length=a.pack_length, lr=1e-3, log_every=10**9)
     names = ["sft", *ONLINE_METHODS]
     seconds: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(a.repeats):
-        for name in names:
+    for repeat in range(a.repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate: no method always first
             online = None if name == "sft" else Online(name, resolve(name, None), arrays)
             _, summary = train_model(copy.deepcopy(base), table, table.loss_mask.copy(), cfg, PAD, progress=False,
                                      online=online)
