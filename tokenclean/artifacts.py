@@ -246,8 +246,8 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 # What each kind of artifact is, for messages; and the dtype its array must have (tokens: an .npz of several).
 KINDS = {"tokens": "token table (X.tokens.npz)", "loss": "loss array (X.loss.npy)",
-         "mask": "selection mask (X.mask.npy)"}
-KIND_DTYPES = {"loss": np.floating, "mask": np.bool_}
+         "mask": "selection mask (X.mask.npy)", "weights": "token weights array (<model>/weights.npy)"}
+KIND_DTYPES = {"loss": np.floating, "mask": np.bool_, "weights": np.floating}
 
 
 def _require_kind(path: Path, meta: dict[str, Any], kind: str) -> None:
@@ -291,7 +291,7 @@ def load_array(path: str | os.PathLike, kind: str | None = None,
                made_on: tuple[str | os.PathLike, dict[str, Any]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A per-token array and its sidecar; the one place where an array is checked before use.
 
-    ``kind`` (``loss`` or ``mask``): the sidecar's recorded kind and the array's dtype must be that kind's.
+    ``kind`` (``loss``, ``mask`` or ``weights``): the sidecar's recorded kind and the array's dtype must be that kind's.
     ``made_on`` (the token table's path and sidecar): the array must have been computed on that table (its
     recorded ``tokens_fingerprint``) and hold one entry per token of it.
     """

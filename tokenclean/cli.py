@@ -146,7 +146,16 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = _train_config(a)
     if a.rounds:
         cfg = round_config(cfg, a.rounds, a.round)
-    summary = train_file(a.model, a.tokens, a.out, cfg, a.mask, a.trust_remote_code, a.revision)
+    arrays = {"ref_loss": a.ref_loss, "base_loss": a.base_loss}
+    if a.online:  # parameters and needed flags are checked before anything is loaded
+        from tokenclean.online import require_arrays, resolve
+
+        resolve(a.online, a.online_params)
+        require_arrays(a.online, arrays)
+    elif a.online_params:
+        raise ValueError("--online-params: given without --online")
+    summary = train_file(a.model, a.tokens, a.out, cfg, a.mask, a.trust_remote_code, a.revision,
+                         online=a.online, online_params=a.online_params, arrays=arrays)
     logging.info("%s: %s", a.out, summary)
 
 
@@ -299,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--round", type=int, default=1, help="self-evolving round (1-based) of --rounds")
     p.add_argument("--rounds", type=int, default=0, help="> 0: train round --round's share of --steps")
+    p.add_argument("--online", default=None, metavar="METHOD",
+                   help="weight the selected tokens during training by an online method: rho1, sstoken, dft, eaft "
+                        "(tokenclean/online.py); its per-token record is saved as <out>/weights.npy")
+    p.add_argument("--online-params", type=_json_arg, default=None, metavar="JSON",
+                   help='the online method\'s parameters, e.g. \'{"ratio": 0.6}\' (default: the method\'s own)')
+    p.add_argument("--ref-loss", help="loss file of the reference model (online rho1)")
+    p.add_argument("--base-loss", help="loss file of the base model (online sstoken: the history losses)")
     _add_revision_flag(p)
     _add_train_flags(p)
 

@@ -72,6 +72,12 @@ def sum_values(*values: float, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes, in place (e.g. the per-token record of an online method)."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -73,6 +73,56 @@ def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       for i in range(0, len(labels), step)])
 
 
+def last_attention_layer(model: Any) -> Any:
+    """The self-attention module of the decoder's last layer (Llama-family layout), whose forward returns
+    ``(output, weights)``; the weights are a tensor under eager attention only."""
+    try:
+        return model.get_decoder().layers[-1].self_attn
+    except (AttributeError, IndexError, NotImplementedError):
+        raise ValueError(f"{type(model).__name__}: no decoder.layers[-1].self_attn to read attention weights "
+                         "from (ssToken needs a Llama-family layout)") from None
+
+
+def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
+                   position_ids: torch.Tensor | None = None, logits: bool = False,
+                   attention: bool = False) -> dict[str, torch.Tensor]:
+    """The training forward of :func:`target_nll` (same ops, same per-token losses), plus what online weighting
+    reads: ``logits`` = the detached float32 full-vocabulary logits that predicted each target (the ones the
+    loss is computed from, no second head pass), ``attention`` = the last layer's attention weights
+    [rows, heads, width, width], detached (needs eager attention; captured by a forward hook, so the other
+    layers' weights are never collected)."""
+    if target[:, 0].any():
+        raise ValueError("position 0 cannot be a target: it has no context")
+    rows, cols = target.nonzero(as_tuple=True)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs.update(position_ids=position_ids, use_cache=False)
+    labels = input_ids[rows, cols]
+    captured: dict[str, torch.Tensor] = {}
+    hook = None
+    if attention:
+        def keep_weights(module: Any, args: Any, output: Any) -> None:
+            if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
+                raise ValueError("the last attention layer returned no weights; load the model with eager attention")
+            captured["attention"] = output[1].detach()
+        hook = last_attention_layer(model).register_forward_hook(keep_weights)
+    try:
+        if _has_plain_head(model):
+            hidden = model.get_decoder()(**inputs).last_hidden_state[rows, cols - 1]
+            out = model.get_output_embeddings()(hidden).float()
+        else:
+            out = model(**inputs).logits[rows, cols - 1].float()
+    finally:
+        if hook is not None:
+            hook.remove()
+    result = {"nll": F.cross_entropy(out, labels, reduction="none")}
+    if logits:
+        result["logits"] = out.detach()
+    if attention:
+        result["attention"] = captured["attention"]
+    return result
+
+
 def token_losses(model: Any, table: TokenTable, token_budget: int = 16384, pad_id: int = 0,
                  head_only_at_targets: bool = True, progress: bool = True) -> np.ndarray:
     """float32[N]: the model's loss of every ``loss_mask`` token, NaN elsewhere."""

@@ -29,9 +29,10 @@ import torch
 from tqdm import tqdm
 
 from tokenclean import distributed
-from tokenclean.artifacts import ArtifactError, TokenTable, load_array
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
 from tokenclean.batching import collate, pack
-from tokenclean.loss import target_nll
+from tokenclean.loss import target_forward, target_nll
+from tokenclean.online import Online
 from tokenclean.train_config import MERGE_DTYPES, TrainConfig  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -157,20 +158,25 @@ class TrainingInterrupted(RuntimeError):
     """Raised when ``stop_after`` ends a run early (the checkpoint, if any, lets a re-run continue)."""
 
 
-def _run_identity(table: TokenTable, mask: np.ndarray, cfg: TrainConfig, start: str) -> str:
-    """What a checkpoint must match to be resumed: the starting model, the data, the selection and every
-    setting but the schedule of checkpoints itself."""
+def _run_identity(table: TokenTable, mask: np.ndarray, cfg: TrainConfig, start: str,
+                  online: Online | None = None) -> str:
+    """What a checkpoint must match to be resumed: the starting model, the data, the selection, the online
+    method (with its arrays) and every setting but the schedule of checkpoints itself."""
     from tokenclean.artifacts import fingerprint_arrays
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "log_every")}
     settings["start"] = start
+    if online is not None:
+        settings["online"] = {"name": online.name, "params": online.params,
+                              "arrays": {k: fingerprint_arrays(v) for k, v in sorted(online.arrays.items())}}
     return fingerprint_arrays(table.input_ids, table.offsets, mask,
                               np.frombuffer(json.dumps(settings, sort_keys=True).encode(), dtype=np.uint8))
 
 
 def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                    state: dict[str, Any]) -> None:
-    """Trainable weights, AdamW moments and the torch RNG state as safetensors; counters as JSON; atomically."""
+                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Trainable weights, AdamW moments and the torch RNG state as safetensors; counters as JSON; ``extra``
+    tensors (an online method's per-token record) in ``extra.safetensors``; atomically."""
     from safetensors.torch import save_file
 
     from tokenclean.artifacts import atomic_dir
@@ -183,6 +189,8 @@ def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
     with atomic_dir(directory) as tmp:
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
+        if extra:
+            save_file(extra, str(tmp / "extra.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
 
 
@@ -210,6 +218,8 @@ def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
         index, name = key.split(".", 1)
         p = params[int(index)]
         optimizer.state[p][name] = value.reshape(()) if name == "step" else value.to(p.device)
+    if (directory / "extra.safetensors").exists():
+        state["extra"] = load_file(str(directory / "extra.safetensors"))
     log.info("resuming from %s at step %d", directory, state["step"])
     return state
 
@@ -218,8 +228,17 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 log_path: str | os.PathLike | None = None, progress: bool = True,
                 checkpoint_dir: str | os.PathLike | None = None, stop_after: int | None = None,
                 start_fingerprint: str = "", load_start: Callable[[], Any] | None = None,
-                merge: bool = True) -> tuple[Any, dict[str, Any]]:
+                merge: bool = True, online: Online | None = None) -> tuple[Any, dict[str, Any]]:
     """Train ``model`` in place on the selected tokens; returns the (merged) model and a summary.
+
+    ``online``: weight every selected token of a micro-batch by an online method (:mod:`tokenclean.online`);
+    the step's loss is then ``sum(w * nll) / D`` with the method's normaliser D (the sum of the weights or
+    the number of tokens): under ``step`` normalisation D is summed over the whole step on every process and the
+    gradients are divided by it once all micro-batches are done (weights are only known after each forward,
+    so D is not known up front; the division is exact by linearity, on any split and process count); under
+    ``micro_batch``, each micro-batch's own weighted mean, averaged over the step's micro-batches.
+    ``online.weight_sum`` and ``online.seen`` receive the per-token record (:meth:`Online.token_weights`).
+    Without ``online`` the computation is exactly the offline one.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, resumes from a checkpoint of the same run found there
     (``start_fingerprint`` identifies the starting model, so a checkpoint made from another one is not resumed).
@@ -241,6 +260,13 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     schedule = step_schedule(len(usable), cfg)
     total_steps = len(schedule)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    attn_before = None
+    if online is not None:
+        online.weight_sum = np.zeros(table.n_tokens, dtype=np.float64)
+        online.seen = np.zeros(table.n_tokens, dtype=np.int64)
+        if "prompt_attention" in online.method.inputs:  # attention weights exist under eager attention only
+            attn_before = model.config._attn_implementation
+            model.set_attn_implementation("eager")
     if cfg.lora_r > 0:
         model = _wrap_lora(model, cfg)
     if cfg.gradient_checkpointing:
@@ -261,8 +287,12 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                     "micro_batch_size a multiple of the GPU count", world,
                     math.ceil(cfg.batch_size / (cfg.micro_batch_size or cfg.batch_size)))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
-    identity = _run_identity(table, mask, cfg, start_fingerprint)
+    identity = _run_identity(table, mask, cfg, start_fingerprint, online)
     resumed = load_checkpoint(checkpoints, model, optimizer, params, identity) if checkpoints else None
+    if online is not None and resumed and "extra" in resumed and rank == 0:  # the record is summed at the end
+        online.weight_sum[:] = resumed["extra"]["weight_sum"].numpy()
+        online.seen[:] = resumed["extra"]["seen"].numpy()
+    checkpointing = checkpoints is not None  # on every process: each joins the record's sum at a checkpoint
     first_step = resumed["step"] if resumed else 0
     seen_tokens, trained_tokens = (resumed["seen_tokens"], resumed["trained_tokens"]) if resumed else (0, 0)
     last_loss = resumed["loss"] if resumed else float("nan")
@@ -285,23 +315,33 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             samples = usable[batch_samples]
             n_selected = int(per_sample[samples].sum())  # over the whole step, every process
             chunks = micro_batches(samples, cfg, world)
+            if online is not None and online.method.batch_level and cfg.micro_batch_size == 0:
+                chunks = [samples]  # a rule that ranks across its batch: the step, on any process count
             n_micro = len(chunks)  # of the whole step, every process
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
+            step_weight, step_norm = 0.0, 0.0  # online: sum of weights, and the step normaliser D (this process)
             for index in range(rank, n_micro, world):  # this process's share: micro-batches r, r+W, ...
                 chunk = chunks[index]
                 if cfg.pack_length:
                     if step == 0 and index == rank:
                         check_packing(model, table, chunk, mask, cfg.pack_length, pad_id)
                     batch = pack(table, chunk, cfg.pack_length, pad_id, mask=mask, device=device)
-                    nll = target_nll(model, batch["input_ids"], None, batch["target"],
-                                     position_ids=batch["position_ids"])
+                    if online is None:
+                        nll = target_nll(model, batch["input_ids"], None, batch["target"],
+                                         position_ids=batch["position_ids"])
                 else:
                     batch = collate(table, chunk, pad_id, mask=mask, device=device)
-                    nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"])
-                if cfg.loss_normalization == "step":
+                    if online is None:
+                        nll = target_nll(model, batch["input_ids"], batch["attention_mask"], batch["target"])
+                if online is not None:
+                    loss, weight, norm = _online_loss(model, online, table, chunk, batch, cfg, n_micro,
+                                                      progress=step / total_steps)
+                    step_weight += weight
+                    step_norm += norm
+                elif cfg.loss_normalization == "step":
                     loss = nll.sum() / n_selected  # the step's mean over its selected tokens
                 else:
                     loss = nll.mean() / n_micro  # each micro-batch's mean, averaged over the step's
@@ -310,7 +350,13 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 step_tokens += int(table.lengths[chunk].sum())
             if world > 1:
                 distributed.sum_gradients(params)
-                step_loss, step_tokens = distributed.sum_values(step_loss, step_tokens, device=device)
+                step_loss, step_tokens, step_weight, step_norm = distributed.sum_values(
+                    step_loss, step_tokens, step_weight, step_norm, device=device)
+            if online is not None and cfg.loss_normalization == "step" and step_norm > 0:
+                for p in params:  # sum(w * nll) / D: D, over the whole step, is known only now
+                    if p.grad is not None:
+                        p.grad.div_(step_norm)
+                step_loss /= step_norm
             seen_tokens += int(step_tokens)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -321,14 +367,18 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             if log_file and (step % cfg.log_every == 0 or step == total_steps - 1):
-                log_file.write(json.dumps({"step": step + 1, "loss": round(step_loss, 6),
-                                           "lr": optimizer.param_groups[0]["lr"], "selected_tokens": n_selected,
-                                           "tokens_per_s": round(tokens_per_s, 1)}) + "\n")
+                line = {"step": step + 1, "loss": round(step_loss, 6), "lr": optimizer.param_groups[0]["lr"],
+                        "selected_tokens": n_selected, "tokens_per_s": round(tokens_per_s, 1)}
+                if online is not None:
+                    line["mean_weight"] = round(step_weight / max(n_selected, 1), 6)
+                log_file.write(json.dumps(line) + "\n")
                 log_file.flush()
-            if checkpoints and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
-                save_checkpoint(checkpoints, model, optimizer, params, {
-                    "identity": identity, "step": step + 1, "seen_tokens": seen_tokens,
-                    "trained_tokens": trained_tokens, "loss": last_loss})
+            if checkpointing and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+                extra = _global_record(online, world, device) if online is not None else None
+                if checkpoints:
+                    save_checkpoint(checkpoints, model, optimizer, params, {
+                        "identity": identity, "step": step + 1, "seen_tokens": seen_tokens,
+                        "trained_tokens": trained_tokens, "loss": last_loss}, extra)
     finally:
         bar.close()
         if log_file:
@@ -342,14 +392,118 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                "samples_without_selected_tokens": int(table.n_samples - len(usable)),
                "selected_tokens_trained": trained_tokens, "tokens_processed": seen_tokens,
                "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}
+    if online is not None:
+        if world > 1:
+            record = _global_record(online, world, device)
+            online.weight_sum, online.seen = record["weight_sum"].numpy(), record["seen"].numpy()
+        if attn_before is not None:
+            model.set_attn_implementation(attn_before)
+        seen = online.seen > 0
+        summary["online"] = {"method": online.name, "params": online.params,
+                             "normaliser": online.method.normaliser,
+                             "mean_weight": float(online.weight_sum.sum() / max(int(online.seen.sum()), 1)),
+                             "tokens_trained": int(seen.sum())}
     return model, summary
+
+
+def _cell_index(table: TokenTable, chunk: np.ndarray, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """int64[rows, width]: the token-table index of every cell of a batch, -1 in padding."""
+    if "index" in batch:  # packed
+        return batch["index"].numpy()
+    cells = np.full(tuple(batch["input_ids"].shape), -1, dtype=np.int64)
+    for row, s in enumerate(chunk):
+        a, b = table.offsets[s], table.offsets[s + 1]
+        cells[row, : b - a] = np.arange(a, b)
+    return cells
+
+
+def _online_loss(model: Any, online: Online, table: TokenTable, chunk: np.ndarray, batch: dict[str, torch.Tensor],
+                 cfg: TrainConfig, n_micro: int, progress: float) -> tuple[torch.Tensor, float, float]:
+    """One micro-batch under an online method: the loss to backpropagate (under ``step`` normalisation the
+    unnormalised sum(w * nll), divided by the step's D later), the sum of its weights and its share of D.
+    Records each token's weight in ``online.weight_sum`` / ``online.seen``."""
+    from tokenclean.online import prompt_attention
+
+    needs = online.method.inputs
+    out = target_forward(model, batch["input_ids"], batch.get("attention_mask"), batch["target"],
+                         position_ids=batch.get("position_ids"), logits="logits" in needs,
+                         attention="prompt_attention" in needs)
+    nll = out["nll"]
+    cells = _cell_index(table, chunk, batch)
+    index = cells[batch["target"].cpu().numpy()]  # row-major, the order of the losses
+    device = nll.device
+    given: dict[str, Any] = {}
+    for name in needs:
+        if name == "nll":
+            given[name] = nll.detach()
+        elif name == "logits":
+            given[name] = out["logits"]
+        elif name == "sample":
+            given[name] = torch.from_numpy(np.searchsorted(table.offsets, index, side="right") - 1).to(device)
+        elif name == "progress":
+            given[name] = progress
+        elif name == "prompt_attention":
+            prompt = (cells >= 0) & ~table.loss_mask[np.maximum(cells, 0)]
+            given[name] = prompt_attention(out["attention"], torch.from_numpy(prompt).to(device), batch["target"])
+        else:  # a per-token array of the table
+            given[name] = torch.from_numpy(online.arrays[name][index]).to(device, torch.float32)
+    weights = online.method.weigh(**given, **online.params).detach().float()
+    np.add.at(online.weight_sum, index, weights.cpu().double().numpy())  # a sample may recur within a step
+    np.add.at(online.seen, index, 1)
+    total = (weights * nll).sum()
+    norm = float(weights.sum()) if online.method.normaliser == "weights" else float(len(weights))
+    if cfg.loss_normalization == "step":
+        return total, float(weights.sum()), norm
+    return (total / norm if norm > 0 else total * 0.0) / n_micro, float(weights.sum()), norm
+
+
+def _global_record(online: Online, world: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-token record summed over the processes (each holds the tokens of its own micro-batches)."""
+    weight_sum, seen = torch.from_numpy(online.weight_sum), torch.from_numpy(online.seen)
+    if world > 1:
+        weight_sum = distributed.sum_tensor(weight_sum.to(device)).cpu()
+        seen = distributed.sum_tensor(seen.to(device)).cpu()
+    return {"weight_sum": weight_sum.clone(), "seen": seen.clone()}
+
+
+def load_online(name: str, params: dict[str, Any] | None, tokens: str | os.PathLike, tmeta: dict[str, Any],
+                mask: np.ndarray, arrays: dict[str, str | os.PathLike | None]) -> Online:
+    """An online method ready to train: parameters checked (:func:`tokenclean.online.resolve`), and the
+    per-token arrays it needs (``arrays``: name -> path, e.g. ``ref_loss``) loaded as loss arrays made on
+    ``tokens`` and finite on every token of ``mask``. One-line errors name the flag or the file."""
+    from tokenclean.online import ONLINE_METHODS, require_arrays, resolve
+
+    resolved = resolve(name, params)
+    require_arrays(name, arrays)
+    loaded = {}
+    for key in ONLINE_METHODS[name].arrays:
+        values, _ = load_array(arrays[key], "loss", made_on=(tokens, tmeta))
+        if not np.all(np.isfinite(values[mask])):
+            raise ArtifactError(f"{arrays[key]}: not finite on every selected token")
+        loaded[key] = values.astype(np.float32, copy=False)
+    return Online(name, resolved, loaded)
+
+
+def weights_meta(online: Online, tokens: str | os.PathLike, tmeta: dict[str, Any],
+                 arrays: dict[str, str | os.PathLike | None]) -> dict[str, Any]:
+    """The sidecar of an online run's per-token record (``<out>/weights.npy``)."""
+    seen = online.seen if online.seen is not None else np.zeros(0)
+    return {"kind": "weights", "method": online.name, "params": online.params,
+            "normaliser": online.method.normaliser, "tokens": str(tokens), "tokens_fingerprint": tmeta["fingerprint"],
+            "inputs": {k: str(arrays[k]) for k in online.method.arrays},
+            "tokens_trained": int(np.count_nonzero(seen)), "max_passes": int(seen.max()) if len(seen) else 0,
+            "value": "the weight each token received, averaged over the times it was trained; NaN: never trained"}
 
 
 def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                mask_path: str | os.PathLike | None = None, trust_remote_code: bool = False,
-               revision: str | None = None) -> dict[str, Any]:
+               revision: str | None = None, online: str | None = None,
+               online_params: dict[str, Any] | None = None,
+               arrays: dict[str, str | os.PathLike | None] | None = None) -> dict[str, Any]:
     """CLI entry: fine-tune ``model_name`` on a token table (optionally restricted by a mask); save an HF dir.
-    ``revision`` pins a hub model; the commit loaded is recorded either way."""
+    ``revision`` pins a hub model; the commit loaded is recorded either way. ``online``: an online method
+    (:mod:`tokenclean.online`) with ``online_params`` and its per-token ``arrays`` (name -> path); its record
+    of what each token received is saved as ``<out>/weights.npy`` (kind ``weights``, see :func:`weights_meta`)."""
     from tokenclean.artifacts import atomic_dir
     from tokenclean.models import hub_commit, load_model, model_fingerprint, pick_device, write_model_dir
     from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -357,6 +511,8 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     table, tmeta = TokenTable.load(tokens)
     mask, mmeta = ((table.loss_mask.copy(), {}) if mask_path is None
                    else load_array(mask_path, "mask", made_on=(tokens, tmeta)))
+    arrays = arrays or {}
+    method = load_online(online, online_params, tokens, tmeta, mask, arrays) if online else None
     commit = hub_commit(model_name, revision)
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
@@ -368,7 +524,7 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     start = model_fingerprint(model_name, commit)
     if distributed.rank_and_size()[0] != 0:  # the other processes train their share; process 0 saves
         _, summary = train_model(model, table, mask, cfg, pad_id, checkpoint_dir=resume_dir / "checkpoint",
-                                 start_fingerprint=start, merge=False)
+                                 start_fingerprint=start, merge=False, online=method)
         distributed.barrier()
         return summary
 
@@ -381,7 +537,9 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
             resume_dir.mkdir(parents=True, exist_ok=True)
         model, summary = train_model(model, table, mask, cfg, pad_id, log_path=log_path,
                                      checkpoint_dir=resume_dir / "checkpoint", start_fingerprint=start,
-                                     load_start=load_start)
+                                     load_start=load_start, online=method)
+        if method is not None:
+            save_array(Path(tmp) / "weights.npy", method.token_weights(), weights_meta(method, tokens, tmeta, arrays))
         if cfg.checkpoint_every:
             shutil.copy(log_path, Path(tmp) / "train_log.jsonl")
         write_model_dir(model, tokenizer, tmp, {
