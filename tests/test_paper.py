@@ -73,11 +73,17 @@ def test_scoring_does_not_grow_with_ratios_or_seeds(tmp_path):
     _, small = plan(tmp_path / "a", config)
     _, large = plan(tmp_path / "b", config, more)
 
-    def shared_losses(out: str) -> set[str]:
-        return {line.split("--out ")[1].split()[0] for line in out.splitlines()
-                if "tokenclean.cli loss" in line and "/losses/rounds/" not in line}
+    def shared_losses(out: str) -> tuple[set[str], set[str]]:
+        """(losses scored, losses cut from the pool's) that do not belong to one chain's rounds."""
+        made = [line for line in out.splitlines() if "/losses/" in line and "/losses/rounds/" not in line]
+        return ({line.split("--out ")[1].split()[0] for line in made if "tokenclean.cli loss" in line},
+                {line.split("--out ")[1].split()[0] for line in made if "tokenclean.cli chunk" in line})
 
-    assert shared_losses(small) == shared_losses(large) and len(shared_losses(small)) == 7
+    scored, cut = shared_losses(small)
+    assert shared_losses(large) == (scored, cut)
+    # the base and reference models score the pool once; the chain's base losses on its 4 chunks and the
+    # reference's on the first are cut from those
+    assert len(scored) == 2 and len(cut) == 5
 
 
 def test_hardware_file_launches_training_on_every_gpu(tmp_path):
