@@ -30,7 +30,8 @@ METRIC = "score" if config["evaluation"].get("benchmarks") else "answer_acc"
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
 # snakemake (the project's venv) does. Either way every rule is one `tokenclean` command.
 os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
-from tokenclean.config import ratio_tag  # noqa: E402  (pure Python: no torch at planning time)
+from tokenclean import methods as registry  # noqa: E402  (pure Python: no torch at planning time)
+from tokenclean.methods import mask_name, parse_run, ratio_tag  # noqa: E402,F401
 from tokenclean.launch import tokenclean_command  # noqa: E402
 
 PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
@@ -42,15 +43,19 @@ TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
                            timeout_minutes=HARDWARE.get("timeout_minutes"))
 
 
-# Methods without a ratio: one mask (and one SFT row per seed). `full+warmup` trains every response token of
-# the pool and the warm-up set together (the fair baseline for methods that use the warm-up data through the
-# reference); the ground-truth rows (embedded world only) read the token classes: `truth_drop_noisy` drops exactly
-# the corrupted and garbage tokens, `truth_keep_informative` keeps exactly the informative and novel ones.
-UNRATIOED = ("full", "truth_drop_noisy", "truth_keep_informative", "full+warmup")
-# Methods whose mask ranks the whole pool by loss(base) - loss(warm-up model) (rules/selection.smk).
-POOL_SCORED = ("rho", "fixed")
-# Methods trained as a chain of rounds over chunks of the pool (rules/self_evolving.smk), not by the sft rule.
-CHAINED = ("self_evolving",)
+# Methods of your own (config `plugins`): registered here for planning, and for every job through the environment
+# (each `tokenclean` command loads the files TOKENCLEAN_PLUGINS lists; a cluster job re-reads this file).
+PLUGINS = [os.path.abspath(p) for p in config.get("plugins", [])]
+registry.load_plugins(PLUGINS)
+os.environ[registry.PLUGINS_ENV] = os.pathsep.join(PLUGINS)
+# What the configured rows are (tokenclean/methods.py): mask methods get a `select` job, online ones train with
+# weights, `data` ones on other data, chains in rounds (rules/self_evolving.smk).
+KIND = {name: registry.get(name).kind for name in config["methods"]}
+CHAINED = tuple(name for name, kind in KIND.items() if kind == "chain")
+# The models whose losses on the whole pool the configured rows read: rho and fixed both, rho1 the warm-up
+# model's (its reference), sstoken the base model's (its history).
+POOL_LOSSES = sorted({"base" if need == "base_loss" else "warmup" for name in config["methods"]
+                      for need in registry.get(name).needs if need in ("base_loss", "ref_loss")})
 ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
 # The pool is cut into CHUNKS; the rounds use the last ROUNDS of them (the paper: 5 chunks, the first one is the
 # warm-up data, 4 rounds); tokenclean.config refuses fewer chunks than rounds.
@@ -87,39 +92,46 @@ def model_input(name: str) -> list[str]:
     return [model_ref(name)] if EMBEDDED or name != "base" else []
 
 
-def mask_name(method: str, ratio, seed: int) -> str:
-    """Masks depend on the seed only for the random method; scoring-based masks are shared across seeds."""
-    if method in UNRATIOED:
-        return method
-    if method == "random":
-        return f"random_r{ratio_tag(ratio)}_s{seed}"
-    return f"{method}_r{ratio_tag(ratio)}"
-
-
 def sft_runs() -> list[str]:
-    runs = []
-    for method in config["methods"]:
-        for seed in config["seeds"]:
-            if method in UNRATIOED:
-                runs.append(f"{method}_s{seed}")
-            else:
-                runs.extend(f"{method}_r{ratio_tag(r)}_s{seed}" for r in config["ratios"])
-    return runs
+    return registry.runs(config["methods"], config["ratios"], config["seeds"])
 
 
-def parse_run(run: str) -> tuple[str, str | None, int]:
-    """Inverse of sft_runs(): (method, ratio, seed)."""
-    head, seed = run.rsplit("_s", 1)
-    method, _, ratio = head.partition("_r")
-    return method, (ratio or None), int(seed)
+def method_of(run: str) -> registry.Method:
+    return registry.get(parse_run(run)[0])
+
+
+def pool_loss(model: str) -> str:
+    return f"{R}/losses/{model}/pool.loss.npy"
 
 
 def sft_inputs(wildcards) -> dict[str, str]:
-    """The token table an SFT row trains on and, except for full+warmup (every token), its mask."""
+    """The token table an SFT row trains on; a mask method's mask; the loss arrays an online method reads."""
     method, ratio, seed = parse_run(wildcards.run)
-    if method == "full+warmup":
+    m = registry.get(method)
+    if m.kind == "data":
         return {"tokens": f"{R}/tokens/pool+warmup.tokens.npz"}
-    return {"tokens": f"{R}/tokens/pool.tokens.npz", "mask": f"{R}/masks/{mask_name(method, ratio, seed)}.mask.npy"}
+    inputs = {"tokens": f"{R}/tokens/pool.tokens.npz"}
+    if m.kind == "mask":
+        inputs["mask"] = f"{R}/masks/{mask_name(method, ratio, seed)}.mask.npy"
+    if m.kind == "online":
+        inputs.update({need: pool_loss("warmup" if need == "ref_loss" else "base")
+                       for need in m.needs if need in ("ref_loss", "base_loss")})
+    return inputs
+
+
+def online_flags(wildcards, input) -> str:
+    """`--online NAME` with its ratio (methods that take one) and loss arrays, for an online row; else empty."""
+    method, ratio, _ = parse_run(wildcards.run)
+    m = registry.get(method)
+    if m.kind != "online":
+        return ""
+    flags = f"--online {m.online}"
+    if m.takes_ratio:
+        flags += f" --online-params {as_json({'ratio': float(ratio)})}"
+    for need in ("ref_loss", "base_loss"):
+        if need in input.keys():
+            flags += f" --{need.replace('_', '-')} {input[need]}"
+    return flags
 
 
 def pool_masks() -> list[str]:
@@ -127,19 +139,19 @@ def pool_masks() -> list[str]:
     names = []
     for run in sft_runs():
         method, ratio, seed = parse_run(run)
-        if method != "full+warmup" and method not in CHAINED and mask_name(method, ratio, seed) not in names:
+        if KIND[method] == "mask" and mask_name(method, ratio, seed) not in names:
             names.append(mask_name(method, ratio, seed))
     return [f"{R}/masks/{name}.mask.npy" for name in names]
 
 
 def chain_runs() -> list[str]:
     """The configured runs trained as a chain of rounds (rules/self_evolving.smk)."""
-    return [run for run in sft_runs() if parse_run(run)[0] in CHAINED]
+    return [run for run in sft_runs() if KIND[parse_run(run)[0]] == "chain"]
 
 
 def round_models(run: str) -> list[str]:
     """Every round's model of a chain, round 1 to the last (the row's own model)."""
-    return [f"{R}/models/rounds/{run}_t{t}" for t in range(1, ROUNDS + 1)]
+    return [f"{R}/models/rounds/{registry.round_name(run, t)}" for t in range(1, ROUNDS + 1)]
 
 
 def model_dir(run: str) -> str:
@@ -148,7 +160,7 @@ def model_dir(run: str) -> str:
         return model_ref(run)
     if run.startswith("rounds/"):
         return f"{R}/models/{run}"
-    if parse_run(run)[0] in CHAINED:
+    if KIND.get(parse_run(run)[0]) == "chain":
         return round_models(run)[-1]
     return f"{R}/models/sft/{run}"
 

@@ -1,15 +1,15 @@
 def select_inputs(wildcards):
     inputs = {"tokens": f"{R}/tokens/pool.tokens.npz"}
-    if wildcards.mask.split("_r")[0] in POOL_SCORED:
-        inputs["base_loss"] = f"{R}/losses/base/pool.loss.npy"
-        inputs["ref_loss"] = f"{R}/losses/warmup/pool.loss.npy"
+    needs = registry.get(registry.parse_mask(wildcards.mask)[0]).needs
+    if "base_loss" in needs or "ref_loss" in needs:
+        inputs["base_loss"] = pool_loss("base")
+        inputs["ref_loss"] = pool_loss("warmup")
     return inputs
 
 
 def select_args(wildcards, input):
-    method, _, rest = wildcards.mask.partition("_r")
-    ratio, _, seed = rest.partition("_s")
-    args = f"--method {method} --ratio {ratio or 1.0} --seed {seed or 0}"
+    method, ratio, seed = registry.parse_mask(wildcards.mask)
+    args = f"--method {method} --ratio {ratio or 1.0} --seed {seed}"
     if "base_loss" in input.keys():
         args += f" --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
     return args

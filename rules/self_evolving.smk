@@ -44,9 +44,9 @@ rule chunk_tokens:
 
 
 
-# With a pool-scored method (rho, fixed) configured, the base and warm-up models score the whole pool anyway:
-# the chain cuts their losses on a chunk from those instead of scoring the chunk again.
-if any(method in POOL_SCORED for method in config["methods"]):
+# Where the configured rows read a model's losses on the whole pool anyway (POOL_LOSSES: base and warm-up for rho
+# and fixed), the chain cuts that model's losses on a chunk from them instead of scoring the chunk again.
+if POOL_LOSSES:
 
     ruleorder: chunk_loss > token_loss
 
@@ -58,7 +58,7 @@ if any(method in POOL_SCORED for method in config["methods"]):
         output:
             f"{R}/losses/{{model}}/pool.c{{index}}of{{chunks}}.loss.npy",
         wildcard_constraints:
-            model="base|warmup",
+            model="|".join(POOL_LOSSES),
         priority: UNBLOCKING
         log:
             f"{R}/logs/token_loss/{{model}}.pool.c{{index}}of{{chunks}}.log",

@@ -11,6 +11,7 @@ rule sft:
         train=train_flags(config["sft"]),
         seed=lambda w: parse_run(w.run)[2],
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
+        online=online_flags,
     threads: THREADS
     resources:
         gpu=TRAIN_GPUS,
@@ -22,4 +23,4 @@ rule sft:
         "../envs/tokenclean.yaml"
     shell:
         "{TRAIN} train --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} {params.mask}"
-        " {params.train} --seed {params.seed} --out {output} > {log} 2>&1"
+        " {params.online} {params.train} --seed {params.seed} --out {output} > {log} 2>&1"

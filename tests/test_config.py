@@ -125,7 +125,7 @@ BAD = {
     "the old oracle method": (smoke_with(methods=["full", "oracle"]),
                               "methods[1]: oracle was replaced by two ground-truth rows, truth_drop_noisy (every "
                               "response token but the corrupted and garbage ones) and truth_keep_informative"),
-    "an unknown method": (smoke_with(methods=["full", "orcale"]), "methods[1]: 'orcale' is not one of"),
+    "an unknown method": (smoke_with(methods=["full", "orcale"]), "methods[1]: unknown method 'orcale' (known: full, random, rho"),
 }
 
 

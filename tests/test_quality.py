@@ -74,7 +74,7 @@ def test_select_command_on_data_without_labels_is_one_line_naming_the_table(meth
 
 
 def test_oracle_is_no_method_any_more():
-    with pytest.raises(ValueError, match="unknown selection method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
+    with pytest.raises(ValueError, match="unknown method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
         select("oracle", labelled_table(1))
 
 

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 from tokenclean import __version__
 from tokenclean.export import FORMATS as EXPORT_FORMATS
-from tokenclean.selection import METHODS as SELECTION_METHODS
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -292,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "by ground truth (embedded world only): truth_drop_noisy (every token but the "
                                   "corrupted and garbage ones), truth_keep_informative (the informative and novel "
                                   "ones only).")
-    p.add_argument("--method", required=True, choices=list(SELECTION_METHODS))
+    p.add_argument("--method", required=True, help="a mask method of tokenclean.methods (full, random, rho, fixed, "
+                                                   "truth_drop_noisy, truth_keep_informative) or of a plug-in "
+                                                   "(TOKENCLEAN_PLUGINS)")
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")

@@ -14,18 +14,14 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
-from tokenclean.data import TRUTH_METHODS
+from tokenclean import methods as registry
+from tokenclean.methods import ratio_tag  # noqa: F401  (the rules import it from here)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
     """A config the workflow must not run: the message is one line, ``<file>: <key>: <what>``."""
-
-
-def ratio_tag(ratio: float) -> str:
-    """A keep ratio as it appears in run and mask names (``fixed_r0.6``): short, and read back by the rules."""
-    return f"{float(ratio):g}"
 
 
 def _key_path(path: Iterable[Any]) -> str:
@@ -135,8 +131,16 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
     rounds = se.get("rounds", 3)
     if se.get("chunks", rounds) < rounds:
         return ["self_evolving", "chunks"], f"{se['chunks']} must be at least self_evolving.rounds ({rounds})"
+    for i, path in enumerate(config.get("plugins", [])):
+        try:
+            registry.load_plugins([path])
+        except (OSError, ValueError, SyntaxError, ImportError) as e:
+            return ["plugins", i], f"{path}: {' '.join(str(e).split())}"
     for i, method in enumerate(config["methods"]):
-        if method in TRUTH_METHODS and "world" not in config:
+        if method not in registry.METHODS:
+            return ["methods", i], (f"unknown method {method!r} (known: {', '.join(registry.METHODS)}; a method of "
+                                    "your own: list its file under plugins)")
+        if registry.METHODS[method].ground_truth and "world" not in config:
             return ["methods", i], (f"{method} reads the ground-truth token classes, which only the embedded world "
                                     "has")
     if "world" not in config and not config["evaluation"].get("benchmarks"):

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_file, read_json, reading, write_texts
-from tokenclean.data import TRUTH_METHODS
+from tokenclean.methods import METHODS, ROUND, load_plugins, parse_run
 
-RUN_NAME = re.compile(r"^(?P<method>[a-z0-9_+-]+?)(?:_r(?P<ratio>[0-9.]+))?(?:_s(?P<seed>\d+))?$")
 HEADLINE = "answer_acc"
 # Shown beside the headline as averages over tasks: whole-response match falls when a method drops template
 # tokens and the model stops producing the format; the answer NLL has the lowest variance.
@@ -33,11 +32,12 @@ SECONDARY = ("response_em", "answer_nll")
 
 
 def parse_run_name(path: str | os.PathLike) -> tuple[str, str, int | None]:
-    name = Path(path).name.removesuffix(".json")
-    m = RUN_NAME.match(name)
-    if not m:
-        raise ValueError(f"{path}: evaluation file name does not follow <method>[_r<ratio>][_s<seed>].json")
-    return m["method"], m["ratio"] or "", int(m["seed"]) if m["seed"] else None
+    """(method, ratio tag or "", seed) of an evaluation file or model directory (tokenclean.methods.parse_run)."""
+    try:
+        method, ratio, seed = parse_run(str(path))
+    except ValueError:
+        raise ValueError(f"{path}: evaluation file name does not follow <method>[_r<ratio>][_s<seed>].json") from None
+    return method, ratio or "", seed
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -94,7 +94,7 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
 # ---------------------------------------------------------------------------------------------------------
 # passes: how many times a row's training went over its own data
 # ---------------------------------------------------------------------------------------------------------
-ROUND_DIR = re.compile(r"^(?P<row>.+)_t(?P<round>\d+)$")  # models/rounds/<row>_t<t>: round t of a chain
+ROUND_DIR = ROUND  # models/rounds/<row>_t<t>: round t of a chain
 
 
 def passes(steps: int, batch_size: int, samples: int) -> float:
@@ -155,7 +155,10 @@ def row_passes(model_dirs: list[str | os.PathLike]) -> dict[tuple[str, str], tup
 LOWER_IS_BETTER = frozenset({"answer_nll"})
 # Rows that read the ground-truth token classes, which the methods cannot see: shown, marked apart, never "best"
 # (whether they beat every method is the table's to show, not an assumption).
-GROUND_TRUTH_ROWS = frozenset(TRUTH_METHODS)
+def ground_truth_row(method: str) -> bool:
+    """A row that reads the ground-truth token classes (tokenclean.methods; a plug-in's rows too)."""
+    load_plugins()
+    return method in METHODS and METHODS[method].ground_truth
 METRIC_LABELS = {"answer_acc": "answer accuracy", "response_em": "whole-response exact match",
                  "answer_nll": "answer NLL (nats, lower is better)", "score": "score (each task's metric, x 100)"}
 PAPER_REFERENCE = Path(__file__).resolve().parent / "paper_reference.json"
@@ -170,7 +173,7 @@ def best_rows(rows: list[dict[str, Any]], column: str, metric: str) -> set[int]:
     """Indices of the rows with the best mean in ``column`` among competing rows (every tie is best; none when
     all competing rows read the same)."""
     values = {i: r[f"{column}_mean"] for i, r in enumerate(rows)
-              if r["method"] not in GROUND_TRUTH_ROWS and f"{column}_mean" in r}
+              if not ground_truth_row(r["method"]) and f"{column}_mean" in r}
     if not values:
         return set()
     scale, decimals = metric_format(metric)
@@ -199,7 +202,7 @@ def _tex_escape(text: str) -> str:
 
 
 def _row_label(row: dict[str, Any]) -> str:
-    return row["method"] + ("†" if row["method"] in GROUND_TRUTH_ROWS else "")
+    return row["method"] + ("†" if ground_truth_row(row["method"]) else "")
 
 
 def _passes_cell(row: dict[str, Any], none: str = "–") -> str:
@@ -310,7 +313,7 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
         for c in columns:
             text = _cell(row, c, metric, "$\\pm$")
             cells.append(f"\\textbf{{{text}}}" if i in best[c] else text)
-        label = _tex_escape(row["method"]) + ("$^\\dagger$" if row["method"] in GROUND_TRUTH_ROWS else "")
+        label = _tex_escape(row["method"]) + ("$^\\dagger$" if ground_truth_row(row["method"]) else "")
         out.append(f"{label} & {row['ratio'] or '--'} & {_passes_cell(row, '--')} & "
                    + " & ".join(cells).replace("–", "--") + " \\\\")
     if paper:
@@ -367,7 +370,7 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
         title = f"{METRIC_LABELS.get(m, m)}, mean ± std over seeds"
         md = [f"### {title}", ""] + _md_table(m_tasks, m_rows, m, extras if m == metric else (), paper)
         notes = []
-        if any(r["method"] in GROUND_TRUTH_ROWS for r in m_rows):
+        if any(ground_truth_row(r["method"]) for r in m_rows):
             notes.append("† reads the ground-truth token classes: never in bold.")
         if paper:
             notes.append(f"Rows in italics: the paper's numbers for {reference['name']} ({reference['source']}); "

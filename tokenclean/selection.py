@@ -19,9 +19,6 @@ import numpy as np
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
 from tokenclean.data import TOKEN_CLASSES, TRUTH_METHODS
 
-METHODS = ("full", "random", "rho", "fixed", *TRUTH_METHODS)
-SCORED_METHODS = ("rho", "fixed")
-
 
 def _ratio_fraction(ratio: float) -> Fraction:
     if not 0 < ratio <= 1:
@@ -184,26 +181,17 @@ def select_rho(score: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray, ra
 
 def select(method: str, table: TokenTable, ratio: float = 1.0, seed: int = 0,
            score: np.ndarray | None = None) -> np.ndarray:
-    """Dispatch to a selection rule; the result is always a subset of ``loss_mask``."""
-    rules: dict[str, Callable[[], np.ndarray]] = {
-        "full": lambda: select_full(table.loss_mask),
-        "random": lambda: select_random(table.loss_mask, ratio, seed),
-        "fixed": lambda: select_fixed(_need(score, method), table.loss_mask, ratio),
-        "rho": lambda: select_rho(_need(score, method), table.loss_mask, table.offsets, ratio),
-    }
-    rules.update({m: (lambda m=m: select_truth(m, table.loss_mask, table.extras.get("token_class")))
-                  for m in TRUTH_METHODS})
-    if method not in rules:
-        raise ValueError(f"unknown selection method {method!r} (expected one of {', '.join(METHODS)})")
-    mask = rules[method]()
-    assert not np.any(mask > table.loss_mask)  # a subset of loss_mask
+    """The mask of a mask method (:mod:`tokenclean.methods`); always a subset of ``loss_mask``."""
+    from tokenclean.methods import Selection, get
+
+    m = get(method)
+    if m.rule is None:
+        raise ValueError(f"method {method!r} is a{'n' if m.kind == 'online' else ''} {m.kind} method: it has no "
+                         "mask to select (the workflow trains it directly)")
+    mask = m.rule(Selection(table, ratio, seed, score, table.extras.get("token_class")))
+    if mask.shape != table.loss_mask.shape or mask.dtype != np.bool_ or np.any(mask > table.loss_mask):
+        raise ValueError(f"method {method!r} returned no subset of loss_mask (a bool array, one entry per token)")
     return mask
-
-
-def _need(score: np.ndarray | None, method: str) -> np.ndarray:
-    if score is None:
-        raise ValueError(f"method {method!r} needs --base-loss and --ref-loss")
-    return score
 
 
 def load_losses(tmeta: dict[str, Any], tokens: str | os.PathLike, base_loss: str | os.PathLike,
@@ -223,7 +211,9 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
     score = None
     meta: dict[str, Any] = {"kind": "mask", "method": method, "ratio": ratio, "seed": seed, "tokens": str(tokens),
                             "tokens_fingerprint": tmeta["fingerprint"]}
-    if method in SCORED_METHODS:
+    from tokenclean.methods import get
+
+    if {"base_loss", "ref_loss"} & set(get(method).needs):
         if base_loss is None or ref_loss is None:
             raise ValueError(f"method {method!r} needs --base-loss and --ref-loss")
         base, ref, provenance = load_losses(tmeta, tokens, base_loss, ref_loss)
@@ -232,7 +222,7 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
     try:
         mask = select(method, table, ratio, seed, score)
     except ValueError as e:
-        if method in TRUTH_METHODS:  # the token table lacks what the method reads: name it
+        if get(method).ground_truth:  # the token table lacks what the method reads: name it
             raise ValueError(f"{tokens}: {e}") from None
         raise
     meta.update(n_response_tokens=int(table.loss_mask.sum()), n_selected=int(mask.sum()),
