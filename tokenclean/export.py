@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -80,11 +80,9 @@ def _arrow_table(offsets: np.ndarray, columns: dict[str, np.ndarray]) -> Any:
     return pa.table({name: make.from_arrays(index, pa.array(values)) for name, values in columns.items()})
 
 
-def _write_jsonl(path: Path, offsets: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            f.write(json.dumps({name: values[a:b].tolist() for name, values in columns.items()},
-                               separators=(",", ":")) + "\n")
+def _jsonl_lines(offsets: np.ndarray, columns: dict[str, np.ndarray]) -> Iterator[str]:
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        yield json.dumps({name: values[a:b].tolist() for name, values in columns.items()}, separators=(",", ":")) + "\n"
 
 
 def export_file(tokens: str | os.PathLike, out: str | os.PathLike, mask_path: str | os.PathLike | None = None,
@@ -136,7 +134,8 @@ def export_file(tokens: str | os.PathLike, out: str | os.PathLike, mask_path: st
             dataset = Dataset(InMemoryTable(_arrow_table(offsets, columns)), fingerprint=identity)
             dataset.save_to_disk(str(tmp))
         else:
-            _write_jsonl(tmp / JSONL_NAME, offsets, columns)
+            with open(tmp / JSONL_NAME, "w", encoding="utf-8") as f:  # inside the directory renamed last
+                f.writelines(_jsonl_lines(offsets, columns))
         write_json(tmp / PROVENANCE_NAME, record)
     return record
 
