@@ -43,6 +43,19 @@ def head_chunk_rows(vocab_size: int, device: torch.device) -> int:
     return max(256, elements // max(1, vocab_size))
 
 
+def _targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
+             position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor]:
+    """The target positions (rows, cols, row-major), the model's inputs and the target tokens: what
+    :func:`target_nll` and :func:`target_forward` share."""
+    if target[:, 0].any():
+        raise ValueError("position 0 cannot be a target: it has no context")
+    rows, cols = target.nonzero(as_tuple=True)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs.update(position_ids=position_ids, use_cache=False)
+    return rows, cols, inputs, input_ids[rows, cols]
+
+
 def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
                head_only_at_targets: bool = True, position_ids: torch.Tensor | None = None,
                chunk_rows: int | None = None) -> torch.Tensor:
@@ -54,13 +67,7 @@ def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (default :func:`head_chunk_rows`), so a batch's full-vocabulary logits never exist at once; each token's
     loss is the same computation either way.
     """
-    if target[:, 0].any():
-        raise ValueError("position 0 cannot be a target: it has no context")
-    rows, cols = target.nonzero(as_tuple=True)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if position_ids is not None:
-        inputs.update(position_ids=position_ids, use_cache=False)
-    labels = input_ids[rows, cols]
+    rows, cols, inputs, labels = _targets(input_ids, attention_mask, target, position_ids)
     if not (head_only_at_targets and _has_plain_head(model)):
         logits = model(**inputs).logits[rows, cols - 1]
         return F.cross_entropy(logits.float(), labels, reduction="none")
@@ -91,13 +98,7 @@ def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     loss is computed from, no second head pass), ``attention`` = the last layer's attention weights
     [rows, heads, width, width], detached (needs eager attention; captured by a forward hook, so the other
     layers' weights are never collected)."""
-    if target[:, 0].any():
-        raise ValueError("position 0 cannot be a target: it has no context")
-    rows, cols = target.nonzero(as_tuple=True)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if position_ids is not None:
-        inputs.update(position_ids=position_ids, use_cache=False)
-    labels = input_ids[rows, cols]
+    rows, cols, inputs, labels = _targets(input_ids, attention_mask, target, position_ids)
     captured: dict[str, torch.Tensor] = {}
     hook = None
     if attention:
