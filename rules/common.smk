@@ -144,6 +144,17 @@ def pool_masks() -> list[str]:
     return [f"{R}/masks/{name}.mask.npy" for name in names]
 
 
+def online_models() -> list[str]:
+    """The model directories of the configured online rows: each holds its run's record of what it kept
+    (weights.npy), which the cleaning-quality table and the token view read beside the masks."""
+    return [f"{R}/models/sft/{run}" for run in sft_runs() if KIND[parse_run(run)[0]] == "online"]
+
+
+def selection_args(wildcards, input) -> str:
+    """The command-line list of every selection over the pool: the masks, then the online runs' records."""
+    return " ".join(list(input.masks) + [f"{model}/weights.npy" for model in input.online])
+
+
 def chain_runs() -> list[str]:
     """The configured runs trained as a chain of rounds (rules/self_evolving.smk)."""
     return [run for run in sft_runs() if KIND[parse_run(run)[0]] == "chain"]

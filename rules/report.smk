@@ -15,7 +15,9 @@ def report_outputs() -> list[str]:
     if len(config["ratios"]) > 1:
         out.append(f"{FIGURES}/score_vs_ratio.png")
     if EMBEDDED:  # ground-truth token classes exist only in the embedded world
-        out += [f"{R}/cleaning_quality.csv", f"{R}/score_separation.csv", f"{FIGURES}/kept_by_class.png"]
+        out.append(f"{R}/score_separation.csv")
+        if pool_masks() or online_models():  # a chain alone selects nothing over the whole pool
+            out += [f"{R}/cleaning_quality.csv", f"{FIGURES}/kept_by_class.png"]
     if set(CHAINED) & set(config["methods"]):
         out += [f"{R}/rounds.csv", f"{FIGURES}/rounds.png"]
     return out
@@ -141,7 +143,7 @@ rule figure_scores:
 
 
 rule figure_kept:
-    """Kept fraction of each ground-truth class per mask, novel included (embedded world)."""
+    """Kept fraction of each ground-truth class per selection (mask or online run), novel included (embedded world)."""
     input:
         f"{R}/cleaning_quality.csv",
     output:
@@ -169,16 +171,19 @@ rule figure_rounds:
 
 
 rule token_view:
-    """A self-contained HTML page: pool samples token by token, coloured by score, kept/dropped per mask."""
+    """A self-contained HTML page: pool samples token by token, coloured by score, kept/dropped per selection
+    (each mask and each online run)."""
     input:
         tokens=f"{R}/tokens/pool.tokens.npz",
         base_loss=f"{R}/losses/base/pool.loss.npy",
         ref_loss=f"{R}/losses/warmup/pool.loss.npy",
         masks=pool_masks(),
+        online=online_models(),
         tokenizer=model_input("base"),
     output:
         report(f"{R}/token_view.html", caption="../report/token_view.rst", category="Token view"),
     params:
+        selections=selection_args,
         tokenizer=model_ref("base"),
         revision=revision_flag(),
         samples=config.get("report", {}).get("token_view_samples", 12),
@@ -188,18 +193,22 @@ rule token_view:
         "../envs/tokenclean.yaml"
     shell:
         "{TC} token-view --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
-        " --masks {input.masks} --tokenizer {params.tokenizer} {params.revision} {TRUST} --samples {params.samples}"
+        " --masks {params.selections} --tokenizer {params.tokenizer} {params.revision} {TRUST} --samples {params.samples}"
         " --out {output} > {log} 2>&1"
 
 
 rule cleaning_quality:
-    """Kept fraction of each ground-truth token class per mask (novel: what the reference could not know), and
-    precision/recall against the informative and novel tokens (embedded world: the pool carries classes)."""
+    """Kept fraction of each ground-truth token class per selection, a mask or an online run's record of the
+    weights it gave (novel: what the reference could not know), and precision/recall against the informative
+    and novel tokens (embedded world: the pool carries classes)."""
     input:
         tokens=f"{R}/tokens/pool.tokens.npz",
         masks=pool_masks(),
+        online=online_models(),
     output:
         f"{R}/cleaning_quality.csv",
+    params:
+        selections=selection_args,
     log:
         f"{R}/logs/cleaning_quality.log",
     benchmark:
@@ -207,7 +216,7 @@ rule cleaning_quality:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} quality {input.masks} --tokens {input.tokens} --out {output} > {log} 2>&1"
+        "{TC} quality {params.selections} --tokens {input.tokens} --out {output} > {log} 2>&1"
 
 
 rule score_separation:

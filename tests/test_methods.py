@@ -125,3 +125,17 @@ def test_the_comparison_config_is_the_default_experiment_with_every_method_as_a_
         {k: v for k, v in default.items() if k not in ("experiment", "methods")}
     assert methods["methods"] == list(registry.METHODS)[:len(methods["methods"])]
     assert set(methods["methods"]) == {n for n in registry.METHODS if not n.startswith("every_")}
+
+
+def test_online_rows_reach_the_cleaning_quality_table_and_the_token_view_beside_the_masks(tmp_path):
+    from tests.snakemake_plan import plan
+
+    config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    config.update(methods=["full", "rho1", "dft"], seeds=[0, 1])
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+    jobs = {job["rule"]: job for job in plan(tmp_path, tmp_path / "online.yaml")["jobs"]}
+    R = f"{config['results_dir']}/{config['experiment']}"
+    expected = [f"{R}/masks/full.mask.npy"] + [f"{R}/models/sft/{run}/weights.npy" for run in
+                                                ("rho1_r0.6_s0", "rho1_r0.6_s1", "dft_s0", "dft_s1")]
+    assert jobs["cleaning_quality"]["params"]["selections"].split() == expected
+    assert jobs["token_view"]["params"]["selections"].split() == expected

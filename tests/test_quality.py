@@ -177,3 +177,69 @@ def test_separation_rows_follow_the_classes():
     assert rows["novel"]["auroc_vs_noisy"] == 0.0  # below every noisy token (garbage -1, corrupted 0)
     assert np.isnan(rows["garbage"]["auroc_vs_noisy"]) and np.isnan(rows["corrupted"]["auroc_vs_noisy"])
     assert sum(r["n_tokens"] for r in rows.values()) == int(resp.sum())
+
+
+def online_record(path, table: TokenTable, weights: np.ndarray, fingerprint: str) -> None:
+    """An online run's weights.npy as the trainer writes it (kind weights, NaN where never trained)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_array(path, weights.astype(np.float32), {"kind": "weights", "tokens_fingerprint": fingerprint})
+
+
+def test_soft_class_counts_match_a_weighted_count_and_a_mask_as_zeros_and_ones():
+    table = labelled_table(8, n_samples=30)
+    rng = np.random.default_rng(5)
+    kept = np.where(table.loss_mask, rng.random(table.n_tokens), 0.0)
+    kept[rng.random(table.n_tokens) < 0.2] = 0.0
+    row = class_counts(table.extras["token_class"], table.loss_mask, kept)
+    resp = [p for p in range(table.n_tokens) if table.loss_mask[p]]
+    for c, name in enumerate(TOKEN_CLASSES):
+        members = [p for p in resp if table.extras["token_class"][p] == c]
+        assert row[f"kept_{name}"] == pytest.approx(sum(kept[p] for p in members) / len(members))
+    worth = [p for p in resp if TOKEN_CLASSES[table.extras["token_class"][p]] in ("informative", "novel")]
+    assert row["n_kept"] == pytest.approx(sum(kept[p] for p in resp))
+    assert row["precision_informative"] == pytest.approx(sum(kept[p] for p in worth) / sum(kept[p] for p in resp))
+    assert row["recall_informative"] == pytest.approx(sum(kept[p] for p in worth) / len(worth))
+    # a 0/1 record gives exactly the row of the mask it equals
+    mask = kept > 0.5
+    assert class_counts(table.extras["token_class"], table.loss_mask, mask.astype(float)) == pytest.approx(
+        {**class_counts(table.extras["token_class"], table.loss_mask, mask), "n_kept": float(mask.sum())})
+
+
+def test_an_online_runs_record_is_a_row_of_the_quality_table_named_by_its_run(tmp_path):
+    table = labelled_table(9, n_samples=20)
+    meta = table.save(tmp_path / "pool.tokens.npz", {"tokenizer_fingerprint": "t"})
+    rng = np.random.default_rng(1)
+    # Rho-1 over two passes: each trained token kept 0, 1 or 2 times; one sample never trained (NaN)
+    weights = np.where(table.loss_mask, rng.integers(0, 3, table.n_tokens) / 2, np.nan)
+    weights[table.offsets[3]:table.offsets[4]] = np.nan
+    record = tmp_path / "models" / "sft" / "rho1_r0.6_s2" / "weights.npy"
+    online_record(record, table, weights, meta["fingerprint"])
+    save_array(tmp_path / "full.mask.npy", table.loss_mask.copy(), {"tokens_fingerprint": meta["fingerprint"]})
+    write_quality(tmp_path / "pool.tokens.npz", [tmp_path / "full.mask.npy", record], tmp_path / "q.csv")
+    rows = {r["mask"]: r for r in csv.DictReader(open(tmp_path / "q.csv"))}
+    assert rows["full"]["record"] == "mask" and rows["rho1_r0.6_s2"]["record"] == "weights"
+    resp = [p for p in range(table.n_tokens) if table.loss_mask[p]]
+    for c, name in enumerate(TOKEN_CLASSES):  # brute force: never trained counts as dropped
+        members = [p for p in resp if table.extras["token_class"][p] == c]
+        expected = sum(0.0 if np.isnan(weights[p]) else weights[p] for p in members) / len(members)
+        assert float(rows["rho1_r0.6_s2"][f"kept_{name}"]) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (2.0, "holds weights outside [0, 1], which cannot be read as a kept fraction"),
+    ("other", "made on"),
+])
+def test_a_record_that_is_no_kept_fraction_of_this_pool_is_one_line(tmp_path, capsys, bad, message):
+    from tokenclean.cli import main
+
+    table = labelled_table(10)
+    meta = table.save(tmp_path / "pool.tokens.npz", {"tokenizer_fingerprint": "t"})
+    weights = np.where(table.loss_mask, 0.5, np.nan)
+    if bad == 2.0:
+        weights[np.flatnonzero(table.loss_mask)[0]] = bad
+    record = tmp_path / "dft_s0" / "weights.npy"
+    online_record(record, table, weights, meta["fingerprint"] if bad == 2.0 else "another table")
+    code = main(["quality", str(record), "--tokens", str(tmp_path / "pool.tokens.npz"), "--out", str(tmp_path / "q.csv")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith(f"tokenclean quality: error: {record}: "), err
+    assert message in err and not (tmp_path / "q.csv").exists()

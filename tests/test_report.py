@@ -434,3 +434,27 @@ def test_ratio_variants_sit_together_in_ratio_order(tmp_path):
     assert [(r["method"], r["ratio"], r["n_seeds"]) for r in rows] == [
         ("base", "", 1), ("fixed", "0.3", 1), ("fixed", "0.6", 2), ("full", "", 1)]
     assert "**" not in (tmp_path / "t.md").read_text()  # every row reads the same: nothing stands out
+
+
+def test_token_page_shows_an_online_runs_record_beside_the_masks(tmp_path, tiny_tokenizer_dir):
+    from tokenclean.tokenization import load_tokenizer
+    from tokenclean.token_view import write_token_view
+
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    tokens, base, ref, masks, table = labelled_pool(tmp_path, tok)
+    fingerprint = TokenTable.load(tokens)[1]["fingerprint"]
+    rng = np.random.default_rng(2)
+    weights = np.where(table.loss_mask, rng.integers(0, 5, table.n_tokens) / 4, np.nan).astype(np.float32)
+    record = tmp_path / "models" / "sft" / "rho1_r0.6_s0" / "weights.npy"
+    record.parent.mkdir(parents=True)
+    save_array(record, weights, {"kind": "weights", "tokens_fingerprint": fingerprint})
+    shown = write_token_view(tokens, base, ref, [*masks, record], str(tiny_tokenizer_dir), tmp_path / "view.html",
+                             n_samples=3)
+    page = (tmp_path / "view.html").read_text()
+    parser = TokenCounter()
+    parser.feed(page)
+    assert ">rho1_r0.6_s0</label>" in page
+    positions = [p for i in shown for p in range(table.offsets[i], table.offsets[i + 1]) if table.loss_mask[p]]
+    for attrs, p in zip(parser.tokens, positions):  # kept: weighted at least 0.5 on average over the passes
+        assert ("k2" in attrs["class"].split()) == bool(weights[p] >= 0.5)
+        assert f"rho1_r0.6_s0 ({weights[p]:.2f})" in attrs["title"]

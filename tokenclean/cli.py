@@ -365,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON: {"pool": {"path"|"hub": ...}, "warmup": {"path"|"hub"|"first_of_pool": ...}}')
     p.add_argument("--out", required=True, help="output directory (pool.jsonl, warmup.jsonl, data.json)")
 
-    p = add("quality", cmd_quality, "Kept fraction per ground-truth token class for each mask (embedded world).")
-    p.add_argument("masks", nargs="+", help="X.mask.npy files made on --tokens")
+    p = add("quality", cmd_quality, "Kept fraction per ground-truth token class for each selection: a mask or an "
+            "online run's weights (embedded world).")
+    p.add_argument("masks", nargs="+", metavar="SELECTION",
+                   help="X.mask.npy files and online runs' <model>/weights.npy files made on --tokens")
     p.add_argument("--tokens", required=True, help="X.tokens.npz with ground-truth token classes")
     p.add_argument("--out", required=True, help="output CSV")
 
@@ -420,11 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("token-view", cmd_token_view,
             "A self-contained HTML page: response tokens of a few pool samples coloured by score, with what each "
-            "mask kept or dropped and, in the embedded world, each token's ground-truth class.")
+            "mask or online run kept or dropped and, in the embedded world, each token's ground-truth class.")
     p.add_argument("--tokens", required=True, help="pool token table")
     p.add_argument("--base-loss", required=True)
     p.add_argument("--ref-loss", required=True)
-    p.add_argument("--masks", nargs="*", default=[], help="<name>.mask.npy files made on --tokens")
+    p.add_argument("--masks", nargs="*", default=[], help="<name>.mask.npy files and online runs' "
+                   "<model>/weights.npy files made on --tokens (a weight of at least 0.5 counts as kept)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id (to show the tokens' text)")
     p.add_argument("--samples", type=int, default=12, help="how many samples to show")
     p.add_argument("--trust-remote-code", action="store_true")

@@ -1,7 +1,11 @@
 """Cleaning quality: which ground-truth token classes each selection kept (embedded world only).
 
 Real data has no token labels; the synthetic world does, so there we can measure what a method actually
-removed. For every mask: the fraction of response tokens kept in each class (``kept_<class>``), and the
+removed. A selection is a mask (an offline method's, 1 kept and 0 dropped) or an online run's ``weights.npy``
+(:func:`load_kept`: the weight each token received, averaged over the passes that trained it: for Rho-1 and
+ssToken the fraction of passes that kept it, for DFT and EAFT its mean weight), read as a kept fraction per
+token, so one formula covers both. For every selection: the (mean) fraction of response tokens kept in each
+class (``kept_<class>``), and the
 precision and recall of "kept" against the informative tokens, both classes of them: ``informative`` and
 ``novel`` (answers only the pool teaches; precision: kept tokens that are informative or novel; recall:
 informative and novel tokens kept). ``kept_novel`` is the recall of the novel tokens alone: whether a method
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array
+from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array, read_sidecar, require_file
 from tokenclean.data import INFORMATIVE_CLASSES, NOISY_CLASSES, TOKEN_CLASSES
 
 
@@ -28,37 +32,67 @@ def _in_classes(token_class: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     return np.isin(token_class, [TOKEN_CLASSES.index(c) for c in names])
 
 
+# An online run kept a token when it weighted it at least this much on average: for Rho-1 and ssToken, in at least
+# half of the passes that trained it (with one pass, exactly its decision); for DFT and EAFT, at least half as much
+# as a full token. Used where a yes/no is needed (the token view); the table itself uses the fractions.
+KEPT_THRESHOLD = 0.5
+
+
+def load_kept(path: str | os.PathLike, tokens: str | os.PathLike, tmeta: dict[str, Any]
+              ) -> tuple[str, np.ndarray, str]:
+    """A selection over the token table ``tokens`` as a kept fraction per token in [0, 1]: (its name, float64[N],
+    ``mask`` or ``weights``).
+
+    A mask (``<name>.mask.npy``): 1 where kept. An online run's record (``<models>/sft/<run>/weights.npy``, named
+    by its run): each token's weight averaged over the passes that trained it, 0 where it was never trained
+    (NaN in the file). A weight outside [0, 1] is refused: it cannot be read as a kept fraction.
+    """
+    if read_sidecar(require_file(path)).get("kind") == "weights":
+        weights, _ = load_array(path, "weights", made_on=(tokens, tmeta))
+        trained = np.isfinite(weights)
+        if np.any(trained & ((weights < 0) | (weights > 1))):
+            raise ArtifactError(f"{path}: holds weights outside [0, 1], which cannot be read as a kept fraction")
+        return Path(path).parent.name, np.where(trained, weights, 0.0).astype(np.float64), "weights"
+    keep, _ = load_array(path, "mask", made_on=(tokens, tmeta))
+    return Path(path).name.removesuffix(".mask.npy"), keep.astype(np.float64), "mask"
+
+
 def class_counts(token_class: np.ndarray, loss_mask: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
     """Kept fraction per class, precision/recall of kept vs the informative classes (informative and novel),
-    over response tokens."""
-    if np.any(keep & ~loss_mask):
-        raise ArtifactError("mask selects tokens outside loss_mask")
-    row: dict[str, Any] = {"n_response_tokens": int(loss_mask.sum()), "n_kept": int(keep.sum())}
+    over response tokens. ``keep``: a mask (bool) or a kept fraction per token (float in [0, 1], see
+    :func:`load_kept`), where a token kept to 0.5 counts half: ``n_kept`` is then the sum of the fractions."""
+    if np.any((keep > 0) & ~loss_mask):
+        raise ArtifactError("selects tokens outside loss_mask")
+    kept = keep.astype(np.float64)
+    total = float(kept.sum())
+    row: dict[str, Any] = {"n_response_tokens": int(loss_mask.sum()),
+                           "n_kept": int(keep.sum()) if keep.dtype == np.bool_ else total}
     for c, name in enumerate(TOKEN_CLASSES):
         in_class = loss_mask & (token_class == c)
         row[f"n_{name}"] = int(in_class.sum())
-        row[f"kept_{name}"] = float(keep[in_class].mean()) if in_class.any() else float("nan")
+        row[f"kept_{name}"] = float(kept[in_class].mean()) if in_class.any() else float("nan")
     informative = loss_mask & _in_classes(token_class, INFORMATIVE_CLASSES)
-    hits = int((keep & informative).sum())
-    row["precision_informative"] = hits / row["n_kept"] if row["n_kept"] else float("nan")
+    hits = float(kept[informative].sum())
+    row["precision_informative"] = hits / total if total > 0 else float("nan")
     row["recall_informative"] = hits / int(informative.sum()) if informative.any() else float("nan")
     return row
 
 
-def quality_table(tokens: str | os.PathLike, masks: list[str | os.PathLike]) -> list[dict[str, Any]]:
-    """One row per mask file (named ``<mask>.mask.npy``) over the token table ``tokens``."""
+def quality_table(tokens: str | os.PathLike, selections: list[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One row per selection over the token table ``tokens``: a mask (``<mask>.mask.npy``) or an online run's
+    ``weights.npy`` (:func:`load_kept`); ``record`` says which."""
     table, meta = TokenTable.load(tokens)
     token_class = table.extras.get("token_class")
     if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
         raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
     rows = []
-    for path in masks:
-        keep, _ = load_array(path, "mask", made_on=(tokens, meta))
+    for path in selections:
+        name, kept, record = load_kept(path, tokens, meta)
         try:
-            counts = class_counts(token_class, table.loss_mask, keep)
+            counts = class_counts(token_class, table.loss_mask, kept if record == "weights" else kept > 0)
         except ArtifactError as e:
             raise ArtifactError(f"{path}: {e}") from None
-        rows.append({"mask": Path(path).name.removesuffix(".mask.npy"), **counts})
+        rows.append({"mask": name, "record": record, **counts})
     return rows
 
 
@@ -119,5 +153,5 @@ def write_csv(rows: list[dict[str, Any]], out_csv: str | os.PathLike) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def write_quality(tokens: str | os.PathLike, masks: list[str | os.PathLike], out_csv: str | os.PathLike) -> None:
-    write_csv(quality_table(tokens, masks), out_csv)
+def write_quality(tokens: str | os.PathLike, selections: list[str | os.PathLike], out_csv: str | os.PathLike) -> None:
+    write_csv(quality_table(tokens, selections), out_csv)

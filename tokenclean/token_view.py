@@ -3,7 +3,9 @@
 For a few samples of the pool, every response token is one ``<span class="tok">``: its background is its score
 (base loss - reference loss; blue = positive, the reference learnt it; magenta = negative), its underline its
 ground-truth class (embedded world), and radio buttons at the top (pure CSS) strike through the tokens the
-chosen mask dropped. Hovering a token shows its score, class and which masks kept it. Samples are picked
+chosen selection dropped: a mask's, or an online run's (a token it weighted below 0.5 on average, see
+:func:`tokenclean.quality.load_kept`). Hovering a token shows its score, class and which selections kept it
+(with the online runs' weights). Samples are picked
 deterministically: in the embedded world, in turn one with corrupted tokens, one with garbage, one with novel
 tokens (knowledge only the pool holds) and one clean, each the first of its kind not yet shown; otherwise the
 first samples of the pool.
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import TokenTable, atomic_file, load_array
+from tokenclean.artifacts import TokenTable, atomic_file
 from tokenclean.data import TOKEN_CLASSES
 from tokenclean.figures import CLASS_COLORS
 
@@ -60,7 +62,8 @@ def _css_color(score: float, scale: float) -> str:
 
 
 def render(samples: list[dict[str, Any]], masks: list[str], title: str, scale: float) -> str:
-    """The page: ``samples`` = [{"index", "prompt", "tokens": [{"text", "score", "class", "kept": [bool per mask]}]}]."""
+    """The page: ``samples`` = [{"index", "prompt", "tokens": [{"text", "score", "class", "kept": [bool per
+    selection], "weight": [an online run's weight, else None, per selection] (optional)}]}]."""
     esc = html.escape
     default = next((i for i, m in enumerate(masks) if m.startswith("fixed")), 0)
     css = ["body{font-family:system-ui,sans-serif;max-width:70em;margin:1.5em auto;padding:0 1em;color:#222}",
@@ -97,8 +100,10 @@ def render(samples: list[dict[str, Any]], masks: list[str], title: str, scale: f
                     f"{esc(s['prompt'])}</div><div class=\"resp\">")
         spans = []
         for t in s["tokens"]:
-            kept = [m for m, k in zip(masks, t["kept"]) if k]
-            dropped = [m for m, k in zip(masks, t["kept"]) if not k]
+            weights = t.get("weight", [None] * len(masks))
+            kept = [m + (f" ({w:.2f})" if w is not None else "") for m, k, w in zip(masks, t["kept"], weights) if k]
+            dropped = [m + (f" ({w:.2f})" if w is not None else "")
+                       for m, k, w in zip(masks, t["kept"], weights) if not k]
             tip = (f"score {t['score']:+.3f}" + (f" | class {t['class']}" if t["class"] else "")
                    + f" | kept by: {', '.join(kept) or '-'} | dropped by: {', '.join(dropped) or '-'}")
             cls = " ".join(["tok"] + ([f"c-{t['class']}"] if t["class"] else [])
@@ -116,6 +121,7 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     """Write the page for ``n_samples`` samples of ``tokens``; returns the sample indices shown (``revision``
     pins a hub tokenizer)."""
     from tokenclean.models import hub_commit
+    from tokenclean.quality import KEPT_THRESHOLD, load_kept
     from tokenclean.selection import load_losses, scores
     from tokenclean.tokenization import load_tokenizer
 
@@ -124,11 +130,12 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     table, meta = TokenTable.load(tokens)
     base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
     score = scores(base, ref, table.loss_mask)
-    keeps, names = [], []
+    keeps, names, online = [], [], []
     for path in masks:
-        keep, _ = load_array(path, "mask", made_on=(tokens, meta))
-        keeps.append(keep)
-        names.append(Path(path).name.removesuffix(".mask.npy"))
+        name, kept, record = load_kept(path, tokens, meta)
+        keeps.append(kept)
+        names.append(name)
+        online.append(record == "weights")
     token_class = table.extras.get("token_class")
     tok = load_tokenizer(tokenizer, trust_remote_code, hub_commit(tokenizer, revision))
     picked = pick_samples(table, n_samples)
@@ -143,7 +150,8 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
             {"text": texts[p], "score": float(score[a + p]),
              "class": (TOKEN_CLASSES[int(token_class[a + p])]
                        if token_class is not None and token_class[a + p] >= 0 else ""),
-             "kept": [bool(k[a + p]) for k in keeps]} for p in resp]})
+             "kept": [bool(k[a + p] >= KEPT_THRESHOLD) for k in keeps],
+             "weight": [float(k[a + p]) if o else None for k, o in zip(keeps, online)]} for p in resp]})
     shown = np.array([t["score"] for s in samples for t in s["tokens"]])
     scale = float(np.quantile(np.abs(shown), 0.9)) if shown.size else 1.0
     page = render(samples, names, f"Token view: {len(samples)} samples of {Path(tokens).name}", scale or 1.0)
