@@ -226,3 +226,27 @@ def test_unreachable_hub_data_is_one_line_naming_it_and_the_local_config(source,
     assert rc != 0 and "'nobody-tokenclean/no-such-data'" in line and "hub" in line
     assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/file.jsonl}}")
     assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["pool.jsonl"]
+
+
+def optional_methods(config: Path) -> list[str]:
+    """The rows a paper config lists as optional, in its comment ``# optional_methods: [...]``."""
+    line = next(line for line in config.read_text().splitlines() if line.startswith("# optional_methods:"))
+    return yaml.safe_load(line.removeprefix("# "))["optional_methods"]
+
+
+@pytest.mark.parametrize("config", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_configs_list_the_fields_methods_as_optional_rows_that_plan(config, tmp_path):
+    from tokenclean import methods as registry
+
+    optional = optional_methods(config)
+    assert set(optional) == {n for n, m in registry.METHODS.items() if m.kind == "online"}
+    cfg = yaml.safe_load(config.read_text())
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump({"methods": cfg["methods"] + optional}))
+    counts, out = plan(tmp_path, config, tmp_path / "more.yaml")
+    seeds, ratios = len(cfg["seeds"]), len(cfg["ratios"])
+    assert counts["sft"] == expected_counts(cfg)["sft"] + 2 * ratios * seeds + 2 * seeds  # rho1, sstoken; dft, eaft
+    assert counts["token_loss"] == expected_counts(cfg)["token_loss"]  # their losses are the pool's, scored anyway
+    train = [line for line in out.splitlines() if "tokenclean.cli train" in line and "--online" in line]
+    assert len(train) == 2 * ratios * seeds + 2 * seeds
+    assert all("--ref-loss" in line for line in train if "--online rho1" in line)
+    assert all("--base-loss" in line for line in train if "--online sstoken" in line)

@@ -150,7 +150,7 @@ def plot_kept(quality_csv: str | os.PathLike, out_png: str | os.PathLike) -> Non
     ax.set_xticks(x, [r["mask"] for r in rows], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of the class kept")
-    ax.set_xlabel("mask (selection over the pool)")
+    ax.set_xlabel("selection over the pool: a mask, or an online run's mean weight per token")
     ax.set_title("What each selection kept, by ground-truth token class")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="token class")
     _save(fig, out_png)
