@@ -68,3 +68,44 @@ def test_the_process_group_gets_the_configured_timeout(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="TOKENCLEAN_DIST_TIMEOUT_MINUTES"):
         distributed.setup(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("online", [
+    # ranks across its micro-batch (2 samples: the same micro-batches on 1 process or 2), weights normaliser
+    ["--online", "rho1", "--micro-batch-size", "2"],
+    # per token from the logits, tokens normaliser; the step split into one slice per process
+    ["--online", "eaft"],
+])
+def test_two_processes_train_an_online_method_like_one_with_the_same_record(tmp_path, tiny_model_dir, online):
+    import numpy as np
+
+    from tokenclean.artifacts import TokenTable, load_array, save_array
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    table, tmeta = TokenTable.load(tokens)
+    ref = np.where(table.loss_mask, np.random.default_rng(0).random(table.n_tokens) * 4, np.nan).astype(np.float32)
+    save_array(tmp_path / "ref.loss.npy", ref, {"kind": "loss", "tokens": str(tokens),
+                                                 "tokens_fingerprint": tmeta["fingerprint"]})
+    flags = ["--tokens", str(tokens), "--model", str(tiny_model_dir), "--steps", "3", "--batch-size", "5",
+             "--lr", "0.01", "--seed", "2", "--max-grad-norm", "1.0", "--ref-loss", str(tmp_path / "ref.loss.npy"),
+             *online]
+    if "rho1" not in online:
+        flags.remove("--ref-loss"), flags.remove(str(tmp_path / "ref.loss.npy"))
+    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tokenclean.cli", "train", *flags, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-4, (name, float((one[name] - two[name]).abs().max()))
+    w1, _ = load_array(tmp_path / "one" / "weights.npy", "weights", made_on=(tokens, tmeta))
+    w2, meta = load_array(tmp_path / "two" / "weights.npy", "weights", made_on=(tokens, tmeta))
+    assert np.array_equal(np.isnan(w1), np.isnan(w2)) and meta["tokens_trained"] == int(np.isfinite(w1).sum())
+    assert np.allclose(w1[np.isfinite(w1)], w2[np.isfinite(w2)], atol=1e-4)
+    assert np.isfinite(w1).sum() > 0 and (w1[np.isfinite(w1)] < 1).any()  # it weighted, and not every token by 1

@@ -284,3 +284,33 @@ def test_an_online_array_made_on_other_tokens_is_refused(tmp_path, capsys, tiny_
                  "--ref-loss", str(bad), "--out", str(tmp_path / "model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{bad}: made on other" in err[0] and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("name, params", [("rho1", {"ratio": 0.5}), ("sstoken", {"ratio": 0.5})])
+def test_an_online_run_killed_mid_run_resumes_to_the_uninterrupted_weights_and_record(tiny_model_dir, table, tok,
+                                                                                       tmp_path, name, params):
+    """The record of what each token received survives a kill: the resumed run ends with the weights and the
+    per-token record of a run never interrupted (ssToken: its attention-only phase depends on the step)."""
+    from tokenclean.training import TrainingInterrupted
+
+    rng = np.random.default_rng(4)
+    loss = np.where(table.loss_mask, rng.random(table.n_tokens) * 3, np.nan).astype(np.float32)
+    arrays = {"ref_loss": loss} if name == "rho1" else {"base_loss": loss}
+    cfg = TrainConfig(steps=6, batch_size=3, lr=1e-2, warmup_ratio=0.2, seed=5, checkpoint_every=2)
+
+    def run(checkpoints, stop_after=None):
+        online = Online(name, ol.resolve(name, params), arrays)
+        model = eager_model(tiny_model_dir)
+        model, _ = train_model(model, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False,
+                               checkpoint_dir=checkpoints, stop_after=stop_after, online=online)
+        return model, online.token_weights()
+
+    straight, record = run(tmp_path / "a")
+    with pytest.raises(TrainingInterrupted):  # killed after step 3: the last checkpoint is from step 2
+        run(tmp_path / "b", stop_after=3)
+    resumed, resumed_record = run(tmp_path / "b")
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert np.array_equal(np.isnan(record), np.isnan(resumed_record))
+    assert np.allclose(record[np.isfinite(record)], resumed_record[np.isfinite(resumed_record)], atol=1e-6)
+    assert np.isfinite(record).sum() > 0
