@@ -284,3 +284,16 @@ def test_an_online_array_made_on_other_tokens_is_refused(tmp_path, capsys, tiny_
                  "--ref-loss", str(bad), "--out", str(tmp_path / "model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{bad}: made on other" in err[0] and not (tmp_path / "model").exists()
+
+
+def test_the_config_check_reads_the_online_methods_without_starting_torch():
+    """Snakemake plans with tokenclean.config, which checks method_params through tokenclean.online: neither
+    may start torch (two seconds per planning, and a light job must not pay for it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import tokenclean.config, tokenclean.online\n"
+            "tokenclean.online.resolve('eaft', {'alpha': 0.5})\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
