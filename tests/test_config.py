@@ -223,6 +223,28 @@ def test_method_params_default_to_none_and_valid_ones_pass():
     assert check_config(copy.deepcopy(cfg))["method_params"] == cfg["method_params"]
 
 
+def test_method_params_reach_the_training_command_of_each_run_of_the_method(tmp_path):
+    """The plan's sft jobs: the configured parameters, and the run's ratio for a method that takes one, become
+    `--online-params`; a method without any gets none (so its job, and whether it re-runs, is as before)."""
+    cfg = smoke_with(methods=["full", "rho1", "sstoken", "dft", "eaft"], ratios=[0.5], seeds=[1, 2],
+                     method_params={"eaft": {"alpha": 0.5}, "sstoken": {"gamma": 0.3}})
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
+    params = job_params(plan(tmp_path, tmp_path / "x.yaml"))
+
+    def online(run: str) -> list[str]:
+        return shlex.split(params[f"results/smoke/models/sft/{run}"]["online"])
+
+    for seed in (1, 2):
+        flags = online(f"eaft_s{seed}")
+        assert flags[:2] == ["--online", "eaft"] and json.loads(flags[flags.index("--online-params") + 1]) == \
+            {"alpha": 0.5}
+        flags = online(f"sstoken_r0.5_s{seed}")
+        assert json.loads(flags[flags.index("--online-params") + 1]) == {"gamma": 0.3, "ratio": 0.5}
+        flags = online(f"rho1_r0.5_s{seed}")
+        assert json.loads(flags[flags.index("--online-params") + 1]) == {"ratio": 0.5}
+        assert online(f"dft_s{seed}") == ["--online", "dft"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the user's Hugging Face settings
 # ---------------------------------------------------------------------------------------------------------
