@@ -120,14 +120,18 @@ def sft_inputs(wildcards) -> dict[str, str]:
 
 
 def online_flags(wildcards, input) -> str:
-    """`--online NAME` with its ratio (methods that take one) and loss arrays, for an online row; else empty."""
+    """`--online NAME` with its parameters (config method_params, and the run's ratio for a method that takes
+    one) and loss arrays, for an online row; else empty. A job's params hold them, so changing one re-runs it."""
     method, ratio, _ = parse_run(wildcards.run)
     m = registry.get(method)
     if m.kind != "online":
         return ""
     flags = f"--online {m.online}"
+    params = dict(config.get("method_params", {}).get(method, {}))
     if m.takes_ratio:
-        flags += f" --online-params {as_json({'ratio': float(ratio)})}"
+        params["ratio"] = float(ratio)
+    if params:
+        flags += f" --online-params {as_json(params)}"
     for need in ("ref_loss", "base_loss"):
         if need in input.keys():
             flags += f" --{need.replace('_', '-')} {input[need]}"

@@ -127,6 +127,29 @@ BAD = {
                               "response token but the corrupted and garbage ones) and truth_keep_informative"),
     "an unknown method": (smoke_with(methods=["full", "orcale"]), "methods[1]: unknown method 'orcale' (known: full, random, rho"),
 }
+# method_params: checked before any job, named by the config's key (not the trainer's --online-params)
+METHOD_PARAMS_BAD = {
+    "params of an unknown method": (smoke_with(method_params={"eatf": {"alpha": 0.5}}),
+                                    "method_params.eatf: unknown method 'eatf' (known: full, random, rho"),
+    "params of a method not in the table": (smoke_with(method_params={"eaft": {"alpha": 0.5}}),
+                                            "method_params.eaft: eaft is not listed under methods"),
+    "params of a mask method": (smoke_with(method_params={"rho": {"ratio": 0.5}}),
+                                "method_params.rho: rho takes no parameters"),
+    "a ratio for a method without one": (smoke_with(methods=["full", "dft"], method_params={"dft": {"ratio": 0.5}}),
+                                         "method_params.dft.ratio: dft takes no ratio"),
+    "a ratio for a method with ratios": (smoke_with(methods=["full", "rho1"], method_params={"rho1": {"ratio": 0.5}}),
+                                         "method_params.rho1.ratio: the ratio of rho1's runs comes from ratios"),
+    "an unknown parameter": (smoke_with(methods=["full", "eaft"], method_params={"eaft": {"beta": 1}}),
+                             "method_params.eaft.beta: unknown parameter of online method eaft "
+                             "(known: alpha, top_k, scale)"),
+    "a parameter out of range": (smoke_with(methods=["full", "sstoken"], method_params={"sstoken": {"gamma": 1.5}}),
+                                 "method_params.sstoken.gamma: gamma must be in [0, 1], got 1.5"),
+    "a parameter of the wrong type": (smoke_with(methods=["full", "eaft"], method_params={"eaft": {"top_k": 2.5}}),
+                                      "method_params.eaft.top_k: must be a int, got 2.5"),
+    "parameters that are not a mapping": (smoke_with(methods=["full", "eaft"], method_params={"eaft": 0.5}),
+                                          "method_params.eaft: 0.5 is not of type 'object'"),
+}
+BAD.update(METHOD_PARAMS_BAD)
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
@@ -179,6 +202,47 @@ def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
     assert proc.stderr.startswith(f"config error: x.yaml: {expected}"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("case", METHOD_PARAMS_BAD, ids=list(METHOD_PARAMS_BAD))
+def test_a_bad_method_parameter_stops_the_dry_run_in_one_line(case, tmp_path):
+    """`snakemake -n` refuses it while planning, naming the file and the config key, before any job."""
+    cfg, expected = METHOD_PARAMS_BAD[case]
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-s", str(ROOT / "Snakefile"), "-n", "--cores", "1", "--configfile", "x.yaml")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"config error: x.yaml: {expected}"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
+
+
+def test_method_params_default_to_none_and_valid_ones_pass():
+    cfg = smoke_with(methods=["full", "rho1", "sstoken", "dft", "eaft"])
+    assert check_config(copy.deepcopy(cfg))["method_params"] == {}
+    cfg["method_params"] = {"eaft": {"alpha": 0.5, "top_k": 10}, "sstoken": {"gamma": 0.3, "attention_only": 0},
+                            "dft": {}}
+    assert check_config(copy.deepcopy(cfg))["method_params"] == cfg["method_params"]
+
+
+def test_method_params_reach_the_training_command_of_each_run_of_the_method(tmp_path):
+    """The plan's sft jobs: the configured parameters, and the run's ratio for a method that takes one, become
+    `--online-params`; a method without any gets none (so its job, and whether it re-runs, is as before)."""
+    cfg = smoke_with(methods=["full", "rho1", "sstoken", "dft", "eaft"], ratios=[0.5], seeds=[1, 2],
+                     method_params={"eaft": {"alpha": 0.5}, "sstoken": {"gamma": 0.3}})
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
+    params = job_params(plan(tmp_path, tmp_path / "x.yaml"))
+
+    def online(run: str) -> list[str]:
+        return shlex.split(params[f"results/smoke/models/sft/{run}"]["online"])
+
+    for seed in (1, 2):
+        flags = online(f"eaft_s{seed}")
+        assert flags[:2] == ["--online", "eaft"] and json.loads(flags[flags.index("--online-params") + 1]) == \
+            {"alpha": 0.5}
+        flags = online(f"sstoken_r0.5_s{seed}")
+        assert json.loads(flags[flags.index("--online-params") + 1]) == {"gamma": 0.3, "ratio": 0.5}
+        flags = online(f"rho1_r0.5_s{seed}")
+        assert json.loads(flags[flags.index("--online-params") + 1]) == {"ratio": 0.5}
+        assert online(f"dft_s{seed}") == ["--online", "dft"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
 from tokenclean import methods as registry
+from tokenclean import online
 from tokenclean.methods import ratio_tag  # noqa: F401  (the rules import it from here)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -116,6 +117,34 @@ def _renamed_problem(config: dict) -> tuple[list[Any], str] | None:
     return None
 
 
+def _unknown_method(name: Any) -> str:
+    return (f"unknown method {name!r} (known: {', '.join(registry.METHODS)}; a method of your own: list its file "
+            "under plugins)")
+
+
+def _method_params_problem(config: dict) -> tuple[list[Any], str] | None:
+    """A ``method_params`` entry the runs would not use as written (key path, what): a method not in the table,
+    one that takes no parameters, a ratio (it comes from ``ratios``), or what :func:`tokenclean.online.resolve`
+    refuses (an unknown parameter, a wrong type, a value out of range), named by the config's key."""
+    for name, params in config.get("method_params", {}).items():
+        where = ["method_params", name]
+        if name not in config["methods"]:
+            return where, f"{name} is not listed under methods" if name in registry.METHODS else _unknown_method(name)
+        method = registry.METHODS[name]
+        if method.kind != "online":
+            return where, f"{name} takes no parameters (a {method.kind} method; only online methods take method_params)"
+        if "ratio" in params and (method.takes_ratio or "ratio" not in online.ONLINE_METHODS[method.online].defaults):
+            return where + ["ratio"], (f"the ratio of {name}'s runs comes from ratios" if method.takes_ratio
+                                       else f"{name} takes no ratio")
+        try:
+            online.resolve(method.online, params)
+        except online.ParamError as e:
+            return where + ([e.key] if e.key is not None else []), e.what
+        except ValueError as e:  # a plug-in naming a weighting tokenclean.online does not have
+            return where, str(e)
+    return None
+
+
 def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
     """What the schema cannot state: values that pass it but would change or break the run (key path, what)."""
     by_tag: dict[str, float] = {}
@@ -138,11 +167,13 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
             return ["plugins", i], f"{path}: {' '.join(str(e).split())}"
     for i, method in enumerate(config["methods"]):
         if method not in registry.METHODS:
-            return ["methods", i], (f"unknown method {method!r} (known: {', '.join(registry.METHODS)}; a method of "
-                                    "your own: list its file under plugins)")
+            return ["methods", i], _unknown_method(method)
         if registry.METHODS[method].ground_truth and "world" not in config:
             return ["methods", i], (f"{method} reads the ground-truth token classes, which only the embedded world "
                                     "has")
+    params = _method_params_problem(config)
+    if params is not None:
+        return params
     if "world" not in config and not config["evaluation"].get("benchmarks"):
         # evaluation.tasks names the embedded world's task families; any other experiment needs lm-eval tasks
         return ["evaluation"], "set evaluation.benchmarks (the lm-eval tasks) for an experiment with its own data"

@@ -16,17 +16,21 @@ The inputs a method may ask for (``OnlineMethod.inputs``): ``nll`` (the current 
 the trained tokens), ``logits`` (the full-vocabulary logits that predicted each token), ``prompt_attention``
 (:func:`prompt_attention`), ``sample`` (the token's sample, for per-sample rules) and ``progress`` (the fraction of
 the run's optimizer steps done before this one). ``arrays`` names the per-token files the caller must load.
+
+No ``import torch`` here (tensor methods only): the config check (:mod:`tokenclean.config`, config key
+``method_params``) reads the defaults and checks while Snakemake plans, which never starts torch.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from tokenclean.selection import _ratio_fraction, keep_count
+
+if TYPE_CHECKING:  # annotations only: the config check and the planning import this module without starting torch
+    import torch
 
 
 def _ceil_count(ratio: float, n: int) -> int:
@@ -37,9 +41,10 @@ def _ceil_count(ratio: float, n: int) -> int:
 
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     """float32 0/1: the k highest of ``score``, ties to the earlier token (the project's rule, selection.py)."""
-    keep = torch.zeros(len(score), dtype=torch.float32, device=score.device)
+    score = score.float()
+    keep = score.new_zeros(len(score))
     if k > 0:
-        order = torch.sort(score, descending=True, stable=True).indices
+        order = score.sort(descending=True, stable=True).indices
         keep[order[:k]] = 1.0
     return keep
 
@@ -93,9 +98,9 @@ def sstoken(nll: torch.Tensor, base_loss: torch.Tensor, prompt_attention: torch.
     """
     g = 0.0 if progress < attention_only else gamma
     rel = (base_loss - nll).detach().float()
-    keep = torch.zeros(len(nll), dtype=torch.float32, device=nll.device)
-    for s in torch.unique(sample).tolist():
-        at = torch.nonzero(sample == s).squeeze(1)
+    keep = rel.new_zeros(len(nll))
+    for s in sample.unique().tolist():
+        at = (sample == s).nonzero().squeeze(1)
         diff = rel[at]
         norm = (diff - diff.min()) / (diff.max() - diff.min() + 1e-8)
         keep[at] = _top(g * norm + (1 - g) * prompt_attention[at].float(), _ceil_count(ratio, len(at)))
@@ -106,7 +111,7 @@ def dft(nll: torch.Tensor) -> torch.Tensor:
     """DFT, "On the Generalization of SFT" (Wu et al., arXiv 2508.05629; TRL ``trl/trainer/sft_trainer.py``
     ``dft_loss``, ``loss_type="dft"``): loss -sg(p) log p, i.e. weight = the detached probability of the token,
     exp(-nll). Normalised by the number of tokens (TRL divides by ``num_items_in_batch``)."""
-    return torch.exp(-nll.detach().float())
+    return nll.detach().float().neg().exp()
 
 
 def eaft(logits: torch.Tensor, alpha: float = 1.0, top_k: int = 20, scale: float = 3.0) -> torch.Tensor:
@@ -115,10 +120,10 @@ def eaft(logits: torch.Tensor, alpha: float = 1.0, top_k: int = 20, scale: float
     over the ``top_k`` largest logits of the prediction (renormalised among them), an approximation of the
     full predictive entropy; scale 3.0 ~ ln 20, the largest H can be. Defaults: LLaMA-Factory's (k 20 and 3.0
     hard-coded, ``eaft_alpha`` 1.0). Normalised by the number of tokens (``num_items_in_batch``)."""
-    top = torch.topk(logits.detach().float(), k=min(top_k, logits.shape[-1]), dim=-1).values
-    logp = top - torch.logsumexp(top, dim=-1, keepdim=True)
+    top = logits.detach().float().topk(k=min(top_k, logits.shape[-1]), dim=-1).values
+    logp = top - top.logsumexp(dim=-1, keepdim=True)
     entropy = -(logp.exp() * logp).sum(-1)
-    return torch.pow(entropy / scale, alpha)
+    return (entropy / scale).pow(alpha)
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,13 @@ def _in_unit(name: str, closed_low: bool = False) -> Callable[[dict[str, Any]], 
     return check
 
 
+def _at_least(name: str, low: float, strict: bool = False) -> Callable[[dict[str, Any]], str | None]:
+    def check(p: dict[str, Any]) -> str | None:
+        v = p[name]
+        return None if (v > low if strict else v >= low) else f"{name} must be {'>' if strict else '>='} {low}, got {v}"
+    return check
+
+
 def _all(*checks: Callable[[dict[str, Any]], str | None]) -> Callable[[dict[str, Any]], str | None]:
     return lambda p: next((m for m in (c(p) for c in checks) if m), None)
 
@@ -157,33 +169,47 @@ ONLINE_METHODS: dict[str, OnlineMethod] = {
                             check=_all(_in_unit("ratio"), _in_unit("gamma", True), _in_unit("attention_only", True))),
     "dft": OnlineMethod(dft, {}, ("nll",)),
     "eaft": OnlineMethod(eaft, {"alpha": 1.0, "top_k": 20, "scale": 3.0}, ("logits",),
-                         check=lambda p: None if p["alpha"] >= 0 and p["top_k"] >= 1 and p["scale"] > 0
-                         else "alpha must be >= 0, top_k >= 1 and scale > 0"),
+                         check=_all(_at_least("alpha", 0), _at_least("top_k", 1), _at_least("scale", 0, strict=True))),
 }
 
 # The flag that provides each per-token array (for messages).
 ARRAY_FLAGS = {"ref_loss": "--ref-loss", "base_loss": "--base-loss"}
 
 
+class ParamError(ValueError):
+    """A bad parameter of an online method. Its message names the trainer's flag (``--online-params``);
+    ``key`` (the parameter to blame; None when only the combination is wrong) and ``what`` (the problem alone)
+    let the config check name its own key instead (``method_params.<method>.<key>``, tokenclean/config.py)."""
+
+    def __init__(self, message: str, key: str | None, what: str):
+        super().__init__(message)
+        self.key, self.what = key, what
+
+
 def resolve(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
     """The method's parameters: its defaults overridden by ``params``; a ValueError naming an unknown method,
-    an unknown parameter or a value out of range (one line)."""
+    or a :class:`ParamError` naming an unknown parameter or a value of the wrong type or out of range (one line).
+    The trainer calls it before loading anything and the config check while Snakemake plans (no torch here)."""
     if name not in ONLINE_METHODS:
         raise ValueError(f"--online: unknown method {name!r} ({', '.join(ONLINE_METHODS)})")
     method = ONLINE_METHODS[name]
+    params = params or {}
     merged = dict(method.defaults)
-    for key, value in (params or {}).items():
+    for key, value in params.items():
         if key not in method.defaults:
             known = ", ".join(method.defaults) or "none"
-            raise ValueError(f"--online-params: unknown parameter {key!r} of online method {name} (known: {known})")
+            raise ParamError(f"--online-params: unknown parameter {key!r} of online method {name} (known: {known})",
+                             key, f"unknown parameter of online method {name} (known: {known})")
         default = method.defaults[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(default, int) and not isinstance(default, bool) and value != int(value)):
-            raise ValueError(f"--online-params: {key} of {name} must be a {type(default).__name__}, got {value!r}")
+                isinstance(default, int) and not isinstance(default, bool) and not float(value).is_integer()):
+            what = f"must be a {type(default).__name__}, got {value!r}"
+            raise ParamError(f"--online-params: {key} of {name} {what}", key, what)
         merged[key] = type(default)(value)
     problem = method.check(merged)
-    if problem:
-        raise ValueError(f"--online-params: {name}: {problem}")
+    if problem:  # to blame: the first given parameter that fails the check on its own
+        key = next((k for k in params if method.check({**method.defaults, k: merged[k]})), None)
+        raise ParamError(f"--online-params: {name}: {problem}", key, problem)
     return merged
 
 
@@ -219,15 +245,3 @@ class Online:
         trained = self.seen > 0
         out[trained] = self.weight_sum[trained] / self.seen[trained]
         return out
-
-
-def kept_mask(weights: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """bool[N]: the tokens an online method kept, from its per-token record (:func:`tokenclean.training.train_model`).
-
-    ``weight >= threshold`` with 0.5: for the 0/1 methods (Rho-1, ssToken), kept in at least half of the passes
-    that saw the token (a majority; with one pass exactly the decision); for the soft weights (DFT, EAFT),
-    weighted at least half as much as a full token. ``weight > 0`` would call every DFT/EAFT token kept and a
-    token Rho-1 kept once in four epochs kept. Never-trained tokens (NaN) are not kept.
-    """
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num(weights, nan=-math.inf) >= threshold

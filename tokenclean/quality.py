@@ -34,7 +34,8 @@ def _in_classes(token_class: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
 
 # An online run kept a token when it weighted it at least this much on average: for Rho-1 and ssToken, in at least
 # half of the passes that trained it (with one pass, exactly its decision); for DFT and EAFT, at least half as much
-# as a full token. Used where a yes/no is needed (the token view); the table itself uses the fractions.
+# as a full token (> 0 would call every DFT/EAFT token kept, and a token Rho-1 kept once in four passes). Used where
+# a yes/no is needed (the token view); the table itself uses the fractions.
 KEPT_THRESHOLD = 0.5
 
 
