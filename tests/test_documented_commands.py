@@ -1,7 +1,7 @@
-"""The README's commands work as written, typed in the repository root.
+"""The README's and the docs' commands work as written, typed in the repository root.
 
-Every command of the README's ```bash blocks and every `.venv/bin/snakemake ...` command of its prose is picked
-up here, so a newly documented command is checked too:
+Every command of the ```bash blocks and every `.venv/bin/snakemake ...` command of the prose of README.md and
+docs/*.md is picked up here, so a newly documented command is checked too:
 
 - a dry run (`snakemake -n ...`, `make dry-run`) runs verbatim;
 - a command that would run a workflow is in LONG, with the dry run that stands in for it;
@@ -42,6 +42,7 @@ LONG = {
     ".venv/bin/snakemake --cores all --use-conda",
     f".venv/bin/snakemake --profile profiles/workstation {PAPER}",
     f".venv/bin/snakemake --profile profiles/slurm {PAPER}",
+    ".venv/bin/snakemake --cores all --configfile configs/methods.yaml",  # docs/methods.md
 }
 PLACEHOLDERS = {"my.yaml": "configs/smoke.yaml"}
 CHECKED = ("make", ".venv/bin/snakemake", "snakemake", "tokenclean")
@@ -98,10 +99,11 @@ def parse_tokenclean(command: str, previous: dict[str, list[str]]) -> None:
     try:
         build_parser().parse_args(args)
     except SystemExit as e:
-        pytest.fail(f"README command does not parse (exit {e.code}): {command}")
+        pytest.fail(f"documented command does not parse (exit {e.code}): {command}")
 
 
-COMMANDS = documented_commands()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+COMMANDS = documented_commands() + [c for page in DOCS for c in documented_commands(page.read_text())]
 
 
 def test_readme_commands_are_found():
@@ -109,7 +111,7 @@ def test_readme_commands_are_found():
     assert "make run" in COMMANDS and "make dry-run" in COMMANDS
     assert ".venv/bin/snakemake -n --configfile configs/paper/llama-3.2-3b.yaml" in COMMANDS
     assert sum(c.startswith("tokenclean ") for c in COMMANDS) >= 15
-    assert not set(LONG) - set(COMMANDS), f"LONG lists commands the README no longer shows: {set(LONG) - set(COMMANDS)}"
+    assert not set(LONG) - set(COMMANDS), f"LONG lists commands the docs no longer show: {set(LONG) - set(COMMANDS)}"
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if not c.startswith("tokenclean ")], ids=str)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,20 @@ def test_online_rows_reach_the_cleaning_quality_table_and_the_token_view_beside_
                                                 ("rho1_r0.6_s0", "rho1_r0.6_s1", "dft_s0", "dft_s1")]
     assert jobs["cleaning_quality"]["params"]["selections"].split() == expected
     assert jobs["token_view"]["params"]["selections"].split() == expected
+
+
+def test_the_documented_method_params_are_a_valid_config_that_reaches_the_training_commands(tmp_path):
+    """docs/methods.md's `method_params` example, on the comparison config, passes the check and plans."""
+    from tests.snakemake_plan import plan
+    from tokenclean.config import check_config
+
+    page = (ROOT / "docs" / "methods.md").read_text()
+    example = yaml.safe_load(next(b for b in re.findall(r"^```yaml\n(.*?)^```", page, re.S | re.M)
+                                  if "method_params" in b))
+    config = {**yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text()), **example}
+    check_config(config, [])
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump(config))
+    jobs = [j for j in plan(tmp_path, tmp_path / "example.yaml")["jobs"] if j["rule"] == "sft"]
+    for method, params in example["method_params"].items():
+        runs = [j for j in jobs if f"/{method}_" in j["output"][0]]
+        assert runs and all(all(f'"{k}": {v}' in j["params"]["online"] for k, v in params.items()) for j in runs)

@@ -1,9 +1,12 @@
-"""Data parallelism without a framework, for `torchrun` or `accelerate launch` (which set RANK and WORLD_SIZE).
+"""Data parallelism for `torchrun` or `accelerate launch` (which set RANK and WORLD_SIZE), through torch's
+DistributedDataParallel.
 
 Every process knows the whole step schedule and cuts each step into the same global micro-batches
 (:func:`tokenclean.training.micro_batches`); process r trains micro-batches r, r+W, r+2W, ..., scales its loss
 by the step's *global* count of selected tokens (or, under ``micro_batch`` normalisation, of micro-batches),
-and the gradients are summed across processes. The update therefore equals the single-process one exactly
+and the gradients are *summed* across processes: DDP's bucketed all-reduce, overlapped with the backward pass of
+each process's last micro-batch (the others accumulate under ``no_sync``), with a communication hook that sums
+instead of DDP's average (:func:`data_parallel`). The update therefore equals the single-process one exactly
 (up to float summation order), whatever the split of kept tokens across processes, which a per-process mean
 followed by gradient averaging would not give.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,12 +62,22 @@ def setup(device: torch.device) -> tuple[int, int]:
     return rank, size
 
 
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum every gradient over the processes (a process that had no sample this step contributes zeros)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+def _sum_hook(process_group: Any, bucket: Any) -> torch.futures.Future:
+    """DDP communication hook: the bucket's gradients summed over the processes (DDP's own hook averages them,
+    which would divide our globally normalised loss by the number of processes a second time)."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel whose gradient all-reduce sums (see the module docstring). Its
+    forward must be the whole training forward: DDP syncs gradients only for passes through its own forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                  broadcast_buffers=False)
+    ddp.register_comm_hook(state=None, hook=_sum_hook)
+    return ddp
 
 
 def sum_values(*values: float, device: torch.device) -> list[float]:

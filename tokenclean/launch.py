@@ -33,7 +33,9 @@ def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", p
     python = shlex.quote(python)
     if gpus == 1:
         return f"{python} -m tokenclean.cli"
-    env = "" if timeout_minutes is None else f"env {TIMEOUT_ENV}={timeout_minutes:g} "
+    # before any process starts: one line naming hardware.gpus if the machine shows fewer GPUs
+    check = f"{python} -m tokenclean.cli check-gpus --gpus {gpus} && "
+    env = check + ("" if timeout_minutes is None else f"env {TIMEOUT_ENV}={timeout_minutes:g} ")
     if launcher == "torchrun":
         rendezvous = "--standalone" if port is None else f"--master_port {port}"
         return f"{env}{python} -m torch.distributed.run {rendezvous} --nproc_per_node {gpus} -m tokenclean.cli"

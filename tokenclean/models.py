@@ -17,11 +17,31 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU unless asked otherwise."""
+    """``auto``: bf16 on a GPU that has it (the paper's runs), else fp32 (fp16 training would need loss scaling,
+    which the trainer does not do); an explicit bf16 on a GPU without it is a one-line error naming the setting."""
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return torch.bfloat16 if device.type == "cuda" and bf16 else torch.float32
+    chosen = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if chosen == torch.bfloat16 and not bf16:
+        raise ValueError(f"dtype {dtype}: {torch.cuda.get_device_name(device)} has no bfloat16 support; set dtype "
+                         "(train or scoring) to auto or float32")
+    return chosen
+
+
+def check_gpus(gpus: int) -> None:
+    """Before a multi-GPU job starts its processes: a one-line error naming ``hardware.gpus`` when this machine
+    shows fewer CUDA GPUs than it asks for. A machine with none trains on the CPU (one process per core group,
+    gloo), as the tests do."""
+    if not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    if gpus > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"hardware.gpus: {gpus} GPUs asked for, {visible} visible here"
+                         + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
+                         + f"; set hardware.gpus to at most {visible}")
 
 
 def require_model_dir(name_or_path: str) -> None:
@@ -79,11 +99,15 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
     device = pick_device(device) if not isinstance(device, torch.device) else device
     require_model_dir(name_or_path)
     pinned = {"revision": revision} if revision else {}
+    torch_dtype = pick_dtype(dtype, device)
+    # a GPU process loads the weights straight onto its GPU, not first into host memory (eight processes of an
+    # 8B model would otherwise hold eight copies in RAM at once)
+    placed = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
         # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=pick_dtype(dtype, device),
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code, use_safetensors=True,
-                                                     **pinned)
+                                                     **pinned, **placed)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(not_loadable(name_or_path, e)) from None
     return model.to(device)
