@@ -39,8 +39,6 @@ TC = tokenclean_command(PYTHON)
 # Training jobs (warm-up, rows, rounds) may run one process per GPU; the recipe does not change with it.
 HARDWARE = config.get("hardware", {})
 GPUS = HARDWARE.get("gpus", 1)
-TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
-                           timeout_minutes=HARDWARE.get("timeout_minutes"))
 
 
 # Methods of your own (config `plugins`): registered here for planning, and for every job through the environment
@@ -68,6 +66,11 @@ TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") e
 GPU_JOBS = "gpus" in HARDWARE or not EMBEDDED
 TRAIN_GPUS = GPUS if GPU_JOBS else 0
 ONE_GPU = 1 if GPU_JOBS else 0
+# A GPU job starts through tokenclean/gpu_slots.py, which gives it GPUs no other job of the machine holds (Snakemake
+# counts GPUs but does not say which): one-GPU jobs (scoring, evaluation) run side by side, training takes them all.
+TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
+                           timeout_minutes=HARDWARE.get("timeout_minutes"), gpu_slots=TRAIN_GPUS)
+GPU_TC = tokenclean_command(PYTHON, gpu_slots=ONE_GPU)
 
 # Jobs that other jobs wait for start first among the ready ones (Snakemake's rule `priority`): the warm-up
 # model, tokenizing, scoring, selection and each round of a self-evolving chain, whose rounds are the longest path

@@ -44,5 +44,5 @@ rule evaluate:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} evaluate --threads {threads} --model {params.model} {params.revision} {params.args}"
+        "{GPU_TC} evaluate --threads {threads} --model {params.model} {params.revision} {params.args}"
         " --device {params.device} {params.limit} --out {output.json} > {log} 2>&1"

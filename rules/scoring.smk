@@ -23,5 +23,5 @@ rule token_loss:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} loss --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} --token-budget {params.budget}"
+        "{GPU_TC} loss --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} --token-budget {params.budget}"
         " --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

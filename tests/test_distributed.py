@@ -21,6 +21,8 @@ TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks a
     # the paper's rule: micro-batches of 2 whose kept-token counts differ; the same samples must share a mean
     ["--loss-normalization", "micro_batch", "--micro-batch-size", "2"],
     ["--loss-normalization", "micro_batch", "--micro-batch-size", "2", "--pack-length", "16"],
+    # one micro-batch per step: process 1 has none and joins the gradient sum with a pass of weight 0
+    ["--loss-normalization", "micro_batch"],
 ])
 def test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra):
     data = tmp_path / "d.jsonl"

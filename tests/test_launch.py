@@ -1,7 +1,11 @@
 """How training jobs are launched: one process, or one per GPU (the command the workflow builds)."""
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -15,9 +19,7 @@ def test_one_gpu_is_a_plain_process():
 @pytest.mark.parametrize("launcher,module,count_flag", [("torchrun", "torch.distributed.run", "--nproc_per_node"),
                                                          ("accelerate", "accelerate.commands.launch", "--num_processes")])
 def test_several_gpus_start_one_process_each_through_the_launcher(launcher, module, count_flag):
-    check, launch = tokenclean_command("/path with space/python", 4, launcher).split(" && ")
-    assert shlex.split(check) == ["/path with space/python", "-m", "tokenclean.cli", "check-gpus", "--gpus", "4"]
-    argv = shlex.split(launch)
+    argv = shlex.split(tokenclean_command("/path with space/python", 4, launcher))
     assert argv[0] == "/path with space/python" and argv[1:3] == ["-m", module]
     assert argv[argv.index(count_flag) + 1] == "4"
     assert argv[-2:] == ["-m", "tokenclean.cli"]  # `train ...` follows
@@ -34,7 +36,7 @@ def test_bad_launch_settings_are_refused():
 def test_the_hardware_timeout_reaches_the_training_processes(launcher):
     from tokenclean.distributed import TIMEOUT_ENV
 
-    argv = shlex.split(tokenclean_command("python", 8, launcher, timeout_minutes=120).split(" && ")[1])
+    argv = shlex.split(tokenclean_command("python", 8, launcher, timeout_minutes=120))
     assert argv[:2] == ["env", f"{TIMEOUT_ENV}=120"] and argv[2] == "python"
     assert not tokenclean_command("python", 1, launcher, timeout_minutes=120).startswith("env")  # no group
     with pytest.raises(ValueError, match="timeout"):
@@ -50,20 +52,6 @@ def fake_gpus(monkeypatch, count: int, bf16: bool = True) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
 
 
-def test_asking_for_more_gpus_than_the_machine_shows_is_one_line_before_any_process_starts(monkeypatch, capsys):
-    from tokenclean.cli import main
-
-    fake_gpus(monkeypatch, 2)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert main(["check-gpus", "--gpus", "8"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("tokenclean check-gpus: error: hardware.gpus: 8 GPUs asked for, 2 visible here "
-                   "(CUDA_VISIBLE_DEVICES=0,1); set hardware.gpus to at most 2")
-    assert main(["check-gpus", "--gpus", "2"]) == 0
-    fake_gpus(monkeypatch, 0)  # no GPU: the processes train on the CPU (gloo)
-    assert main(["check-gpus", "--gpus", "8"]) == 0
-
-
 def test_bfloat16_on_a_gpu_without_it_is_refused_and_auto_falls_back_to_float32(monkeypatch):
     import torch
 
@@ -77,3 +65,54 @@ def test_bfloat16_on_a_gpu_without_it_is_refused_and_auto_falls_back_to_float32(
     fake_gpus(monkeypatch, 1, bf16=True)
     assert pick_dtype("auto", gpu) == torch.bfloat16
     assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16 and pick_dtype(None, torch.device("cpu")) == torch.float32
+
+
+def test_a_gpu_job_starts_through_the_slot_allocator_before_its_launcher():
+    argv = shlex.split(tokenclean_command("python", 8, "torchrun", timeout_minutes=60, gpu_slots=8))
+    assert argv[:6] == ["python", "-m", "tokenclean.gpu_slots", "--gpus", "8", "--"]
+    assert argv[6:8] == ["env", "TOKENCLEAN_DIST_TIMEOUT_MINUTES=60"] and "torch.distributed.run" in argv
+    assert shlex.split(tokenclean_command("python", 1, gpu_slots=1)) == [
+        "python", "-m", "tokenclean.gpu_slots", "--gpus", "1", "--", "python", "-m", "tokenclean.cli"]
+    assert "gpu_slots" not in tokenclean_command("python", 1)  # the embedded world on the CPU: no allocator
+
+
+def slot_job(tmp_path, name: str, gpus: int, hold_s: float, visible: str = "0,1") -> subprocess.Popen:
+    """A job through the allocator that records the GPUs it got and when it held them."""
+    record = (f"import os, time; t = time.time(); time.sleep({hold_s}); "
+              f"open({str(tmp_path / name)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'] + ' %f %f' % (t, time.time()))")
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    env["CUDA_VISIBLE_DEVICES"] = visible
+    return subprocess.Popen([sys.executable, "-m", "tokenclean.gpu_slots", "--gpus", str(gpus), "--lock-dir",
+                             str(tmp_path / "locks"), "--", sys.executable, "-c", record], env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_one_gpu_jobs_run_side_by_side_on_their_own_gpus_and_a_two_gpu_job_waits_for_both(tmp_path):
+    first, second = slot_job(tmp_path, "a", 1, 2.0), slot_job(tmp_path, "b", 1, 2.0)
+    time.sleep(0.5)  # both hold their GPU when the third asks for two
+    both = slot_job(tmp_path, "c", 2, 0.0)
+    for job in (first, second, both):
+        assert job.wait(timeout=60) == 0, job.stderr.read()
+    got = {name: (tmp_path / name).read_text().split() for name in "abc"}
+    assert {got["a"][0], got["b"][0]} == {"0", "1"}  # side by side, each on its own GPU
+    assert max(float(got["a"][1]), float(got["b"][1])) < min(float(got["a"][2]), float(got["b"][2]))
+    assert got["c"][0] == "0,1" and float(got["c"][1]) >= max(float(got["a"][2]), float(got["b"][2])) - 0.05
+
+
+def test_a_job_asking_for_more_gpus_than_the_machine_shows_stops_in_one_line(tmp_path):
+    job = slot_job(tmp_path, "a", 4, 0.0, visible="0,1")
+    assert job.wait(timeout=60) == 2 and not (tmp_path / "a").exists()
+    assert job.stderr.read().strip() == ("gpu_slots: error: hardware.gpus: 4 GPUs asked for, 2 visible here "
+                                         "(CUDA_VISIBLE_DEVICES=0,1); set hardware.gpus to at most 2")
+
+
+def test_without_gpus_or_under_a_cluster_scheduler_the_command_runs_as_it_is(tmp_path):
+    job = slot_job(tmp_path, "cpu", 2, 0.0, visible="")  # no GPU: the processes train on the CPU
+    assert job.wait(timeout=60) == 0, job.stderr.read()
+    assert (tmp_path / "cpu").read_text().startswith(" ") and not (tmp_path / "locks").exists()  # nothing set
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,7", "SLURM_JOB_ID": "1"}  # Slurm chose this job's GPUs
+    out = subprocess.run([sys.executable, "-m", "tokenclean.gpu_slots", "--gpus", "2", "--lock-dir",
+                          str(tmp_path / "locks"), "--", sys.executable, "-c",
+                          "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "5,7" and not (tmp_path / "locks").exists()

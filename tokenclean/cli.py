@@ -158,12 +158,6 @@ def cmd_train(a: argparse.Namespace) -> None:
     logging.info("%s: %s", a.out, summary)
 
 
-def cmd_check_gpus(a: argparse.Namespace) -> None:
-    from tokenclean.models import check_gpus
-
-    check_gpus(a.gpus)
-
-
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from tokenclean.evaluation import evaluate, evaluate_benchmarks
 
@@ -337,10 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-empty", action="store_true",
                    help="keep samples with no trained token (default: drop them, as tokenclean train does)")
     p.add_argument("--out", required=True, help="output directory (with export.json, the provenance)")
-
-    p = add("check-gpus", cmd_check_gpus, "Before a multi-GPU job: fail in one line when this machine shows fewer "
-            "CUDA GPUs than hardware.gpus asks for (no GPU at all: the CPU trains, nothing to check).")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs the job will start one process on each")
 
     p = add("evaluate", cmd_evaluate, "Evaluate a model on lm-eval tasks; write a results JSON.")
     p.add_argument("--model", required=True, help="model directory (or, with --benchmarks, a hub id)")

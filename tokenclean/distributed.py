@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,7 +61,7 @@ def setup(device: torch.device) -> tuple[int, int]:
     return rank, size
 
 
-def _sum_hook(process_group: Any, bucket: Any) -> torch.futures.Future:
+def _sum_hook(process_group, bucket):  # no annotations: DDP rejects a hook whose bucket is annotated otherwise
     """DDP communication hook: the bucket's gradients summed over the processes (DDP's own hook averages them,
     which would divide our globally normalised loss by the number of processes a second time)."""
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
@@ -74,8 +73,7 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     forward must be the whole training forward: DDP syncs gradients only for passes through its own forward."""
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                  broadcast_buffers=False)
+    ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     ddp.register_comm_hook(state=None, hook=_sum_hook)
     return ddp
 

@@ -1,8 +1,9 @@
 """How a training job is started: one process, or one per GPU through `torchrun` or `accelerate launch`.
 
-Kept free of heavy imports: the Snakefile calls it while planning the DAG. The trainer does its own data
-parallelism (tokenclean/distributed.py) from the RANK / WORLD_SIZE the launcher sets, so both launchers give
-the same training; FSDP sharding is not supported yet.
+Kept free of heavy imports: the Snakefile calls it while planning the DAG. The trainer sets up its data
+parallelism (torch DDP, tokenclean/distributed.py) from the RANK / WORLD_SIZE the launcher sets, so both launchers
+give the same training; FSDP sharding is not supported yet. On one machine, GPU jobs start through
+tokenclean/gpu_slots.py, which gives each its own GPUs.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ DEFAULT_TIMEOUT_MINUTES = 60
 
 
 def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", port: int | None = None,
-                       timeout_minutes: float | None = None) -> str:
+                       timeout_minutes: float | None = None, gpu_slots: int = 0) -> str:
     """Shell prefix that runs ``tokenclean <command>`` on ``gpus`` GPUs of one node (one process each).
 
     ``timeout_minutes`` (hardware.timeout_minutes) becomes the processes' collective timeout, passed in the
-    environment so that it stays out of the training recipe (and of the run's identity).
+    environment so that it stays out of the training recipe (and of the run's identity). ``gpu_slots`` > 0: the
+    command starts through :mod:`tokenclean.gpu_slots`, on that many GPUs no other job of the machine holds.
     """
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
@@ -31,11 +33,10 @@ def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", p
     if timeout_minutes is not None and not timeout_minutes > 0:
         raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes}")
     python = shlex.quote(python)
+    slots = f"{python} -m tokenclean.gpu_slots --gpus {gpu_slots} -- " if gpu_slots > 0 else ""
     if gpus == 1:
-        return f"{python} -m tokenclean.cli"
-    # before any process starts: one line naming hardware.gpus if the machine shows fewer GPUs
-    check = f"{python} -m tokenclean.cli check-gpus --gpus {gpus} && "
-    env = check + ("" if timeout_minutes is None else f"env {TIMEOUT_ENV}={timeout_minutes:g} ")
+        return f"{slots}{python} -m tokenclean.cli"
+    env = slots + ("" if timeout_minutes is None else f"env {TIMEOUT_ENV}={timeout_minutes:g} ")
     if launcher == "torchrun":
         rendezvous = "--standalone" if port is None else f"--master_port {port}"
         return f"{env}{python} -m torch.distributed.run {rendezvous} --nproc_per_node {gpus} -m tokenclean.cli"

@@ -30,20 +30,6 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return chosen
 
 
-def check_gpus(gpus: int) -> None:
-    """Before a multi-GPU job starts its processes: a one-line error naming ``hardware.gpus`` when this machine
-    shows fewer CUDA GPUs than it asks for. A machine with none trains on the CPU (one process per core group,
-    gloo), as the tests do."""
-    if not torch.cuda.is_available():
-        return
-    visible = torch.cuda.device_count()
-    if gpus > visible:
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise ValueError(f"hardware.gpus: {gpus} GPUs asked for, {visible} visible here"
-                         + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
-                         + f"; set hardware.gpus to at most {visible}")
-
-
 def require_model_dir(name_or_path: str) -> None:
     """Fail clearly when ``name_or_path`` looks like a local path and is no directory.
 
