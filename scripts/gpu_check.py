@@ -155,7 +155,7 @@ def chats(turns: list[dict[str, Any]], tokenizer: Any, n: int, tokens: int) -> l
     records, at = [], 0
     for _ in range(n):
         messages, length = [], 0
-        while length < 1.1 * tokens:
+        while length < 1.25 * tokens:
             sample = turns[at % len(turns)]["messages"]
             at += 1
             messages += [{"role": m["role"], "content": m["content"]} for m in sample]
