@@ -102,3 +102,52 @@ def test_make_gpu_check_runs_the_workflow_at_the_tiny_preset_on_a_cpu(tmp_path):
     # a random-initialised model of the tiny shape, whose vocabulary is larger than its tokenizer's
     config = json.loads((experiment / "inputs" / "model" / "config.json").read_text())
     assert config["vocab_size"] == check.SHAPES["tiny"]["vocab"] and config["tie_word_embeddings"] is True
+
+
+def test_peak_memory_is_cuda_max_memory_allocated_and_nothing_elsewhere(monkeypatch):
+    import torch
+
+    from tokenclean.models import peak_memory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: asked.append(device) or 123)
+    assert peak_memory(torch.device("cpu")) == {} and asked == []
+    assert peak_memory(torch.device("cuda", 1)) == {"peak_memory_bytes": 123}
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_the_loss_sidecar_and_the_training_summary_record_the_peak_and_the_rate(monkeypatch, tiny_model_dir,
+                                                                                 tmp_path):
+    """What `make gpu-check` reads: the jobs record peak_memory(device) (here a stand-in, as this machine has
+    no GPU), and the scoring loop's rate."""
+    import numpy as np
+
+    import tokenclean.models
+    import tokenclean.training
+    from tokenclean.artifacts import TokenTable, read_sidecar
+    from tokenclean.loss import loss_file
+    from tokenclean.tokenization import tokenize_file
+    from tokenclean.training import TrainConfig, train_model
+
+    def fake(device):
+        return {"peak_memory_bytes": 7 if device.type == "cpu" else -1}
+
+    monkeypatch.setattr(tokenclean.models, "peak_memory", fake)
+    monkeypatch.setattr(tokenclean.training, "peak_memory", fake)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Add {i} and 5 .", "completion": f"The answer is {i + 5} ."})
+                            + "\n" for i in range(4)))
+    tokens = tmp_path / "t.tokens.npz"
+    tokenize_file(str(data), str(tiny_model_dir), 64, str(tokens))
+    out = tmp_path / "l.loss.npy"
+    loss_file(str(tiny_model_dir), tokens, out, device="cpu", dtype="float32")
+    meta = read_sidecar(out)
+    table, _ = TokenTable.load(tokens)
+    assert meta["peak_memory_bytes"] == 7 and meta["n_tokens"] == table.n_tokens
+    assert meta["tokens_per_s"] == pytest.approx(table.n_tokens / meta["seconds"], rel=0.01)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    _, summary = train_model(model, table, table.loss_mask.copy(), TrainConfig(steps=1, batch_size=2), 2,
+                             progress=False)
+    assert summary["peak_memory_bytes"] == 7 and np.isfinite(summary["final_loss"])
