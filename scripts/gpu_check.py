@@ -201,14 +201,16 @@ def overrides(preset: str, out: Path) -> dict[str, Any]:
               "base_model": {"name": str(inputs / "model")},
               "data": {"pool": {"path": str(inputs / "pool.jsonl")}, "warmup": {"path": str(inputs / "warmup.jsonl")}},
               "scoring": {"dtype": run["dtype"]},
-              "warmup": {"train": train}, "sft": {"train": train},
+              "warmup": {"train": dict(train)}, "sft": {"train": dict(train)},
               "evaluation": {"include_path": str(inputs / "tasks")}}
     config.update({k: v for k, v in run["config"].items() if k != "train"})
     return config
 
 
-def run_workflow(preset: str, out: Path, cores: str) -> Path:
-    """Run the workflow up to the evaluation of the selected-token run; returns the experiment directory."""
+def run_workflow(preset: str, out: Path, cores: str, cuda: bool) -> Path:
+    """Run the workflow up to the evaluation of the selected-token run; returns the experiment directory.
+    On CUDA the GPU jobs run one at a time (``--resources gpu=1``; each job asks for one): scoring the base
+    model beside the warm-up training would share the GPU and distort both rates."""
     import yaml
 
     from tokenclean.methods import run_name
@@ -220,9 +222,11 @@ def run_workflow(preset: str, out: Path, cores: str) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log = experiment / "snakemake.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-                               "--directory", str(out), "--configfile", str(ROOT / "configs" / "gpu-check.yaml"),
-                               str(extra), "--cores", cores, str(target)],
+        # the target first: --configfile and --resources take every argument after them
+        proc = subprocess.run([sys.executable, "-m", "snakemake", str(target), "--snakefile", str(ROOT / "Snakefile"),
+                               "--directory", str(out), "--cores", cores, "--configfile",
+                               str(ROOT / "configs" / "gpu-check.yaml"), str(extra),
+                               *(["--resources", "gpu=1"] if cuda else [])],
                               stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     shutil.rmtree(out / preset, ignore_errors=True)  # every check measures a fresh run
     n = make_inputs(preset, out / preset / "inputs", "cuda" if cuda else "cpu")
-    experiment = run_workflow(preset, out, a.cores)
+    experiment = run_workflow(preset, out, a.cores, cuda)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(json.dumps(figures(experiment, preset, n, device_name), sort_keys=True))
     return 0
