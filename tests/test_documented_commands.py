@@ -43,6 +43,7 @@ LONG = {
     f".venv/bin/snakemake --profile profiles/workstation {PAPER}",
     f".venv/bin/snakemake --profile profiles/slurm {PAPER}",
     ".venv/bin/snakemake --cores all --configfile configs/methods.yaml",  # docs/methods.md
+    "make gpu-check",  # docs/gpu-check.md; tests/test_gpu_check.py runs it
 }
 PLACEHOLDERS = {"my.yaml": "configs/smoke.yaml"}
 CHECKED = ("make", ".venv/bin/snakemake", "snakemake", "tokenclean")

@@ -161,7 +161,7 @@ def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike
               revision: str | None = None) -> dict:
     """CLI entry: per-token losses of ``model_name`` on a token table, written with their provenance
     (``revision`` pins a hub model; the commit loaded is recorded either way)."""
-    from tokenclean.models import hub_commit, load_model, model_fingerprint, pick_device
+    from tokenclean.models import hub_commit, load_model, model_fingerprint, peak_memory, pick_device
     from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
 
     table, tmeta = TokenTable.load(tokens)
@@ -173,7 +173,9 @@ def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike
     dev = pick_device(device)
     model = load_model(model_name, dev, dtype, trust_remote_code, commit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
     losses = token_losses(model, table, token_budget, pad_id)
+    seconds = time.perf_counter() - started  # the scoring loop only (make gpu-check reads its rate)
     meta = {
         "kind": "loss",
         "model": str(model_name),
@@ -186,6 +188,8 @@ def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike
         "device": str(dev),
         "dtype": str(next(model.parameters()).dtype),
         "mean_response_loss": float(np.nanmean(losses)),
+        "n_tokens": table.n_tokens, "seconds": round(seconds, 3),
+        "tokens_per_s": round(table.n_tokens / max(seconds, 1e-9), 1), **peak_memory(dev),
     }
     save_array(Path(out), losses, meta)
     return meta

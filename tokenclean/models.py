@@ -30,6 +30,12 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return chosen
 
 
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """``{"peak_memory_bytes": torch.cuda.max_memory_allocated}`` of a CUDA device (what a job's outputs record
+    for ``make gpu-check``), empty elsewhere."""
+    return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device))} if device.type == "cuda" else {}
+
+
 def require_model_dir(name_or_path: str) -> None:
     """Fail clearly when ``name_or_path`` looks like a local path and is no directory.
 

@@ -33,6 +33,7 @@ from tokenclean import distributed
 from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
 from tokenclean.batching import collate, pack
 from tokenclean.loss import target_forward, target_nll
+from tokenclean.models import peak_memory
 from tokenclean.online import Online
 from tokenclean.train_config import MERGE_DTYPES, TrainConfig  # noqa: F401  (re-exported)
 
@@ -418,6 +419,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                "samples_without_selected_tokens": int(table.n_samples - len(usable)),
                "selected_tokens_trained": trained_tokens, "tokens_processed": seen_tokens,
                "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}
+    summary.update(peak_memory(device))  # CUDA: the training's peak memory (make gpu-check)
     if online is not None:
         if world > 1:
             record = _global_record(online, world, device)
