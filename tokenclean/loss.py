@@ -188,7 +188,7 @@ def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike
         "device": str(dev),
         "dtype": str(next(model.parameters()).dtype),
         "mean_response_loss": float(np.nanmean(losses)),
-        "n_tokens": table.n_tokens, "seconds": round(seconds, 3),
+        "n_tokens": table.n_tokens, "seconds": round(seconds, 6),
         "tokens_per_s": round(table.n_tokens / max(seconds, 1e-9), 1), **peak_memory(dev),
     }
     save_array(Path(out), losses, meta)
