@@ -408,3 +408,28 @@ def test_merge_dtype_auto_keeps_the_training_dtype(tiny_model_dir, table, tok):
     assert results == {"auto": {torch.bfloat16}, "float32": {torch.float32}}
     with pytest.raises(ValueError, match="merge_dtype"):
         TrainConfig(merge_dtype="float16")
+
+
+@pytest.mark.parametrize("pack_length,lora_r,checkpointing", [(0, 0, False), (64, 4, True)])
+def test_the_chunked_loss_gives_the_same_update(tiny_model_dir, table, tok, monkeypatch, pack_length, lora_r,
+                                                 checkpointing):
+    """The trainer's loss in chunks of 3 target rows (the head recomputed in backward, beside the decoder's own
+    gradient checkpointing and LoRA) trains to the weights of the loss over the whole micro-batch at once."""
+    import tokenclean.loss
+
+    mask = half_mask(table)
+    cfg = TrainConfig(steps=2, batch_size=6, pack_length=pack_length, lr=1e-2, warmup_ratio=0, seed=3,
+                      lora_r=lora_r, gradient_checkpointing=checkpointing, merge_dtype="float32")
+    results, rows = [], []
+    for chunk_rows in (None, 3):
+        if chunk_rows:
+            monkeypatch.setattr(tokenclean.loss, "head_chunk_rows", lambda vocab, device: chunk_rows)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        handle = m.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(len(args[0])))
+        trained, _ = train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
+        handle.remove()
+        results.append(weights_of(trained))
+        if chunk_rows:
+            assert max(rows) == 3  # the head never saw more than a chunk
+        rows.clear()
+    assert torch.allclose(results[0], results[1], atol=1e-5)

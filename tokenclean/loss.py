@@ -3,7 +3,10 @@
 The same function (:func:`target_nll`) gives the training loss and the scores, so what is trained and what is
 scored can never drift apart. Scoring runs in length-sorted batches under a token budget, under
 ``torch.inference_mode``, and applies the output head only at scored positions and a chunk of them at a time
-(no full-vocabulary logits for prompt tokens or padding, nor for a whole batch at once).
+(no full-vocabulary logits for prompt tokens or padding, nor for a whole batch at once). Training does the same
+with gradients (:func:`head_nll`): each chunk's logits are recomputed in the backward pass instead of kept, so
+a micro-batch's full-vocabulary float32 logits never exist at once (issue 15: 6 x 2048 targets x a 128k
+vocabulary is 6.3 GB per copy).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from tokenclean.artifacts import ArtifactError, TokenTable, save_array
@@ -36,11 +40,40 @@ def _has_plain_head(model: Any) -> bool:
 
 
 def head_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """Rows of logits computed at once when scoring: about 128 MB of float32 logits on a CPU (the allocator then
-    reuses one buffer, and the head and softmax work in cache; measured 1.8x faster than one batch-wide block
-    at a 32k vocabulary), more on an accelerator so the head's matrix multiply stays compute-bound."""
+    """Rows of logits computed at once, when scoring and when training: about 128 MB of float32 logits on a CPU
+    (the allocator then reuses one buffer, and the head and softmax work in cache; measured 1.8x faster than one
+    batch-wide block at a 32k vocabulary), 1 GB on an accelerator so the head's matrix multiply stays
+    compute-bound (2048 rows at a 128k vocabulary). Fewer target rows than this run as one block, unchunked."""
     elements = 1 << 25 if device.type == "cpu" else 1 << 28
     return max(256, elements // max(1, vocab_size))
+
+
+def _chunk_nll(head: Any, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The per-token loss of a block of target rows: the head in the model's dtype, the softmax in float32."""
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def head_nll(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """``cross_entropy(head(hidden).float(), labels)`` per row, ``chunk_rows`` rows at a time (default
+    :func:`head_chunk_rows`), so at most one chunk's full-vocabulary logits exist at once, forward or backward.
+
+    With gradients each chunk runs under a non-reentrant :func:`torch.utils.checkpoint.checkpoint`: the forward
+    keeps only the chunk's hidden states and labels, and the backward recomputes the chunk's logits (one more
+    head matrix multiply per chunk; the price of the bound, paid only when there is more than one chunk). The
+    same idea as torchtune's ``CEWithChunkedOutputLoss``/``LinearCrossEntropyLoss`` (chunks of token rows) and
+    torch's ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``, whose ``reduction='none'``
+    path also recomputes in backward. Here the head module itself is called, so a wrapped or adapted head works
+    and the logits keep the model's dtype before the float32 softmax: each row's loss is the unchunked
+    computation's, bit for bit in ``benchmarks/loss_memory.py`` (torch's op computes bfloat16 models' logits in
+    float32 and moved the losses by up to 0.03 there, and took 2.8x the time on a CPU).
+    """
+    step = chunk_rows or head_chunk_rows(head.weight.shape[0], hidden.device)
+    if len(labels) <= step:
+        return _chunk_nll(head, hidden, labels)
+    pieces = zip(hidden.split(step), labels.split(step))
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(_chunk_nll, head, h, y, use_reentrant=False) for h, y in pieces])
+    return torch.cat([_chunk_nll(head, h, y) for h, y in pieces])
 
 
 def _targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
@@ -63,21 +96,16 @@ def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Token p is predicted from the hidden state at p-1; ``target[:, 0]`` must be False. Packed rows (see
     :func:`tokenclean.batching.pack`) pass ``position_ids`` and no ``attention_mask``. Without gradients
-    (scoring), the output head and the cross-entropy run over ``chunk_rows`` target positions at a time
-    (default :func:`head_chunk_rows`), so a batch's full-vocabulary logits never exist at once; each token's
-    loss is the same computation either way.
+    (scoring) and with them (training), the output head and the cross-entropy run over ``chunk_rows`` target
+    positions at a time (:func:`head_nll`), so a batch's full-vocabulary logits never exist at once; each
+    token's loss is the same computation either way.
     """
     rows, cols, inputs, labels = _targets(input_ids, attention_mask, target, position_ids)
     if not (head_only_at_targets and _has_plain_head(model)):
         logits = model(**inputs).logits[rows, cols - 1]
         return F.cross_entropy(logits.float(), labels, reduction="none")
     hidden = model.get_decoder()(**inputs).last_hidden_state[rows, cols - 1]
-    head = model.get_output_embeddings()
-    if torch.is_grad_enabled() or len(labels) == 0:
-        return F.cross_entropy(head(hidden).float(), labels, reduction="none")
-    step = chunk_rows or head_chunk_rows(head.weight.shape[0], hidden.device)
-    return torch.cat([F.cross_entropy(head(hidden[i: i + step]).float(), labels[i: i + step], reduction="none")
-                      for i in range(0, len(labels), step)])
+    return head_nll(model.get_output_embeddings(), hidden, labels, chunk_rows)
 
 
 def last_attention_layer(model: Any) -> Any:
@@ -92,12 +120,16 @@ def last_attention_layer(model: Any) -> Any:
 
 def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
                    position_ids: torch.Tensor | None = None, logits: bool = False,
-                   attention: bool = False) -> dict[str, torch.Tensor]:
+                   attention: bool = False, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
     """The training forward of :func:`target_nll` (same ops, same per-token losses), plus what online weighting
     reads: ``logits`` = the detached float32 full-vocabulary logits that predicted each target (the ones the
     loss is computed from, no second head pass), ``attention`` = the last layer's attention weights
     [rows, heads, width, width], detached (needs eager attention; captured by a forward hook, so the other
-    layers' weights are never collected)."""
+    layers' weights are never collected).
+
+    Without ``logits`` the loss is chunked as in :func:`target_nll` (:func:`head_nll`). With them (EAFT) the
+    micro-batch's full-vocabulary logits are materialised at once, as the method reads them all (and returned
+    detached): the memory bound does not hold for that method, nor for a model without a plain head."""
     rows, cols, inputs, labels = _targets(input_ids, attention_mask, target, position_ids)
     captured: dict[str, torch.Tensor] = {}
     hook = None
@@ -108,15 +140,17 @@ def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
             captured["attention"] = output[1].detach()
         hook = last_attention_layer(model).register_forward_hook(keep_weights)
     try:
-        if _has_plain_head(model):
+        plain = _has_plain_head(model)
+        if plain:
             hidden = model.get_decoder()(**inputs).last_hidden_state[rows, cols - 1]
-            out = model.get_output_embeddings()(hidden).float()
+        if plain and not logits:
+            result = {"nll": head_nll(model.get_output_embeddings(), hidden, labels, chunk_rows)}
         else:
-            out = model(**inputs).logits[rows, cols - 1].float()
+            out = (model.get_output_embeddings()(hidden) if plain else model(**inputs).logits[rows, cols - 1]).float()
+            result = {"nll": F.cross_entropy(out, labels, reduction="none")}
     finally:
         if hook is not None:
             hook.remove()
-    result = {"nll": F.cross_entropy(out, labels, reduction="none")}
     if logits:
         result["logits"] = out.detach()
     if attention:
