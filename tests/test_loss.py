@@ -191,3 +191,18 @@ def test_budget_batches_cover_each_sample_once_within_budget_and_padding():
             cells = len(b) * lengths[b].max()
             if len(b) > 1:  # a single sample may exceed the budget and has no padding
                 assert cells <= budget and cells - lengths[b].sum() <= max_padding * cells
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+def test_scoring_builds_no_kv_cache(setup, head_only):
+    """A scoring pass is one forward: the decoder must not fill a cache of every layer's keys and values."""
+    tok, model, table = setup
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    try:
+        token_losses(model, table, token_budget=64, pad_id=tok.pad_token_id, head_only_at_targets=head_only,
+                     progress=False)
+    finally:
+        hook.remove()
+    assert seen and all(flag is False for flag in seen)

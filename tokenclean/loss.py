@@ -83,9 +83,10 @@ def _targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targe
     if target[:, 0].any():
         raise ValueError("position 0 cannot be a target: it has no context")
     rows, cols = target.nonzero(as_tuple=True)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    # use_cache=False: a KV cache is for generation; building one here only holds every layer's keys and values
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
-        inputs.update(position_ids=position_ids, use_cache=False)
+        inputs["position_ids"] = position_ids
     return rows, cols, inputs, input_ids[rows, cols]
 
 
