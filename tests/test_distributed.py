@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -16,6 +17,30 @@ TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks a
          ("x y z", "Hope this helps ."), ("what", "the lazy dog jumps"), ("a b", "c d e f g")]
 
 
+def tokenized(tmp_path: Path, model_dir: Path) -> Path:
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    return tokens
+
+
+def train_on_one_and_two_processes(tmp_path: Path, flags: list[str]) -> tuple[dict, dict]:
+    """`tokenclean train FLAGS` as one process (into one/) and as two under torchrun (into two/): their weights."""
+    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tokenclean.cli", "train", *flags, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-4, (name, float((one[name] - two[name]).abs().max()))
+    return one, two
+
+
 @pytest.mark.parametrize("extra", [
     [], ["--pack-length", "16", "--loss-normalization", "step"],
     # the paper's rule: micro-batches of 2 whose kept-token counts differ; the same samples must share a mean
@@ -25,25 +50,11 @@ TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks a
     ["--loss-normalization", "micro_batch"],
 ])
 def test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
-    tokens = tmp_path / "d.tokens.npz"
-    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
-                 "--out", str(tokens)]) == 0
+    tokens = tokenized(tmp_path, tiny_model_dir)
     # batch 5 over 2 processes: uneven shares (3 and 2 samples) with different counts of kept tokens
     flags = ["--tokens", str(tokens), "--model", str(tiny_model_dir), "--steps", "3", "--batch-size", "5",
              "--lr", "0.01", "--seed", "2", "--max-grad-norm", "1.0", *extra]
-    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "tokenclean.cli", "train", *flags, "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = load_file(str(tmp_path / "one" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert one.keys() == two.keys()
-    for name in one:
-        assert (one[name] - two[name]).abs().max() < 1e-4, (name, float((one[name] - two[name]).abs().max()))
+    one, _ = train_on_one_and_two_processes(tmp_path, flags)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any((one[n] - base[n]).abs().max() > 1e-3 for n in one)  # it did train
 
@@ -83,29 +94,16 @@ def test_two_processes_train_an_online_method_like_one_with_the_same_record(tmp_
 
     from tokenclean.artifacts import TokenTable, load_array, save_array
 
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
-    tokens = tmp_path / "d.tokens.npz"
-    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
-                 "--out", str(tokens)]) == 0
+    tokens = tokenized(tmp_path, tiny_model_dir)
     table, tmeta = TokenTable.load(tokens)
     ref = np.where(table.loss_mask, np.random.default_rng(0).random(table.n_tokens) * 4, np.nan).astype(np.float32)
     save_array(tmp_path / "ref.loss.npy", ref, {"kind": "loss", "tokens": str(tokens),
                                                  "tokens_fingerprint": tmeta["fingerprint"]})
     flags = ["--tokens", str(tokens), "--model", str(tiny_model_dir), "--steps", "3", "--batch-size", "5",
-             "--lr", "0.01", "--seed", "2", "--max-grad-norm", "1.0", "--ref-loss", str(tmp_path / "ref.loss.npy"),
-             *online]
-    if "rho1" not in online:
-        flags.remove("--ref-loss"), flags.remove(str(tmp_path / "ref.loss.npy"))
-    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "tokenclean.cli", "train", *flags, "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = load_file(str(tmp_path / "one" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "model.safetensors"))
-    for name in one:
-        assert (one[name] - two[name]).abs().max() < 1e-4, (name, float((one[name] - two[name]).abs().max()))
+             "--lr", "0.01", "--seed", "2", "--max-grad-norm", "1.0", *online]
+    if "rho1" in online:
+        flags += ["--ref-loss", str(tmp_path / "ref.loss.npy")]
+    train_on_one_and_two_processes(tmp_path, flags)
     w1, _ = load_array(tmp_path / "one" / "weights.npy", "weights", made_on=(tokens, tmeta))
     w2, meta = load_array(tmp_path / "two" / "weights.npy", "weights", made_on=(tokens, tmeta))
     assert np.array_equal(np.isnan(w1), np.isnan(w2)) and meta["tokens_trained"] == int(np.isfinite(w1).sum())
