@@ -46,6 +46,29 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra):
         assert (one[name] - two[name]).abs().max() < 1e-4, (name, float((one[name] - two[name]).abs().max()))
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any((one[n] - base[n]).abs().max() > 1e-3 for n in one)  # it did train
+    return tmp_path / "two"
+
+
+@pytest.mark.parametrize("extra", [
+    # one slice per process. A large epsilon makes AdamW's update depend on the gradients' scale: averaged
+    # instead of summed gradients would show
+    ["--adam-epsilon", "1e-3", "--max-grad-norm", "0"],
+    # clipping reads the norm of the sharded gradients
+    ["--adam-epsilon", "1e-3", "--max-grad-norm", "0.05"],
+    # 3 micro-batches of 2 on 2 processes: process 1 adds a pass of weight 0 (each forward all-gathers)
+    ["--loss-normalization", "micro_batch", "--micro-batch-size", "2", "--pack-length", "16"],
+    # one micro-batch per step: process 1 has none
+    ["--loss-normalization", "micro_batch"],
+    ["--online", "eaft"],
+])
+def test_two_sharded_processes_train_like_one(tmp_path, tiny_model_dir, monkeypatch, extra):
+    """hardware.sharding: fsdp (FSDP2 on gloo): parameters, gradients and AdamW moments sharded, the same update."""
+    from tokenclean.launch import SHARDING_ENV
+
+    monkeypatch.setenv(SHARDING_ENV, "fsdp")  # one process trains plain; the two shard
+    two = test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra)
+    assert json.loads((two / "tokenclean.json").read_text())["sharding"] == "fsdp"
+    assert "sharding" not in json.loads((tmp_path / "one" / "tokenclean.json").read_text())
 
 
 def test_the_process_group_gets_the_configured_timeout(monkeypatch):

@@ -9,16 +9,24 @@ each process's last micro-batch (the others accumulate under ``no_sync``), with 
 instead of DDP's average (:func:`data_parallel`). The update therefore equals the single-process one exactly
 (up to float summation order), whatever the split of kept tokens across processes, which a per-process mean
 followed by gradient averaging would not give.
+
+With ``hardware.sharding: fsdp`` (``$TOKENCLEAN_SHARDING``, set by the launch command) the same arithmetic runs
+under torch's FSDP2 (:func:`fully_sharded`): each process holds 1/W of the parameters, gradients and AdamW
+moments; gradients are reduce-scattered as a sum, accumulated without communication for all but the last
+micro-batch, and every process runs the same number of passes (weight 0 where it has no micro-batch), since
+each forward all-gathers every layer's parameters.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from tokenclean.launch import DEFAULT_TIMEOUT_MINUTES, TIMEOUT_ENV
+from tokenclean.launch import DEFAULT_TIMEOUT_MINUTES, SHARDING_ENV, SHARDINGS, TIMEOUT_ENV
 
 
 def rank_and_size() -> tuple[int, int]:
@@ -51,6 +59,35 @@ def timeout() -> timedelta:
     return timedelta(minutes=minutes)
 
 
+def sharding() -> str:
+    """``$TOKENCLEAN_SHARDING`` (the launch command's copy of ``hardware.sharding``), ``none`` when unset."""
+    name = os.environ.get(SHARDING_ENV, "").strip() or "none"
+    if name not in SHARDINGS:
+        raise ValueError(f"hardware.sharding: unknown {name!r} (one of {', '.join(SHARDINGS)})")
+    return name
+
+
+def check_sharding(lora_r: int, checkpoint_every: int) -> str:
+    """The sharding this run will use, or a one-line ValueError naming ``hardware.sharding`` before any training:
+    FSDP2 missing from the installed torch, or settings the sharded trainer does not support. One process
+    trains plain (there is nothing to shard)."""
+    name = sharding()
+    if name == "none" or rank_and_size()[1] == 1:
+        return "none"
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+    except ImportError:
+        raise ValueError(f"hardware.sharding: fsdp needs torch's FSDP2 (torch.distributed.fsdp.fully_shard, "
+                         f"torch >= 2.6); the installed torch {torch.__version__} lacks it") from None
+    if lora_r > 0:
+        raise ValueError("hardware.sharding: fsdp with lora_r > 0 is not supported yet (LoRA trains few weights: "
+                         "set hardware.sharding: none)")
+    if checkpoint_every > 0:
+        raise ValueError("hardware.sharding: fsdp with checkpoint_every > 0 is not supported yet (resume "
+                         "checkpoints hold unsharded weights): set checkpoint_every: 0")
+    return name
+
+
 def setup(device: torch.device) -> tuple[int, int]:
     """Join the process group when launched with several processes; (rank, world size)."""
     rank, size = rank_and_size()
@@ -76,6 +113,71 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     ddp.register_comm_hook(state=None, hook=_sum_hook)
     return ddp
+
+
+def fully_sharded(forward: torch.nn.Module, model: Any, device: torch.device) -> torch.nn.Module:
+    """``forward`` (the whole training forward, holding ``model``) sharded by torch's FSDP2: each decoder layer
+    its own unit (the classes the model names in ``_no_split_modules``, the layers Hugging Face keeps whole,
+    as accelerate's FSDP auto-wrap policy reads them), the rest (embeddings, final norm, head) in the root unit
+    on ``forward``, whose forward is the only one called (ours reads the decoder and the head apart).
+
+    Gradients are summed, not averaged: divide factor 1 (the loss is already normalised by the step's global
+    count) with plain SUM collectives, as gloo has no PREMUL_SUM. The parameters are replaced by DTensor
+    shards: read ``parameters()`` after this call.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"hardware.sharding: fsdp: {type(model).__name__} names no decoder-layer class "
+                         "(_no_split_modules) to shard by")
+    mesh = init_device_mesh(device.type, (rank_and_size()[1],))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(forward, mesh=mesh)
+    for unit in forward.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
+    return forward
+
+
+@contextmanager
+def gradient_sync(forward: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Within it, a backward pass of ``forward`` (DDP or FSDP) syncs gradients across the processes only if
+    ``sync``; otherwise they accumulate locally (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``)."""
+    if sync or not dist.is_initialized():
+        yield
+    elif hasattr(forward, "set_requires_gradient_sync"):
+        forward.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            forward.set_requires_gradient_sync(True)
+    else:
+        with forward.no_sync():
+            yield
+
+
+def full_model(forward: torch.nn.Module, model: Any) -> Any:
+    """On process 0, a plain copy of the FSDP-sharded ``model`` (inside ``forward``) with its full weights on the
+    CPU, to save; None on the others. Every process must call it (the weights are gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(forward, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, assign=True)
+    for name, buffer in model.named_buffers():  # not in the state dict when non-persistent (rotary frequencies)
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu().clone(),
+                                                   persistent=leaf not in model.get_submodule(owner)._non_persistent_buffers_set)
+    plain.tie_weights()
+    return plain
 
 
 def sum_values(*values: float, device: torch.device) -> list[float]:

@@ -13,7 +13,6 @@ the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -149,29 +148,28 @@ def merge_adapter(model: Any, merge_dtype: str = "float32", load_start: Callable
     return wrapped.merge_and_unload()
 
 
-def check_packing(model: Any, table: TokenTable, samples: np.ndarray, mask: np.ndarray, width: int,
+def check_packing(forward: torch.nn.Module, table: TokenTable, samples: np.ndarray, mask: np.ndarray, width: int,
                   pad_id: int) -> None:
     """Fail unless packed rows give every token the loss it has on its own (the model isolates samples).
 
     Packing relies on the model building a block-diagonal causal mask from restarting ``position_ids``; a model
     that ignores them would let samples attend to each other and train on the wrong context, silently.
     """
-    device = next(model.parameters()).device
+    device = next(forward.parameters()).device
     with torch.no_grad():
         packed = pack(table, samples, width, pad_id, mask=mask, device=device)
-        packed_nll = target_nll(model, packed["input_ids"], None, packed["target"],
-                                position_ids=packed["position_ids"])
+        packed_nll = forward(packed)
         padded = collate(table, samples, pad_id, mask=mask, device=device)
-        padded_nll = target_nll(model, padded["input_ids"], padded["attention_mask"], padded["target"])
+        padded_nll = forward(padded)
     packed_index = packed["index"][packed["target"].cpu()].numpy()
     padded_index = np.concatenate([np.flatnonzero(mask[table.offsets[s]:table.offsets[s + 1]]) + table.offsets[s]
                                    for s in samples])
     by_index = dict(zip(packed_index.tolist(), packed_nll.float().cpu().numpy().tolist()))
     gap = float(np.max(np.abs(np.array([by_index[i] for i in padded_index.tolist()])
                               - padded_nll.float().cpu().numpy())))
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    tolerance = 1e-3 if next(forward.parameters()).dtype == torch.float32 else 0.1
     if gap > tolerance:
-        raise ValueError(f"{type(model).__name__} does not keep packed samples apart (a token's loss changes by "
+        raise ValueError(f"{type(forward.model).__name__} does not keep packed samples apart (a token's loss changes by "
                          f"{gap:.3g} when packed); set pack_length: 0")
 
 
@@ -273,6 +271,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         raise ArtifactError("mask selects tokens outside loss_mask")
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
+    sharded = distributed.check_sharding(cfg.lora_r, cfg.checkpoint_every) == "fsdp"
     rank, world = distributed.setup(device)
     per_sample = np.add.reduceat(mask.astype(np.int64), table.offsets[:-1])
     usable = np.flatnonzero(per_sample > 0)
@@ -296,10 +295,12 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     forward = TrainingForward(model)
-    if world > 1:
+    if sharded:
+        forward = distributed.fully_sharded(forward, model, device)
+    elif world > 1:
         forward = distributed.data_parallel(forward, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     # foreach: one multi-tensor update instead of a Python loop over the parameters. torch picks it on
     # accelerators but not on the CPU, where a tiny model's step is mostly per-tensor overhead; on the CPU the
     # result is bitwise the same and the embedded SFT step about 5% faster (measured side by side).
@@ -350,17 +351,19 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             # this process's share: micro-batches r, r+W, ...; with none (fewer micro-batches than processes) a
             # pass of weight 0 over the first one, as DDP needs every process in each step's gradient sum
             share = list(range(rank, n_micro, world)) or [None]
+            if sharded:  # every forward all-gathers the layers: the same number of passes on every process
+                share += [None] * (math.ceil(n_micro / world) - len(share))
             for j, index in enumerate(share):
                 chunk = chunks[0 if index is None else index]
                 if cfg.pack_length:
                     if step == 0 and j == 0:
-                        check_packing(model, table, chunk, mask, cfg.pack_length, pad_id)
+                        check_packing(forward, table, chunk, mask, cfg.pack_length, pad_id)
                     batch = pack(table, chunk, cfg.pack_length, pad_id, mask=mask, device=device)
                 else:
                     batch = collate(table, chunk, pad_id, mask=mask, device=device)
                 # gradients are summed over the processes once, in the backward of each one's last micro-batch
                 sync = world == 1 or j == len(share) - 1
-                with contextlib.nullcontext() if sync else forward.no_sync():
+                with distributed.gradient_sync(forward, sync):
                     if index is None:
                         loss = forward(batch).sum() * 0.0
                     elif online is not None:
@@ -412,6 +415,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             log_file.close()
     if not math.isfinite(last_loss):
         raise FloatingPointError("training loss is not finite; lower the learning rate")
+    if sharded:  # process 0 saves a plain copy with the full weights
+        model = distributed.full_model(forward, model) or model
     if cfg.lora_r > 0 and merge:
         model = merge_adapter(model, cfg.merge_dtype, load_start)
     model.eval()
@@ -419,6 +424,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                "samples_without_selected_tokens": int(table.n_samples - len(usable)),
                "selected_tokens_trained": trained_tokens, "tokens_processed": seen_tokens,
                "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}
+    if sharded:
+        summary["sharding"] = "fsdp"
     summary.update(peak_memory(device))  # CUDA: the training's peak memory (make gpu-check)
     if online is not None:
         if world > 1:
@@ -544,6 +551,7 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
         raise ArtifactError(f"{tokens}: tokenized with a different tokenizer than that of {model_name!r}")
+    distributed.check_sharding(cfg.lora_r, cfg.checkpoint_every)  # before the model loads
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
