@@ -134,3 +134,64 @@ def test_two_processes_train_an_online_method_like_one_with_the_same_record(tmp_
     assert np.array_equal(np.isnan(w1), np.isnan(w2)) and meta["tokens_trained"] == int(np.isfinite(w1).sum())
     assert np.allclose(w1[np.isfinite(w1)], w2[np.isfinite(w2)], atol=1e-4)
     assert np.isfinite(w1).sum() > 0 and (w1[np.isfinite(w1)] < 1).any()  # it weighted, and not every token by 1
+
+
+JOB = """
+import logging
+import sys
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenclean.artifacts import TokenTable
+from tokenclean.training import TrainConfig, TrainingInterrupted, train_model
+
+logging.basicConfig(level=logging.INFO)
+model_dir, tokens, checkpoints, stop_after, out = sys.argv[1:]
+table, _ = TokenTable.load(tokens)
+cfg = TrainConfig(steps=5, batch_size=5, micro_batch_size=2, lr=0.01, seed=2, adam_epsilon=1e-3, checkpoint_every=2)
+try:
+    model, summary = train_model(AutoModelForCausalLM.from_pretrained(model_dir), table, table.loss_mask.copy(), cfg,
+                           AutoTokenizer.from_pretrained(model_dir).pad_token_id, progress=False,
+                           checkpoint_dir=checkpoints, stop_after=int(stop_after) or None)
+except TrainingInterrupted:
+    sys.exit(0)
+print("sharding:", summary.get("sharding", "none"))
+if int(__import__("os").environ.get("RANK", "0")) == 0:
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+"""
+
+
+def test_a_sharded_run_checkpoints_and_resumes_to_the_weights_of_one_uninterrupted_process(tmp_path, tiny_model_dir):
+    """Under FSDP, process 0 writes the checkpoint from the gathered shards (the unsharded layout) and every
+    process gets its shards of the weights and AdamW moments back: a killed sharded run ends like a plain one."""
+    from pathlib import Path
+
+    import tokenclean
+    from tokenclean.launch import SHARDING_ENV
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    (tmp_path / "job.py").write_text(JOB)
+
+    def job(processes: int, checkpoints: str, stop_after: int, out: str) -> str:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", SHARDING_ENV: "fsdp",  # this checkout's tokenclean
+               "PYTHONPATH": os.pathsep.join([str(Path(tokenclean.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(processes), str(tmp_path / "job.py"), str(tiny_model_dir), str(tokens),
+                               str(tmp_path / checkpoints), str(stop_after), str(tmp_path / out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    assert "sharding: none" in job(1, "plain", 0, "one.safetensors")  # one process: nothing to shard
+    job(2, "sharded", 3, "never.safetensors")  # killed after step 3: the checkpoint of step 2 stays
+    assert json.loads((tmp_path / "sharded" / "state.json").read_text())["step"] == 2
+    assert load_file(str(tmp_path / "sharded" / "optimizer.safetensors"))["0.exp_avg"].abs().max() > 0
+    output = job(2, "sharded", 0, "two.safetensors")
+    assert "resuming from" in output and output.count("sharding: fsdp") == 2
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-4, (name, float((one[name] - two[name]).abs().max()))
+    assert not (tmp_path / "never.safetensors").exists()

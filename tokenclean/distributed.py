@@ -67,7 +67,7 @@ def sharding() -> str:
     return name
 
 
-def check_sharding(lora_r: int, checkpoint_every: int) -> str:
+def check_sharding(lora_r: int) -> str:
     """The sharding this run will use, or a one-line ValueError naming ``hardware.sharding`` before any training:
     FSDP2 missing from the installed torch, or settings the sharded trainer does not support. One process
     trains plain (there is nothing to shard)."""
@@ -82,9 +82,6 @@ def check_sharding(lora_r: int, checkpoint_every: int) -> str:
     if lora_r > 0:
         raise ValueError("hardware.sharding: fsdp with lora_r > 0 is not supported yet (LoRA trains few weights: "
                          "set hardware.sharding: none)")
-    if checkpoint_every > 0:
-        raise ValueError("hardware.sharding: fsdp with checkpoint_every > 0 is not supported yet (resume "
-                         "checkpoints hold unsharded weights): set checkpoint_every: 0")
     return name
 
 
@@ -178,6 +175,51 @@ def full_model(forward: torch.nn.Module, model: Any) -> Any:
                                                    persistent=leaf not in model.get_submodule(owner)._non_persistent_buffers_set)
     plain.tie_weights()
     return plain
+
+
+def _trainable_names(model: Any) -> list[str]:
+    """The names of the trainable parameters, in the order of the optimizer's ``params`` (the checkpoint's
+    index); under FSDP the root unit is the training forward, whose names prefix ``model.``."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def full_training_state(forward: torch.nn.Module, model: Any, optimizer: torch.optim.Optimizer,
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """On process 0, the full trainable weights (by name) and AdamW moments (``<index>.<key>``) of the
+    FSDP-sharded ``model``, on the CPU: the layout of an unsharded checkpoint; None on the others. Every
+    process must call it (the shards are gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(forward, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    names = _trainable_names(model)
+    moments = {f"{i}.{key}": value.reshape(-1).clone() if value.dim() == 0 else value.contiguous()
+               for i, name in enumerate(names) for key, value in optim["state"].get(f"model.{name}", {}).items()}
+    return {name: weights[f"model.{name}"].contiguous() for name in names}, moments
+
+
+def load_full_training_state(forward: torch.nn.Module, model: Any, optimizer: torch.optim.Optimizer,
+                             weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`full_training_state`: process 0 passes the full tensors, the others empty dicts,
+    and each process keeps its shards (broadcast from process 0, so one copy is held in host memory)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = _trainable_names(model)
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        state.setdefault(f"model.{names[int(index)]}", {})[name] = value.reshape(()) if name == "step" else value
+    fqn = {id(p): f"model.{name}" for name, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [fqn[id(p)] for p in group["params"]]}
+              for group in optimizer.param_groups]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    # apart: set_state_dict skips the model on a process whose (empty) model dict says "optimizer only"
+    set_model_state_dict(forward, {f"model.{n}": weights[n] for n in weights}, options=options)
+    set_optimizer_state_dict(forward, optimizer, {"state": state, "param_groups": groups} if moments else {},
+                             options=options)
 
 
 def sum_values(*values: float, device: torch.device) -> list[float]:

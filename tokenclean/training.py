@@ -193,18 +193,24 @@ def _run_identity(table: TokenTable, mask: np.ndarray, cfg: TrainConfig, start: 
 
 
 def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Trainable weights, AdamW moments and the torch RNG state as safetensors; counters as JSON; ``extra``
-    tensors (an online method's per-token record) in ``extra.safetensors``; atomically."""
+                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None,
+                    full: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
+    """Trainable weights (by name), AdamW moments (``<index in params>.<key>``) and the torch RNG state as
+    safetensors; counters as JSON; ``extra`` tensors (an online method's per-token record) in
+    ``extra.safetensors``; atomically. ``full``: the weights and moments already gathered from FSDP shards
+    (:func:`tokenclean.distributed.full_training_state`), in the same layout, so either sharding resumes either."""
     from safetensors.torch import save_file
 
     from tokenclean.artifacts import atomic_dir
 
-    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    moments: dict[str, torch.Tensor] = {"rng": torch.get_rng_state()}
-    for i, p in enumerate(params):
-        for key, value in optimizer.state.get(p, {}).items():
-            moments[f"{i}.{key}"] = value.detach().cpu().reshape(-1).clone() if value.dim() == 0 else value.detach().cpu().contiguous()
+    if full is not None:
+        weights, moments = full[0], {"rng": torch.get_rng_state(), **full[1]}
+    else:
+        weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        moments = {"rng": torch.get_rng_state()}
+        for i, p in enumerate(params):
+            for key, value in optimizer.state.get(p, {}).items():
+                moments[f"{i}.{key}"] = value.detach().cpu().reshape(-1).clone() if value.dim() == 0 else value.detach().cpu().contiguous()
     with atomic_dir(directory) as tmp:
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
@@ -214,9 +220,12 @@ def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
 
 
 def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                    identity: str) -> dict[str, Any] | None:
+                    identity: str, sharded: torch.nn.Module | None = None) -> dict[str, Any] | None:
     """Restore a checkpoint of this very run into ``model`` and ``optimizer``; None if there is none (or it is
-    from another run, which is then left alone and overwritten by this run's first checkpoint)."""
+    from another run, which is then left alone and overwritten by this run's first checkpoint). ``sharded``:
+    the FSDP-sharded training forward holding ``model``; process 0 reads the tensors and hands each process its
+    shards (:func:`tokenclean.distributed.load_full_training_state`)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state_file = directory / "state.json"
@@ -226,17 +235,27 @@ def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
     if state.get("identity") != identity:
         log.warning("%s holds a checkpoint of another run (other data, mask or settings); starting over", directory)
         return None
-    weights = load_file(str(directory / "weights.safetensors"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(weights[name].to(p.device, p.dtype))
-    moments = load_file(str(directory / "optimizer.safetensors"))
-    torch.set_rng_state(moments.pop("rng"))
-    for key, value in moments.items():
-        index, name = key.split(".", 1)
-        p = params[int(index)]
-        optimizer.state[p][name] = value.reshape(()) if name == "step" else value.to(p.device)
+    if sharded is not None:
+        with safe_open(str(directory / "optimizer.safetensors"), "pt") as f:
+            torch.set_rng_state(f.get_tensor("rng"))
+        first = distributed.rank_and_size()[0] == 0  # the others receive their shards from process 0
+        moments = load_file(str(directory / "optimizer.safetensors")) if first else {}
+        moments.pop("rng", None)
+        distributed.load_full_training_state(sharded, model, optimizer,
+                                             load_file(str(directory / "weights.safetensors")) if first else {},
+                                             moments)
+    else:
+        weights = load_file(str(directory / "weights.safetensors"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(weights[name].to(p.device, p.dtype))
+        moments = load_file(str(directory / "optimizer.safetensors"))
+        torch.set_rng_state(moments.pop("rng"))
+        for key, value in moments.items():
+            index, name = key.split(".", 1)
+            p = params[int(index)]
+            optimizer.state[p][name] = value.reshape(()) if name == "step" else value.to(p.device)
     if (directory / "extra.safetensors").exists():
         state["extra"] = load_file(str(directory / "extra.safetensors"))
     log.info("resuming from %s at step %d", directory, state["step"])
@@ -271,7 +290,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         raise ArtifactError("mask selects tokens outside loss_mask")
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    sharded = distributed.check_sharding(cfg.lora_r, cfg.checkpoint_every) == "fsdp"
+    sharded = distributed.check_sharding(cfg.lora_r) == "fsdp"
     rank, world = distributed.setup(device)
     per_sample = np.add.reduceat(mask.astype(np.int64), table.offsets[:-1])
     usable = np.flatnonzero(per_sample > 0)
@@ -313,7 +332,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                     math.ceil(cfg.batch_size / (cfg.micro_batch_size or cfg.batch_size)))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
     identity = _run_identity(table, mask, cfg, start_fingerprint, online)
-    resumed = load_checkpoint(checkpoints, model, optimizer, params, identity) if checkpoints else None
+    resumed = (load_checkpoint(checkpoints, model, optimizer, params, identity, forward if sharded else None)
+               if checkpoints else None)
     if online is not None and resumed and "extra" in resumed and rank == 0:  # the record is summed at the end
         online.weight_sum[:] = resumed["extra"]["weight_sum"].numpy()
         online.seen[:] = resumed["extra"]["seen"].numpy()
@@ -405,10 +425,11 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 log_file.flush()
             if checkpointing and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
                 extra = _global_record(online, world, device) if online is not None else None
+                full = distributed.full_training_state(forward, model, optimizer) if sharded else None  # all gather
                 if checkpoints:
                     save_checkpoint(checkpoints, model, optimizer, params, {
                         "identity": identity, "step": step + 1, "seen_tokens": seen_tokens,
-                        "trained_tokens": trained_tokens, "loss": last_loss}, extra)
+                        "trained_tokens": trained_tokens, "loss": last_loss}, extra, full)
     finally:
         bar.close()
         if log_file:
@@ -551,7 +572,7 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
         raise ArtifactError(f"{tokens}: tokenized with a different tokenizer than that of {model_name!r}")
-    distributed.check_sharding(cfg.lora_r, cfg.checkpoint_every)  # before the model loads
+    distributed.check_sharding(cfg.lora_r)  # before the model loads
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
