@@ -136,6 +136,35 @@ def test_two_processes_train_an_online_method_like_one_with_the_same_record(tmp_
     assert np.isfinite(w1).sum() > 0 and (w1[np.isfinite(w1)] < 1).any()  # it weighted, and not every token by 1
 
 
+@pytest.mark.parametrize("case", ["lora", "no FSDP2", "unknown"])
+def test_sharding_the_trainer_cannot_do_is_refused_in_one_line_before_the_model_loads(
+        case, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from tokenclean import models
+    from tokenclean.launch import SHARDING_ENV
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
+    tokens = tmp_path / "d.tokens.npz"
+    assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
+                 "--out", str(tokens)]) == 0
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the refusal comes before any process group
+    monkeypatch.setenv(SHARDING_ENV, "zero3" if case == "unknown" else "fsdp")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    if case == "no FSDP2":  # a torch without torch.distributed.fsdp.fully_shard
+        monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)
+    flags = ["--lora-r", "4"] if case == "lora" else []
+    capsys.readouterr()
+    assert main(["train", "--tokens", str(tokens), "--model", str(tiny_model_dir), "--steps", "1", *flags,
+                 "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = {"lora": "hardware.sharding: fsdp with lora_r > 0 is not supported yet",
+                "no FSDP2": "hardware.sharding: fsdp needs torch's FSDP2 (torch.distributed.fsdp.fully_shard",
+                "unknown": "hardware.sharding: unknown 'zero3' (one of none, fsdp)"}[case]
+    assert err.startswith(f"tokenclean train: error: {expected}") and "\n" not in err, err
+    assert not (tmp_path / "m").exists()
+
+
 JOB = """
 import logging
 import sys
