@@ -57,8 +57,8 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra):
     ["--adam-epsilon", "1e-3", "--max-grad-norm", "0.05"],
     # 3 micro-batches of 2 on 2 processes: process 1 adds a pass of weight 0 (each forward all-gathers)
     ["--loss-normalization", "micro_batch", "--micro-batch-size", "2", "--pack-length", "16"],
-    # one micro-batch per step: process 1 has none
-    ["--loss-normalization", "micro_batch"],
+    # one micro-batch per step: process 1 has none; the layers recompute their activations in the backward pass
+    ["--loss-normalization", "micro_batch", "--gradient-checkpointing", "true"],
     ["--online", "eaft"],
 ])
 def test_two_sharded_processes_train_like_one(tmp_path, tiny_model_dir, monkeypatch, extra):
@@ -69,6 +69,8 @@ def test_two_sharded_processes_train_like_one(tmp_path, tiny_model_dir, monkeypa
     two = test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra)
     assert json.loads((two / "tokenclean.json").read_text())["sharding"] == "fsdp"
     assert "sharding" not in json.loads((tmp_path / "one" / "tokenclean.json").read_text())
+    for name in ("config.json", "generation_config.json"):  # the saved copy is the model it trained
+        assert json.loads((two / name).read_text()) == json.loads((tmp_path / "one" / name).read_text()), name
 
 
 def test_the_process_group_gets_the_configured_timeout(monkeypatch):

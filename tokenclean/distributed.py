@@ -174,6 +174,7 @@ def full_model(forward: torch.nn.Module, model: Any) -> Any:
         plain.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu().clone(),
                                                    persistent=leaf not in model.get_submodule(owner)._non_persistent_buffers_set)
     plain.tie_weights()
+    plain.generation_config = model.generation_config  # the loaded one (e.g. the base's eos ids), not the default
     return plain
 
 
