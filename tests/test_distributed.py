@@ -25,6 +25,11 @@ TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks a
     ["--loss-normalization", "micro_batch"],
 ])
 def test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra):
+    train_on_one_and_two(tmp_path, tiny_model_dir, extra)
+
+
+def train_on_one_and_two(tmp_path, tiny_model_dir, extra: list[str]):
+    """Train the same steps on one process and on two (torchrun); check equal weights; the two's model dir."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in TEXTS))
     tokens = tmp_path / "d.tokens.npz"
@@ -66,7 +71,7 @@ def test_two_sharded_processes_train_like_one(tmp_path, tiny_model_dir, monkeypa
     from tokenclean.launch import SHARDING_ENV
 
     monkeypatch.setenv(SHARDING_ENV, "fsdp")  # one process trains plain; the two shard
-    two = test_two_processes_train_like_one(tmp_path, tiny_model_dir, extra)
+    two = train_on_one_and_two(tmp_path, tiny_model_dir, extra)
     assert json.loads((two / "tokenclean.json").read_text())["sharding"] == "fsdp"
     assert "sharding" not in json.loads((tmp_path / "one" / "tokenclean.json").read_text())
     for name in ("config.json", "generation_config.json"):  # the saved copy is the model it trained
@@ -207,8 +212,9 @@ def test_a_sharded_run_checkpoints_and_resumes_to_the_weights_of_one_uninterrupt
     (tmp_path / "job.py").write_text(JOB)
 
     def job(processes: int, checkpoints: str, stop_after: int, out: str) -> str:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", SHARDING_ENV: "fsdp",  # this checkout's tokenclean
-               "PYTHONPATH": os.pathsep.join([str(Path(tokenclean.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        here = str(Path(tokenclean.__file__).parents[1])  # a script's processes import this checkout's tokenclean
+        env = {**os.environ, "OMP_NUM_THREADS": "1", SHARDING_ENV: "fsdp",
+               "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                str(processes), str(tmp_path / "job.py"), str(tiny_model_dir), str(tokens),
                                str(tmp_path / checkpoints), str(stop_after), str(tmp_path / out)],

@@ -171,8 +171,8 @@ def full_model(forward: torch.nn.Module, model: Any) -> Any:
     plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, assign=True)
     for name, buffer in model.named_buffers():  # not in the state dict when non-persistent (rotary frequencies)
         owner, _, leaf = name.rpartition(".")
-        plain.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu().clone(),
-                                                   persistent=leaf not in model.get_submodule(owner)._non_persistent_buffers_set)
+        persistent = leaf not in model.get_submodule(owner)._non_persistent_buffers_set
+        plain.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu().clone(), persistent=persistent)
     plain.tie_weights()
     plain.generation_config = model.generation_config  # the loaded one (e.g. the base's eos ids), not the default
     return plain

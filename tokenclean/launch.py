@@ -2,8 +2,8 @@
 
 Kept free of heavy imports: the Snakefile calls it while planning the DAG. The trainer sets up its data
 parallelism (torch DDP, tokenclean/distributed.py) from the RANK / WORLD_SIZE the launcher sets, so both launchers
-give the same training; with ``hardware.sharding: fsdp`` it shards the model across them instead (torch FSDP2). On one machine, GPU jobs start through
-tokenclean/gpu_slots.py, which gives each its own GPUs.
+give the same training; with ``hardware.sharding: fsdp`` it shards the model across them instead (torch FSDP2).
+On one machine, GPU jobs start through tokenclean/gpu_slots.py, which gives each its own GPUs.
 """
 from __future__ import annotations
 
