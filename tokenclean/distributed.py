@@ -115,7 +115,8 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
 def fully_sharded(forward: torch.nn.Module, model: Any, device: torch.device) -> torch.nn.Module:
     """``forward`` (the whole training forward, holding ``model``) sharded by torch's FSDP2: each decoder layer
     its own unit (the classes the model names in ``_no_split_modules``, the layers Hugging Face keeps whole,
-    as accelerate's FSDP auto-wrap policy reads them), the rest (embeddings, final norm, head) in the root unit
+    which accelerate's FSDP auto-wrap policy also wraps by default: accelerate 1.15, utils/fsdp_utils.py
+    ``fsdp2_prepare_auto_wrap_policy``), the rest (embeddings, final norm, head) in the root unit
     on ``forward``, whose forward is the only one called (ours reads the decoder and the head apart).
 
     Gradients are summed, not averaged: divide factor 1 (the loss is already normalised by the step's global

@@ -154,6 +154,7 @@ def check_packing(forward: torch.nn.Module, table: TokenTable, samples: np.ndarr
 
     Packing relies on the model building a block-diagonal causal mask from restarting ``position_ids``; a model
     that ignores them would let samples attend to each other and train on the wrong context, silently.
+    ``forward``: the :class:`TrainingForward` as trained (DDP- or FSDP-wrapped), on every process.
     """
     device = next(forward.parameters()).device
     with torch.no_grad():
@@ -169,8 +170,8 @@ def check_packing(forward: torch.nn.Module, table: TokenTable, samples: np.ndarr
                               - padded_nll.float().cpu().numpy())))
     tolerance = 1e-3 if next(forward.parameters()).dtype == torch.float32 else 0.1
     if gap > tolerance:
-        raise ValueError(f"{type(forward.model).__name__} does not keep packed samples apart (a token's loss changes by "
-                         f"{gap:.3g} when packed); set pack_length: 0")
+        raise ValueError(f"{type(forward.model).__name__} does not keep packed samples apart (a token's loss "
+                         f"changes by {gap:.3g} when packed); set pack_length: 0")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -237,14 +238,14 @@ def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
         log.warning("%s holds a checkpoint of another run (other data, mask or settings); starting over", directory)
         return None
     if sharded is not None:
-        with safe_open(str(directory / "optimizer.safetensors"), "pt") as f:
-            torch.set_rng_state(f.get_tensor("rng"))
-        first = distributed.rank_and_size()[0] == 0  # the others receive their shards from process 0
-        moments = load_file(str(directory / "optimizer.safetensors")) if first else {}
-        moments.pop("rng", None)
-        distributed.load_full_training_state(sharded, model, optimizer,
-                                             load_file(str(directory / "weights.safetensors")) if first else {},
-                                             moments)
+        if distributed.rank_and_size()[0] == 0:
+            weights = load_file(str(directory / "weights.safetensors"))
+            moments = load_file(str(directory / "optimizer.safetensors"))
+        else:  # the others receive their shards from process 0: only the RNG state is read here
+            with safe_open(str(directory / "optimizer.safetensors"), "pt") as f:
+                weights, moments = {}, {"rng": f.get_tensor("rng")}
+        torch.set_rng_state(moments.pop("rng"))
+        distributed.load_full_training_state(sharded, model, optimizer, weights, moments)
     else:
         weights = load_file(str(directory / "weights.safetensors"))
         with torch.no_grad():
