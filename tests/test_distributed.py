@@ -143,7 +143,7 @@ def test_two_processes_train_an_online_method_like_one_with_the_same_record(tmp_
     assert np.isfinite(w1).sum() > 0 and (w1[np.isfinite(w1)] < 1).any()  # it weighted, and not every token by 1
 
 
-@pytest.mark.parametrize("case", ["lora", "no FSDP2", "unknown"])
+@pytest.mark.parametrize("case", ["lora", "no FSDP2", "an older FSDP2", "unknown"])
 def test_sharding_the_trainer_cannot_do_is_refused_in_one_line_before_the_model_loads(
         case, tmp_path, tiny_model_dir, monkeypatch, capsys):
     from tokenclean import models
@@ -160,6 +160,9 @@ def test_sharding_the_trainer_cannot_do_is_refused_in_one_line_before_the_model_
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     if case == "no FSDP2":  # a torch without torch.distributed.fsdp.fully_shard
         monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)
+    if case == "an older FSDP2":  # fully_shard without the sum-only collectives that gloo needs
+        from torch.distributed.fsdp import FSDPModule
+        monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")
     flags = ["--lora-r", "4"] if case == "lora" else []
     capsys.readouterr()
     assert main(["train", "--tokens", str(tokens), "--model", str(tiny_model_dir), "--steps", "1", *flags,
@@ -167,8 +170,11 @@ def test_sharding_the_trainer_cannot_do_is_refused_in_one_line_before_the_model_
     err = capsys.readouterr().err.strip()
     expected = {"lora": "hardware.sharding: fsdp with lora_r > 0 is not supported yet",
                 "no FSDP2": "hardware.sharding: fsdp needs torch's FSDP2 (torch.distributed.fsdp.fully_shard",
+                "an older FSDP2": "hardware.sharding: fsdp needs torch's FSDP2",
                 "unknown": "hardware.sharding: unknown 'zero3' (one of none, fsdp)"}[case]
     assert err.startswith(f"tokenclean train: error: {expected}") and "\n" not in err, err
+    if case == "an older FSDP2":
+        assert err.endswith("lacks set_force_sum_reduction_for_comms"), err
     assert not (tmp_path / "m").exists()
 
 

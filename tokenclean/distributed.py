@@ -74,11 +74,15 @@ def check_sharding(lora_r: int) -> str:
     name = sharding()
     if name == "none" or rank_and_size()[1] == 1:
         return "none"
+    needed = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "set_requires_gradient_sync")
     try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401  (FSDP2)
+        missing = [name for name in needed if not hasattr(FSDPModule, name)]
     except ImportError:
-        raise ValueError(f"hardware.sharding: fsdp needs torch's FSDP2 (torch.distributed.fsdp.fully_shard, "
-                         f"torch >= 2.6); the installed torch {torch.__version__} lacks it") from None
+        missing = ["fully_shard"]
+    if missing:
+        raise ValueError(f"hardware.sharding: fsdp needs torch's FSDP2 (torch.distributed.fsdp.fully_shard with "
+                         f"{', '.join(needed)}); the installed torch {torch.__version__} lacks {missing[0]}")
     if lora_r > 0:
         raise ValueError("hardware.sharding: fsdp with lora_r > 0 is not supported yet (LoRA trains few weights: "
                          "set hardware.sharding: none)")
