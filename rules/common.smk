@@ -69,7 +69,8 @@ ONE_GPU = 1 if GPU_JOBS else 0
 # A GPU job starts through tokenclean/gpu_slots.py, which gives it GPUs no other job of the machine holds (Snakemake
 # counts GPUs but does not say which): one-GPU jobs (scoring, evaluation) run side by side, training takes them all.
 TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
-                           timeout_minutes=HARDWARE.get("timeout_minutes"), gpu_slots=TRAIN_GPUS)
+                           timeout_minutes=HARDWARE.get("timeout_minutes"), gpu_slots=TRAIN_GPUS,
+                           sharding=HARDWARE.get("sharding", "none"))
 GPU_TC = tokenclean_command(PYTHON, gpu_slots=ONE_GPU)
 
 # Jobs that other jobs wait for start first among the ready ones (Snakemake's rule `priority`): the warm-up

@@ -120,6 +120,13 @@ BAD = {
     "world and data": (smoke_with(data={"pool": {"path": "p.jsonl"}, "warmup": {"first_of_pool": 1}}),
                        "give only one of world | data, not world and data"),
     "missing key": ({k: v for k, v in load(SMOKE).items() if k != "sft"}, "missing key 'sft'"),
+    "sharding without GPUs to shard across": (smoke_with(hardware={"sharding": "fsdp"}),
+                                               "hardware.sharding: fsdp needs hardware.gpus > 1"),
+    "sharding a LoRA run": (smoke_with(hardware={"gpus": 2, "sharding": "fsdp"},
+                                       sft={"train": {"steps": 5, "lora_r": 8}}),
+                            "hardware.sharding: fsdp with sft.train.lora_r > 0 is not supported yet"),
+    "an unknown sharding": (smoke_with(hardware={"gpus": 2, "sharding": "zero3"}),
+                            "hardware.sharding: 'zero3' is not one of"),
     "fewer chunks than rounds": (smoke_with(self_evolving={"rounds": 3, "chunks": 2}),
                                  "self_evolving.chunks: 2 must be at least self_evolving.rounds (3)"),
     "the old oracle method": (smoke_with(methods=["full", "oracle"]),
@@ -161,6 +168,12 @@ def test_bad_config_is_refused_with_one_line_naming_the_key(case, tmp_path, monk
     with pytest.raises(ConfigError) as e:
         check_config(copy.deepcopy(cfg), [path])
     assert str(e.value).startswith(f"x.yaml: {expected}") and "\n" not in str(e.value), str(e.value)
+
+
+def test_sharded_full_fine_tuning_passes_the_check_and_sharding_defaults_to_none():
+    cfg = check_config(smoke_with(hardware={"gpus": 2}))
+    assert cfg["hardware"]["sharding"] == "none"
+    assert check_config(smoke_with(hardware={"gpus": 2, "sharding": "fsdp"}))["hardware"]["sharding"] == "fsdp"
 
 
 def test_non_embedded_experiment_needs_benchmarks():

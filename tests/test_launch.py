@@ -43,6 +43,19 @@ def test_the_hardware_timeout_reaches_the_training_processes(launcher):
         tokenclean_command("python", 2, launcher, timeout_minutes=0)
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_hardware_sharding_reaches_the_training_processes(launcher):
+    from tokenclean.launch import SHARDING_ENV, TIMEOUT_ENV
+
+    argv = shlex.split(tokenclean_command("python", 8, launcher, timeout_minutes=60, sharding="fsdp"))
+    assert argv[:3] == ["env", f"{TIMEOUT_ENV}=60", f"{SHARDING_ENV}=fsdp"] and argv[3] == "python"
+    assert SHARDING_ENV not in tokenclean_command("python", 8, launcher)  # none: DDP, nothing to pass
+    with pytest.raises(ValueError, match=r"^hardware.sharding: fsdp needs hardware.gpus > 1"):
+        tokenclean_command("python", 1, launcher, sharding="fsdp")
+    with pytest.raises(ValueError, match=r"^hardware.sharding: unknown 'zero3'"):
+        tokenclean_command("python", 8, launcher, sharding="zero3")
+
+
 def fake_gpus(monkeypatch, count: int, bf16: bool = True) -> None:
     import torch
 

@@ -94,6 +94,22 @@ def test_hardware_file_launches_training_on_every_gpu(tmp_path):
     assert all("accelerate.commands.launch --num_processes 8" in line for line in train)
 
 
+def test_a_hardware_file_shards_full_fine_tuning_and_keeps_it_out_of_the_recipe(tmp_path):
+    """hardware.sharding reaches every training job through its launch command, never as a `train` flag."""
+    hardware = tmp_path / "fsdp.yaml"
+    hardware.write_text("hardware: {gpus: 8, launcher: accelerate, sharding: fsdp}\n")
+    full = tmp_path / "full.yaml"  # full fine-tuning: the paper's recipe without LoRA
+    full.write_text("warmup: {train: {lora_r: 0}}\nsft: {train: {lora_r: 0}}\n")
+    config = ROOT / "configs" / "paper" / "mistral-7b.yaml"
+    counts, out = plan(tmp_path / "a", config, full, hardware)
+    train = [line for line in out.splitlines() if "tokenclean.cli train" in line]
+    assert len(train) == counts["warmup"] + counts["sft"] + counts["self_evolve"]
+    assert all("env TOKENCLEAN_DIST_TIMEOUT_MINUTES=60 TOKENCLEAN_SHARDING=fsdp " in line for line in train)
+    _, plain = plan(tmp_path / "b", config, full, ROOT / "configs" / "hardware" / "8-gpus.yaml")
+    assert sorted(line.replace(" TOKENCLEAN_SHARDING=fsdp", "") for line in train) == sorted(
+        line for line in plain.splitlines() if "tokenclean.cli train" in line)
+
+
 def planned_resources(out: str) -> dict[str, set[str]]:
     """rule -> the distinct `resources:` lines of its planned jobs (dry-run output)."""
     found: dict[str, set[str]] = {}

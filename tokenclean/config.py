@@ -156,6 +156,15 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
             return ["ratios", i], (f"{r!r} would be written as r{tag} in run names and read back as {float(tag)!r};"
                                    " give at most 6 significant digits")
         by_tag[tag] = r
+    hardware = config.get("hardware", {})
+    sharding = hardware.get("sharding", "none")
+    if sharding != "none":  # as tokenclean.launch and tokenclean.distributed.check_sharding refuse at run time
+        if hardware.get("gpus", 1) == 1:
+            return ["hardware", "sharding"], f"{sharding} needs hardware.gpus > 1 (one process has nothing to shard)"
+        for block in ("warmup", "sft"):
+            if config.get(block, {}).get("train", {}).get("lora_r", 0) > 0:
+                return ["hardware", "sharding"], (f"{sharding} with {block}.train.lora_r > 0 is not supported yet "
+                                                  "(LoRA trains few weights: set hardware.sharding: none)")
     se = config.get("self_evolving", {})
     rounds = se.get("rounds", 3)
     if se.get("chunks", rounds) < rounds:

@@ -2,8 +2,8 @@
 
 Kept free of heavy imports: the Snakefile calls it while planning the DAG. The trainer sets up its data
 parallelism (torch DDP, tokenclean/distributed.py) from the RANK / WORLD_SIZE the launcher sets, so both launchers
-give the same training; FSDP sharding is not supported yet. On one machine, GPU jobs start through
-tokenclean/gpu_slots.py, which gives each its own GPUs.
+give the same training; with ``hardware.sharding: fsdp`` it shards the model across them instead (torch FSDP2).
+On one machine, GPU jobs start through tokenclean/gpu_slots.py, which gives each its own GPUs.
 """
 from __future__ import annotations
 
@@ -16,15 +16,20 @@ LAUNCHERS = ("torchrun", "accelerate")
 # hardware, not recipe, so it travels in the launch command's environment, not as a `train` flag.
 TIMEOUT_ENV = "TOKENCLEAN_DIST_TIMEOUT_MINUTES"
 DEFAULT_TIMEOUT_MINUTES = 60
+# How multi-process training holds the model (hardware.sharding): `none`, a full copy per process under DDP;
+# `fsdp`, parameters, gradients and optimizer state sharded across the processes (tokenclean/distributed.py).
+SHARDING_ENV = "TOKENCLEAN_SHARDING"
+SHARDINGS = ("none", "fsdp")
 
 
 def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", port: int | None = None,
-                       timeout_minutes: float | None = None, gpu_slots: int = 0) -> str:
+                       timeout_minutes: float | None = None, gpu_slots: int = 0, sharding: str = "none") -> str:
     """Shell prefix that runs ``tokenclean <command>`` on ``gpus`` GPUs of one node (one process each).
 
     ``timeout_minutes`` (hardware.timeout_minutes) becomes the processes' collective timeout, passed in the
     environment so that it stays out of the training recipe (and of the run's identity). ``gpu_slots`` > 0: the
     command starts through :mod:`tokenclean.gpu_slots`, on that many GPUs no other job of the machine holds.
+    ``sharding`` (hardware.sharding) travels the same way; a single process has nothing to shard.
     """
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
@@ -32,11 +37,17 @@ def tokenclean_command(python: str, gpus: int = 1, launcher: str = "torchrun", p
         raise ValueError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
     if timeout_minutes is not None and not timeout_minutes > 0:
         raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"hardware.sharding: unknown {sharding!r} (one of {', '.join(SHARDINGS)})")
+    if sharding != "none" and gpus == 1:
+        raise ValueError(f"hardware.sharding: {sharding} needs hardware.gpus > 1 (one process has nothing to shard)")
     python = shlex.quote(python)
     slots = f"{python} -m tokenclean.gpu_slots --gpus {gpu_slots} -- " if gpu_slots > 0 else ""
     if gpus == 1:
         return f"{slots}{python} -m tokenclean.cli"
-    env = slots + ("" if timeout_minutes is None else f"env {TIMEOUT_ENV}={timeout_minutes:g} ")
+    variables = ([] if timeout_minutes is None else [f"{TIMEOUT_ENV}={timeout_minutes:g}"]) + (
+        [] if sharding == "none" else [f"{SHARDING_ENV}={sharding}"])
+    env = slots + (f"env {' '.join(variables)} " if variables else "")
     if launcher == "torchrun":
         rendezvous = "--standalone" if port is None else f"--master_port {port}"
         return f"{env}{python} -m torch.distributed.run {rendezvous} --nproc_per_node {gpus} -m tokenclean.cli"

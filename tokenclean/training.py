@@ -13,7 +13,6 @@ the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -149,30 +148,30 @@ def merge_adapter(model: Any, merge_dtype: str = "float32", load_start: Callable
     return wrapped.merge_and_unload()
 
 
-def check_packing(model: Any, table: TokenTable, samples: np.ndarray, mask: np.ndarray, width: int,
+def check_packing(forward: torch.nn.Module, table: TokenTable, samples: np.ndarray, mask: np.ndarray, width: int,
                   pad_id: int) -> None:
     """Fail unless packed rows give every token the loss it has on its own (the model isolates samples).
 
     Packing relies on the model building a block-diagonal causal mask from restarting ``position_ids``; a model
     that ignores them would let samples attend to each other and train on the wrong context, silently.
+    ``forward``: the :class:`TrainingForward` as trained (DDP- or FSDP-wrapped), on every process.
     """
-    device = next(model.parameters()).device
+    device = next(forward.parameters()).device
     with torch.no_grad():
         packed = pack(table, samples, width, pad_id, mask=mask, device=device)
-        packed_nll = target_nll(model, packed["input_ids"], None, packed["target"],
-                                position_ids=packed["position_ids"])
+        packed_nll = forward(packed)
         padded = collate(table, samples, pad_id, mask=mask, device=device)
-        padded_nll = target_nll(model, padded["input_ids"], padded["attention_mask"], padded["target"])
+        padded_nll = forward(padded)
     packed_index = packed["index"][packed["target"].cpu()].numpy()
     padded_index = np.concatenate([np.flatnonzero(mask[table.offsets[s]:table.offsets[s + 1]]) + table.offsets[s]
                                    for s in samples])
     by_index = dict(zip(packed_index.tolist(), packed_nll.float().cpu().numpy().tolist()))
     gap = float(np.max(np.abs(np.array([by_index[i] for i in padded_index.tolist()])
                               - padded_nll.float().cpu().numpy())))
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    tolerance = 1e-3 if next(forward.parameters()).dtype == torch.float32 else 0.1
     if gap > tolerance:
-        raise ValueError(f"{type(model).__name__} does not keep packed samples apart (a token's loss changes by "
-                         f"{gap:.3g} when packed); set pack_length: 0")
+        raise ValueError(f"{type(forward.model).__name__} does not keep packed samples apart (a token's loss "
+                         f"changes by {gap:.3g} when packed); set pack_length: 0")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -195,18 +194,25 @@ def _run_identity(table: TokenTable, mask: np.ndarray, cfg: TrainConfig, start: 
 
 
 def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Trainable weights, AdamW moments and the torch RNG state as safetensors; counters as JSON; ``extra``
-    tensors (an online method's per-token record) in ``extra.safetensors``; atomically."""
+                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None,
+                    full: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
+    """Trainable weights (by name), AdamW moments (``<index in params>.<key>``) and the torch RNG state as
+    safetensors; counters as JSON; ``extra`` tensors (an online method's per-token record) in
+    ``extra.safetensors``; atomically. ``full``: the weights and moments already gathered from FSDP shards
+    (:func:`tokenclean.distributed.full_training_state`), in the same layout, so either sharding resumes either."""
     from safetensors.torch import save_file
 
     from tokenclean.artifacts import atomic_dir
 
-    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    moments: dict[str, torch.Tensor] = {"rng": torch.get_rng_state()}
-    for i, p in enumerate(params):
-        for key, value in optimizer.state.get(p, {}).items():
-            moments[f"{i}.{key}"] = value.detach().cpu().reshape(-1).clone() if value.dim() == 0 else value.detach().cpu().contiguous()
+    if full is not None:
+        weights, moments = full[0], {"rng": torch.get_rng_state(), **full[1]}
+    else:
+        weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        moments = {"rng": torch.get_rng_state()}
+        for i, p in enumerate(params):
+            for key, value in optimizer.state.get(p, {}).items():
+                value = value.detach().cpu()
+                moments[f"{i}.{key}"] = value.reshape(-1).clone() if value.dim() == 0 else value.contiguous()
     with atomic_dir(directory) as tmp:
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
@@ -216,9 +222,12 @@ def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
 
 
 def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                    identity: str) -> dict[str, Any] | None:
+                    identity: str, sharded: torch.nn.Module | None = None) -> dict[str, Any] | None:
     """Restore a checkpoint of this very run into ``model`` and ``optimizer``; None if there is none (or it is
-    from another run, which is then left alone and overwritten by this run's first checkpoint)."""
+    from another run, which is then left alone and overwritten by this run's first checkpoint). ``sharded``:
+    the FSDP-sharded training forward holding ``model``; process 0 reads the tensors and hands each process its
+    shards (:func:`tokenclean.distributed.load_full_training_state`)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state_file = directory / "state.json"
@@ -228,17 +237,27 @@ def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
     if state.get("identity") != identity:
         log.warning("%s holds a checkpoint of another run (other data, mask or settings); starting over", directory)
         return None
-    weights = load_file(str(directory / "weights.safetensors"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(weights[name].to(p.device, p.dtype))
-    moments = load_file(str(directory / "optimizer.safetensors"))
-    torch.set_rng_state(moments.pop("rng"))
-    for key, value in moments.items():
-        index, name = key.split(".", 1)
-        p = params[int(index)]
-        optimizer.state[p][name] = value.reshape(()) if name == "step" else value.to(p.device)
+    if sharded is not None:
+        if distributed.rank_and_size()[0] == 0:
+            weights = load_file(str(directory / "weights.safetensors"))
+            moments = load_file(str(directory / "optimizer.safetensors"))
+        else:  # the others receive their shards from process 0: only the RNG state is read here
+            with safe_open(str(directory / "optimizer.safetensors"), "pt") as f:
+                weights, moments = {}, {"rng": f.get_tensor("rng")}
+        torch.set_rng_state(moments.pop("rng"))
+        distributed.load_full_training_state(sharded, model, optimizer, weights, moments)
+    else:
+        weights = load_file(str(directory / "weights.safetensors"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(weights[name].to(p.device, p.dtype))
+        moments = load_file(str(directory / "optimizer.safetensors"))
+        torch.set_rng_state(moments.pop("rng"))
+        for key, value in moments.items():
+            index, name = key.split(".", 1)
+            p = params[int(index)]
+            optimizer.state[p][name] = value.reshape(()) if name == "step" else value.to(p.device)
     if (directory / "extra.safetensors").exists():
         state["extra"] = load_file(str(directory / "extra.safetensors"))
     log.info("resuming from %s at step %d", directory, state["step"])
@@ -273,6 +292,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         raise ArtifactError("mask selects tokens outside loss_mask")
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
+    sharded = distributed.check_sharding(cfg.lora_r) == "fsdp"
     rank, world = distributed.setup(device)
     per_sample = np.add.reduceat(mask.astype(np.int64), table.offsets[:-1])
     usable = np.flatnonzero(per_sample > 0)
@@ -296,10 +316,12 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     forward = TrainingForward(model)
-    if world > 1:
+    if sharded:
+        forward = distributed.fully_sharded(forward, model, device)
+    elif world > 1:
         forward = distributed.data_parallel(forward, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     # foreach: one multi-tensor update instead of a Python loop over the parameters. torch picks it on
     # accelerators but not on the CPU, where a tiny model's step is mostly per-tensor overhead; on the CPU the
     # result is bitwise the same and the embedded SFT step about 5% faster (measured side by side).
@@ -312,7 +334,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                     math.ceil(cfg.batch_size / (cfg.micro_batch_size or cfg.batch_size)))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
     identity = _run_identity(table, mask, cfg, start_fingerprint, online)
-    resumed = load_checkpoint(checkpoints, model, optimizer, params, identity) if checkpoints else None
+    resumed = (load_checkpoint(checkpoints, model, optimizer, params, identity, forward if sharded else None)
+               if checkpoints else None)
     if online is not None and resumed and "extra" in resumed and rank == 0:  # the record is summed at the end
         online.weight_sum[:] = resumed["extra"]["weight_sum"].numpy()
         online.seen[:] = resumed["extra"]["seen"].numpy()
@@ -350,17 +373,19 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
             # this process's share: micro-batches r, r+W, ...; with none (fewer micro-batches than processes) a
             # pass of weight 0 over the first one, as DDP needs every process in each step's gradient sum
             share = list(range(rank, n_micro, world)) or [None]
+            if sharded:  # every forward all-gathers the layers: the same number of passes on every process
+                share += [None] * (math.ceil(n_micro / world) - len(share))
             for j, index in enumerate(share):
                 chunk = chunks[0 if index is None else index]
                 if cfg.pack_length:
                     if step == 0 and j == 0:
-                        check_packing(model, table, chunk, mask, cfg.pack_length, pad_id)
+                        check_packing(forward, table, chunk, mask, cfg.pack_length, pad_id)
                     batch = pack(table, chunk, cfg.pack_length, pad_id, mask=mask, device=device)
                 else:
                     batch = collate(table, chunk, pad_id, mask=mask, device=device)
                 # gradients are summed over the processes once, in the backward of each one's last micro-batch
                 sync = world == 1 or j == len(share) - 1
-                with contextlib.nullcontext() if sync else forward.no_sync():
+                with distributed.gradient_sync(forward, sync):
                     if index is None:
                         loss = forward(batch).sum() * 0.0
                     elif online is not None:
@@ -402,16 +427,19 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                 log_file.flush()
             if checkpointing and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
                 extra = _global_record(online, world, device) if online is not None else None
+                full = distributed.full_training_state(forward, model, optimizer) if sharded else None  # all gather
                 if checkpoints:
                     save_checkpoint(checkpoints, model, optimizer, params, {
                         "identity": identity, "step": step + 1, "seen_tokens": seen_tokens,
-                        "trained_tokens": trained_tokens, "loss": last_loss}, extra)
+                        "trained_tokens": trained_tokens, "loss": last_loss}, extra, full)
     finally:
         bar.close()
         if log_file:
             log_file.close()
     if not math.isfinite(last_loss):
         raise FloatingPointError("training loss is not finite; lower the learning rate")
+    if sharded:  # process 0 saves a plain copy with the full weights
+        model = distributed.full_model(forward, model) or model
     if cfg.lora_r > 0 and merge:
         model = merge_adapter(model, cfg.merge_dtype, load_start)
     model.eval()
@@ -419,6 +447,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                "samples_without_selected_tokens": int(table.n_samples - len(usable)),
                "selected_tokens_trained": trained_tokens, "tokens_processed": seen_tokens,
                "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}
+    if sharded:
+        summary["sharding"] = "fsdp"
     summary.update(peak_memory(device))  # CUDA: the training's peak memory (make gpu-check)
     if online is not None:
         if world > 1:
@@ -544,6 +574,7 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
         raise ArtifactError(f"{tokens}: tokenized with a different tokenizer than that of {model_name!r}")
+    distributed.check_sharding(cfg.lora_r)  # before the model loads
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
