@@ -136,8 +136,11 @@ def test_documented_tokenclean_commands_parse():
 
 
 def test_documented_job_count_of_the_paper_plan(tmp_path):
-    """`.venv/bin/snakemake -n --configfile X` (N jobs): the README's count is the plan's."""
-    for command, jobs in re.findall(r"`(\.venv/bin/snakemake -n --configfile [^`]+)` \((\d+) jobs\)", README):
+    """`.venv/bin/snakemake -n --configfile X` (N jobs): the count the README and the docs give is the plan's."""
+    texts = "\n".join([README] + [page.read_text() for page in DOCS])
+    counts = re.findall(r"`(\.venv/bin/snakemake -n --configfile [^`]+)` \((\d+) jobs\)", texts)
+    assert counts, "no documented job count found"
+    for command, jobs in counts:
         configs = [ROOT / c for c in command.split("--configfile")[1].split()]
         assert len(plan(tmp_path, *configs)["jobs"]) == int(jobs), command
 
