@@ -1,4 +1,5 @@
-# Single entry point. `make run` = the embedded default experiment; `make test` = the test suite.
+# Single entry point. `make run` = the embedded default experiment; `make test` = the test suite (`make test-fast`:
+# without the slow tests).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,11 +12,11 @@ CONFIG ?= config.yaml
 # runs exactly what `.venv/bin/snakemake --configfile ...` runs. The embedded experiments switch the hub off
 # themselves (rules/common.smk); the tests never reach a hub.
 export TOKENIZERS_PARALLELISM := false
-test: export HF_HUB_OFFLINE := 1
-test: export HF_DATASETS_OFFLINE := 1
-test: export TRANSFORMERS_OFFLINE := 1
+test test-fast: export HF_HUB_OFFLINE := 1
+test test-fast: export HF_DATASETS_OFFLINE := 1
+test test-fast: export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run smoke test dry-run gpu-check clean
+.PHONY: install run smoke test test-fast dry-run gpu-check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -46,6 +47,11 @@ dry-run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The suite without the tests marked slow (workflow runs, multi-process training, paper plans, anything over a
+# few seconds): about a minute, for the edit-test loop. `make test` (what CI runs) still runs them all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The paper's pipeline on a random-initialised Llama-3.2-1B-shaped model and generated data (nothing downloaded),
 # one JSON line of tokens/s, MFU and peak GPU memory (docs/gpu-check.md); without CUDA a tiny model in seconds.

@@ -37,6 +37,7 @@ PAPER = "--configfile configs/paper/llama-3.2-3b.yaml configs/hardware/8-gpus.ya
 LONG = {
     "make run",
     "make test",
+    "make test-fast",
     "make run CONFIG=configs/smoke.yaml",
     ".venv/bin/snakemake --cores all --configfile my.yaml",
     ".venv/bin/snakemake --cores all --use-conda",
