@@ -29,6 +29,7 @@ def captured(monkeypatch) -> list[dict]:
     return made
 
 
+@pytest.mark.slow  # lm-eval's task index: ~10 s
 def test_hub_model_loads_the_pinned_revision_in_bfloat16_and_both_are_recorded(captured, tmp_path):
     from tokenclean.cli import main
 
@@ -52,6 +53,7 @@ def test_hub_model_loads_the_pinned_revision_in_bfloat16_and_both_are_recorded(c
     assert json.loads((tmp_path / "dir.json").read_text())["revision"] is None
 
 
+@pytest.mark.slow  # lm-eval's task index: ~10 s
 def test_each_set_of_model_arguments_is_loaded_once(captured, tmp_path):
     from tokenclean.evaluation import evaluate_benchmarks
 

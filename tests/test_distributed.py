@@ -41,6 +41,7 @@ def train_on_one_and_two_processes(tmp_path: Path, flags: list[str]) -> tuple[di
     return one, two
 
 
+@pytest.mark.slow  # torchrun: two processes
 @pytest.mark.parametrize("extra", [
     [], ["--pack-length", "16", "--loss-normalization", "step"],
     # the paper's rule: micro-batches of 2 whose kept-token counts differ; the same samples must share a mean
@@ -65,6 +66,7 @@ def train_on_one_and_two(tmp_path: Path, tiny_model_dir: Path, extra: list[str])
     return tmp_path / "two"
 
 
+@pytest.mark.slow  # torchrun: two processes
 @pytest.mark.parametrize("extra", [
     # one slice per process. A large epsilon makes AdamW's update depend on the gradients' scale: averaged
     # instead of summed gradients would show
@@ -113,6 +115,7 @@ def test_the_process_group_gets_the_configured_timeout(monkeypatch):
         distributed.setup(torch.device("cpu"))
 
 
+@pytest.mark.slow  # torchrun: two processes
 @pytest.mark.parametrize("online", [
     # ranks across its micro-batch (2 samples: the same micro-batches on 1 process or 2), weights normaliser
     ["--online", "rho1", "--micro-batch-size", "2"],
@@ -200,6 +203,7 @@ if int(__import__("os").environ.get("RANK", "0")) == 0:
 """
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_a_sharded_run_checkpoints_and_resumes_to_the_weights_of_one_uninterrupted_process(tmp_path, tiny_model_dir):
     """Under FSDP, process 0 writes the checkpoint from the gathered shards (the unsharded layout) and every
     process gets its shards of the weights and AdamW moments back: a killed sharded run ends like a plain one."""

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a benchmark process over 64 MB logits: ~10 s
 def test_loss_memory_benchmark_reports_a_lower_peak_with_the_same_losses():
     """At 512 targets x a 32k vocabulary (64 MB of logits per copy) in chunks of 64 rows, the chunked step's
     peak is well under the unchunked one's, with the same losses and gradients; one JSON line of named figures."""

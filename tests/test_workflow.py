@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here runs or plans the smoke workflow through a Snakemake process: minutes in all.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
