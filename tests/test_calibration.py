@@ -134,6 +134,7 @@ def test_calibration_config_is_the_default_without_scored_rows():
         {k: v for k, v in default.items() if k not in ("experiment", "methods")}
 
 
+@pytest.mark.slow  # plans the calibration workflow with Snakemake
 def test_calibration_plans_no_token_scoring():
     """The calibration's plan has every trained row and no token_loss job; the same check sees scoring in a
     config with a scored row (so it can fail)."""

@@ -116,6 +116,7 @@ def test_readme_commands_are_found():
     assert not set(LONG) - set(COMMANDS), f"LONG lists commands the docs no longer show: {set(LONG) - set(COMMANDS)}"
 
 
+@pytest.mark.slow  # dry runs of the documented workflows
 @pytest.mark.parametrize("command", [c for c in COMMANDS if not c.startswith("tokenclean ")], ids=str)
 def test_documented_command_works_from_the_repository_root(command):
     is_dry = re.search(r"(^| )(-n|--dry-run)( |$)", command) is not None or command == "make dry-run"
@@ -136,6 +137,7 @@ def test_documented_tokenclean_commands_parse():
             parse_tokenclean(command, previous)
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 def test_documented_job_count_of_the_paper_plan(tmp_path):
     """`.venv/bin/snakemake -n --configfile X` (N jobs): the count the README and the docs give is the plan's."""
     texts = "\n".join([README] + [page.read_text() for page in DOCS])
@@ -163,6 +165,7 @@ def calibration_commands(path: Path) -> list[str]:
             if line.startswith("    .venv/bin/python scripts/calibrate_world.py") and "[" not in line]
 
 
+@pytest.mark.slow  # plans the calibration workflow
 @pytest.mark.parametrize("command", calibration_commands(ROOT / "docs" / "embedded-world.md"))
 def test_the_documented_calibration_runs_as_written(command):
     """docs/embedded-world.md's calibration command, typed in the repository root, plans its variant (with

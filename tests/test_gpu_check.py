@@ -73,6 +73,7 @@ def test_mfu_is_model_flops_per_second_over_the_peak():
 MAKE_ENV = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
 
 
+@pytest.mark.slow  # runs the gpu-check workflow
 def test_make_gpu_check_runs_the_workflow_at_the_tiny_preset_on_a_cpu(tmp_path):
     """The documented command (make, without reinstalling the environment) on a machine without CUDA: the
     tiny preset through every rule, one JSON line on stdout, its figures those the jobs recorded."""

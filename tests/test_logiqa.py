@@ -82,6 +82,7 @@ def test_bad_files_are_named(logiqa_dir, tmp_path):
         lq.read_logiqa(bad)
 
 
+@pytest.mark.slow  # lm-eval end to end on a tiny model: ~13 s
 def test_tokenclean_evaluate_runs_logiqa_end_to_end(logiqa_dir, tiny_model_dir, tmp_path):
     from tokenclean.cli import main
 

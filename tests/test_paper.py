@@ -55,6 +55,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 @pytest.mark.parametrize("config", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_study_plans_offline_with_the_implied_jobs(config, tmp_path):
     cfg = yaml.safe_load(config.read_text())
@@ -66,6 +67,7 @@ def test_paper_study_plans_offline_with_the_implied_jobs(config, tmp_path):
     assert "--num_fewshot" not in out and '"num_fewshot": 5, "task": "mmlu"' in out
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 def test_scoring_does_not_grow_with_ratios_or_seeds(tmp_path):
     config = ROOT / "configs" / "paper" / "llama-3.2-3b.yaml"
     more = tmp_path / "more.yaml"
@@ -86,6 +88,7 @@ def test_scoring_does_not_grow_with_ratios_or_seeds(tmp_path):
     assert len(scored) == 2 and len(cut) == 5
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 def test_hardware_file_launches_training_on_every_gpu(tmp_path):
     counts, out = plan(tmp_path, ROOT / "configs" / "paper" / "mistral-7b.yaml",
                        ROOT / "configs" / "hardware" / "8-gpus.yaml")
@@ -94,6 +97,7 @@ def test_hardware_file_launches_training_on_every_gpu(tmp_path):
     assert all("accelerate.commands.launch --num_processes 8" in line for line in train)
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 def test_a_hardware_file_shards_full_fine_tuning_and_keeps_it_out_of_the_recipe(tmp_path):
     """hardware.sharding reaches every training job through its launch command, never as a `train` flag."""
     hardware = tmp_path / "fsdp.yaml"
@@ -122,6 +126,7 @@ def planned_resources(out: str) -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 @pytest.mark.parametrize("hardware", [None, "8-gpus.yaml"])
 def test_slurm_profile_plans_the_paper_study_with_gpus_where_they_are_used(hardware, tmp_path):
     config = ROOT / "configs" / "paper" / "llama-3.1-8b.yaml"
@@ -250,6 +255,7 @@ def optional_methods(config: Path) -> list[str]:
     return yaml.safe_load(line.removeprefix("# "))["optional_methods"]
 
 
+@pytest.mark.slow  # plans the paper study with Snakemake
 @pytest.mark.parametrize("config", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_configs_list_the_fields_methods_as_optional_rows_that_plan(config, tmp_path):
     from tokenclean import methods as registry
