@@ -220,7 +220,8 @@ def token_table(tmp_path, tiny_tokenizer_dir) -> Path:
 MISSING_MODEL = "nobody-tokenclean/no-such-model"
 
 
-@pytest.mark.parametrize("command", ["tokenize", "loss", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["tokenize", "loss", "train",
+                                     pytest.param("evaluate", marks=pytest.mark.slow)])  # lm-eval: ~10 s
 def test_unreachable_hub_model_is_one_line_naming_it_and_the_local_config(command, tmp_path, token_table, capsys):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     out = tmp_path / "out"
