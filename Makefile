@@ -48,8 +48,8 @@ dry-run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The suite without the tests marked slow (workflow runs, multi-process training, paper plans, anything over a
-# few seconds): about a minute, for the edit-test loop. `make test` (what CI runs) still runs them all.
+# The suite without the tests marked slow (pyproject.toml: those that start Snakemake, torchrun or lm-eval, or take
+# over ~3 s): about a minute, for the edit-test loop. `make test` (what CI runs) still runs them all.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -196,6 +196,7 @@ def dry_run(workdir: Path, override: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={**os.environ}, timeout=300)
 
 
+@pytest.mark.slow  # starts Snakemake (a dry run per case)
 @pytest.mark.parametrize("override,key", [
     ("ratios: [0]\n", "ratios[0]"),
     ("methods: [full, cleverest]\n", "methods[1]"),

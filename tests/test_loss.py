@@ -131,6 +131,7 @@ def _loss_and_grads(model, nll: torch.Tensor, weights: torch.Tensor) -> tuple[to
     return nll.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.slow  # ~8 s per case
 @pytest.mark.parametrize("packed", [True, False])
 def test_chunked_training_loss_gives_the_full_logits_losses_and_gradients(setup, packed):
     """With gradients, the head runs over chunks of target rows, forward and backward (recomputed), never over a

@@ -67,6 +67,7 @@ def test_the_table_of_built_in_methods():
             assert set(m.needs) == needs, m.name
 
 
+@pytest.mark.slow  # starts Snakemake (a plan)
 def test_a_plugin_method_reaches_select_the_plan_and_the_table(tmp_path):
     plugin = tmp_path / "every_other.py"
     plugin.write_text(documented_plugin())
@@ -128,6 +129,7 @@ def test_the_comparison_config_is_the_default_experiment_with_every_method_as_a_
     assert set(methods["methods"]) == {n for n in registry.METHODS if not n.startswith("every_")}
 
 
+@pytest.mark.slow  # starts Snakemake (a plan)
 def test_online_rows_reach_the_cleaning_quality_table_and_the_token_view_beside_the_masks(tmp_path):
     from tests.snakemake_plan import plan
 
@@ -142,6 +144,7 @@ def test_online_rows_reach_the_cleaning_quality_table_and_the_token_view_beside_
     assert jobs["token_view"]["params"]["selections"].split() == expected
 
 
+@pytest.mark.slow  # starts Snakemake (a plan)
 def test_the_documented_method_params_are_a_valid_config_that_reaches_the_training_commands(tmp_path):
     """docs/methods.md's `method_params` example, on the comparison config, passes the check and plans."""
     from tests.snakemake_plan import plan

@@ -255,6 +255,7 @@ def test_an_interrupted_rewrite_keeps_the_old_array_and_its_sidecar(tmp_path, mo
         load_array(path)
 
 
+@pytest.mark.slow  # starts Snakemake (two dry runs)
 def test_the_workflow_passes_trust_remote_code_only_when_the_config_asks(tmp_path):
     root = PACKAGE.parent
 
