@@ -40,12 +40,14 @@ def job_params(p: dict) -> dict[str, dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------------
 # --configfile X is X
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts Snakemake
 def test_paper_config_plans_from_the_repository_root():
     """The README's command, as a user types it: config.yaml (embedded) must not be merged into it."""
     proc = snakemake(ROOT, "-n", "--quiet", "--configfile", "configs/paper/llama-3.2-3b.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # starts Snakemake
 @pytest.mark.parametrize("where", ["root", "elsewhere"])
 def test_configfile_is_exactly_that_file(where, tmp_path):
     """config.yaml's settings (e.g. world.entities, serial_threads) must not leak into a run of smoke.yaml."""
@@ -57,6 +59,7 @@ def test_configfile_is_exactly_that_file(where, tmp_path):
     assert not {o for o in params if o.startswith("results/embedded")}
 
 
+@pytest.mark.slow  # starts Snakemake
 def test_without_a_configfile_config_yaml_runs(tmp_path):
     params = job_params(plan(tmp_path))
     assert json.loads(shlex.split(params["results/embedded/world"]["world"])[0]) == load(ROOT / "config.yaml")["world"]
@@ -84,6 +87,7 @@ def reorder(node, reverse: bool):
     return node
 
 
+@pytest.mark.slow  # starts Snakemake
 @pytest.mark.parametrize("config", [SMOKE, PAPER], ids=["smoke", "paper"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["sorted", "reversed"])
 def test_key_order_of_the_config_changes_no_job_parameter(config, reverse, tmp_path):
@@ -206,6 +210,7 @@ def test_error_names_the_file_that_sets_the_key(tmp_path):
         check_config(cfg, [SMOKE, extra])
 
 
+@pytest.mark.slow  # starts Snakemake
 @pytest.mark.parametrize("case", ["unknown key", "two ratios, one run name", "experiment ..", "the old oracle method"])
 def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_path):
     cfg, expected = BAD[case]
@@ -217,6 +222,7 @@ def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow  # starts Snakemake
 @pytest.mark.parametrize("case", METHOD_PARAMS_BAD, ids=list(METHOD_PARAMS_BAD))
 def test_a_bad_method_parameter_stops_the_dry_run_in_one_line(case, tmp_path):
     """`snakemake -n` refuses it while planning, naming the file and the config key, before any job."""
@@ -236,6 +242,7 @@ def test_method_params_default_to_none_and_valid_ones_pass():
     assert check_config(copy.deepcopy(cfg))["method_params"] == cfg["method_params"]
 
 
+@pytest.mark.slow  # starts Snakemake
 def test_method_params_reach_the_training_command_of_each_run_of_the_method(tmp_path):
     """The plan's sft jobs: the configured parameters, and the run's ratio for a method that takes one, become
     `--online-params`; a method without any gets none (so its job, and whether it re-runs, is as before)."""
@@ -264,6 +271,7 @@ def test_method_params_reach_the_training_command_of_each_run_of_the_method(tmp_
 HF_VARS = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
+@pytest.mark.slow  # starts Snakemake
 def test_planning_a_hub_experiment_leaves_hf_settings_alone(tmp_path):
     """HF_HOME holds `huggingface-cli login`'s token: pointing it elsewhere makes gated models fail with 401."""
     env = {k: v for k, v in os.environ.items() if k not in HF_VARS}
@@ -273,6 +281,7 @@ def test_planning_a_hub_experiment_leaves_hf_settings_alone(tmp_path):
     assert plan(tmp_path, PAPER, env={**env, "HF_HOME": home})["environ"]["HF_HOME"] == home
 
 
+@pytest.mark.slow  # starts Snakemake
 def test_the_embedded_experiment_is_offline_by_construction(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in HF_VARS}
     environ = plan(tmp_path, SMOKE, env=env)["environ"]
@@ -282,6 +291,7 @@ def test_the_embedded_experiment_is_offline_by_construction(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # the data rule's local files are its inputs
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts Snakemake
 def test_editing_a_local_data_file_reruns_the_data_rule(tmp_path, tiny_model_dir):
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(4)))
