@@ -168,6 +168,7 @@ def test_best_gold_answer_counts_and_the_generation_is_stripped():
 # ---------------------------------------------------------------------------------------------------------
 # end to end: `tokenclean evaluate` on the tiny model
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs lm-eval on a tiny model: 10-30 s
 def test_tokenclean_evaluate_runs_tydiqa_end_to_end(files, tiny_model_dir, tmp_path):
     out = tmp_path / "r.json"
     bench = [{"task": "tc_tydiqa_goldp", "num_fewshot": 1, "metric": "f1", "limit": None,
@@ -209,6 +210,7 @@ def generate_calls(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.mark.slow  # runs lm-eval on a tiny model: 10-30 s
 def test_auto_batch_size_never_probes_generation_at_the_models_max_length(files, tiny_model_dir, tmp_path,
                                                                           monkeypatch, generate_calls):
     from lm_eval.models.huggingface import HFLM
@@ -251,6 +253,7 @@ def bos_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow  # runs lm-eval on a tiny model: 10-30 s
 def test_the_scripts_bos_and_newline_token_stop_apply_to_the_tydiqa_run_only(files, bos_model_dir, tmp_path,
                                                                              generate_calls):
     from transformers import AutoTokenizer
