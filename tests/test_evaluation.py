@@ -222,6 +222,7 @@ def test_lm_eval_ids_equal_training_ids(which, tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the evaluated fixture fits a model and runs lm-eval: ~30 s
 def test_model_that_is_right_scores_one(evaluated):
     m = evaluated["result"]["metrics"]
     for family in ("add", "reverse"):
@@ -229,6 +230,7 @@ def test_model_that_is_right_scores_one(evaluated):
     assert all(s["answer_correct"] for s in evaluated["samples"] if s["family"] != "unseen")
 
 
+@pytest.mark.slow  # the evaluated fixture fits a model and runs lm-eval: ~30 s
 def test_metrics_match_direct_computation(evaluated):
     model, tok, result = evaluated["model"], evaluated["tok"], evaluated["result"]
     samples = {(s["family"], s["prompt"]): s for s in evaluated["samples"]}
@@ -254,6 +256,7 @@ def test_metrics_match_direct_computation(evaluated):
         assert result["average"][metric] == pytest.approx(sum(f[metric] for f in fams) / len(result["metrics"]))
 
 
+@pytest.mark.slow  # the evaluated fixture fits a model and runs lm-eval: ~30 s
 def test_output_files(evaluated):
     import lm_eval
 
@@ -276,6 +279,7 @@ def test_output_files(evaluated):
 # ---------------------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the evaluated fixture fits a model and runs lm-eval: ~30 s
 def test_errors_are_clear(evaluated, tmp_path):
     world = evaluated["world"]
     tasks_dir = world / "tasks"
@@ -292,6 +296,7 @@ def test_errors_are_clear(evaluated, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow  # the evaluated fixture fits a model and runs lm-eval: ~30 s
 def test_benchmark_suite_scores_each_task_with_its_own_shots_and_metric(evaluated, trained_model_dir, tmp_path):
     from tokenclean.evaluation import evaluate_benchmarks
 

@@ -262,6 +262,7 @@ def test_packed_and_padded_batches_give_every_token_the_same_loss(model, table, 
     assert max(abs(by_token[k] - expected[k]) for k in expected) < 1e-5
 
 
+@pytest.mark.slow  # two training processes, one killed: ~9 s
 def test_train_cli_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_dir):
     import signal
     import subprocess
