@@ -78,6 +78,7 @@ def test_samples_without_selected_tokens_are_skipped_without_nan(model, table, t
         train_model(model, table, np.zeros_like(mask), cfg, tok.pad_token_id, progress=False)
 
 
+@pytest.mark.slow  # trains for real: ~6 s
 def test_training_lowers_the_loss_of_selected_tokens_only(model, table, tok):
     mask = half_mask(table)
     before = token_losses(copy.deepcopy(model), table, pad_id=tok.pad_token_id, progress=False)
