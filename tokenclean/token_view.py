@@ -100,10 +100,11 @@ def render(samples: list[dict[str, Any]], masks: list[str], title: str, scale: f
                     f"{esc(s['prompt'])}</div><div class=\"resp\">")
         spans = []
         for t in s["tokens"]:
-            weights = t.get("weight", [None] * len(masks))
-            kept = [m + (f" ({w:.2f})" if w is not None else "") for m, k, w in zip(masks, t["kept"], weights) if k]
-            dropped = [m + (f" ({w:.2f})" if w is not None else "")
-                       for m, k, w in zip(masks, t["kept"], weights) if not k]
+            # a selection's name, with the online run's weight for this token where it has one
+            named = [m + (f" ({w:.2f})" if w is not None else "")
+                     for m, w in zip(masks, t.get("weight", [None] * len(masks)))]
+            kept = [n for n, k in zip(named, t["kept"]) if k]
+            dropped = [n for n, k in zip(named, t["kept"]) if not k]
             tip = (f"score {t['score']:+.3f}" + (f" | class {t['class']}" if t["class"] else "")
                    + f" | kept by: {', '.join(kept) or '-'} | dropped by: {', '.join(dropped) or '-'}")
             cls = " ".join(["tok"] + ([f"c-{t['class']}"] if t["class"] else [])
