@@ -32,14 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenclean (pure Python parts)
-from tokenclean.report import passes, training_record  # noqa: E402
+from tokenclean.report import passes, training_record
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "calibration.yaml"
@@ -414,7 +414,7 @@ def append_record(record: Path, argv: list[str], sections: list[str]) -> None:
                           "data. Targets: base at least 0.2 below every row; warm-up not above full and at most\n"
                           "0.05 below it; random within 0.05 of full; full+warmup at least full; seed std of every\n"
                           "row's average at most 0.03 (base and warmup are one model each: no seed std).\n")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(shlex.quote(a) for a in ["scripts/calibrate_world.py", *argv])
     with record.open("a") as f:
         f.write(f"\n## {stamp}: `{command}`\n\n" + "\n".join(sections))

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tokenclean.data import DataError, Message, Record, parse_record, read_jsonl
 from tests.test_properties import conversations
+from tokenclean.data import DataError, Message, Record, parse_record, read_jsonl
 from tokenclean.tokenization import render, tokenize_file, tokenize_records
 
 HEAD = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}

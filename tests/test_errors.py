@@ -11,14 +11,21 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
-from tokenclean.artifacts import (ArtifactError, TokenTable, atomic_files, load_array, save_array, sidecar_path,
-                                  write_texts)
+from tokenclean.artifacts import (
+    ArtifactError,
+    TokenTable,
+    atomic_files,
+    load_array,
+    save_array,
+    sidecar_path,
+    write_texts,
+)
 from tokenclean.cli import main
 
 ROOT_USER = os.geteuid() == 0
@@ -486,10 +493,9 @@ def test_atomic_files_renames_the_last_target_last(tmp_path, monkeypatch):
     save_array(tmp_path / "x.loss.npy", np.ones(2, np.float32), {"kind": "loss"})
     _table([4, 5], 0).save(tmp_path / "x.tokens.npz", {})
     assert order == ["x.loss.json", "x.loss.npy", "x.tokens.json", "x.tokens.npz"]
-    with pytest.raises(RuntimeError):
-        with atomic_files(tmp_path / "a", tmp_path / "b") as (a, b):
-            a.write_text("1")
-            raise RuntimeError("killed before b was complete")
+    with pytest.raises(RuntimeError), atomic_files(tmp_path / "a", tmp_path / "b") as (a, b):
+        a.write_text("1")
+        raise RuntimeError("killed before b was complete")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.loss.json", "x.loss.npy", "x.tokens.json",
                                                           "x.tokens.npz"]
 

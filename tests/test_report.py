@@ -352,8 +352,8 @@ class TokenCounter(HTMLParser):
 
 
 def test_token_page_is_valid_html_with_one_element_per_token(tmp_path, tiny_tokenizer_dir):
-    from tokenclean.tokenization import load_tokenizer
     from tokenclean.token_view import write_token_view
+    from tokenclean.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
     tokens, base, ref, masks, table = labelled_pool(tmp_path, tok)
@@ -437,8 +437,8 @@ def test_ratio_variants_sit_together_in_ratio_order(tmp_path):
 
 
 def test_token_page_shows_an_online_runs_record_beside_the_masks(tmp_path, tiny_tokenizer_dir):
-    from tokenclean.tokenization import load_tokenizer
     from tokenclean.token_view import write_token_view
+    from tokenclean.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
     tokens, base, ref, masks, table = labelled_pool(tmp_path, tok)

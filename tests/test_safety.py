@@ -171,16 +171,14 @@ def test_a_model_directory_with_only_pickled_weights_is_refused(tmp_path, tiny_m
 def test_atomic_file_and_dir_keep_the_old_output_when_the_write_fails(tmp_path):
     f = tmp_path / "table.csv"
     f.write_text("old\n")
-    with pytest.raises(RuntimeError):
-        with atomic_file(f) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_file(f) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
     assert f.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
     d = tmp_path / "model"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(d) as tmp:
-            (tmp / "config.json").write_text("{}")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(d) as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("killed")
     assert not d.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
 
 

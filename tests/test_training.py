@@ -356,10 +356,10 @@ def test_micro_batches_are_consecutive_slices_shared_by_every_process_count():
 def test_lora_is_merged_into_float32_starting_weights_and_saved_in_float32(tmp_path, tiny_model_dir, monkeypatch):
     """Trained in bf16, merged as the official script did: W + (alpha / r) B A in float32 over the float32
     starting weights read from disk, saved in float32 (nothing rounded to bf16)."""
-    import tokenclean.training as training
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    import tokenclean.training as training
     from tokenclean.cli import main
 
     data = tmp_path / "d.jsonl"

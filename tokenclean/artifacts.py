@@ -17,9 +17,10 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -370,7 +371,7 @@ class TokenTable:
         return fingerprint_arrays(self.input_ids, self.offsets, self.loss_mask)
 
     @classmethod
-    def concat(cls, tables: list["TokenTable"]) -> "TokenTable":
+    def concat(cls, tables: list[TokenTable]) -> TokenTable:
         """Samples of ``tables`` back to back; extras kept where every table has them (per-token or per-sample)."""
         if not tables:
             raise ValueError("nothing to concatenate")
@@ -385,7 +386,7 @@ class TokenTable:
         return cls(np.concatenate([t.input_ids for t in tables]), offsets,
                    np.concatenate([t.loss_mask for t in tables]), extras)
 
-    def take(self, samples: np.ndarray) -> "TokenTable":
+    def take(self, samples: np.ndarray) -> TokenTable:
         """The given samples, in the given order; per-token and per-sample extras follow them."""
         samples = np.asarray(samples, dtype=np.int64)
         lengths = self.lengths[samples]
@@ -417,7 +418,7 @@ class TokenTable:
         return meta
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> tuple["TokenTable", dict[str, Any]]:
+    def load(cls, path: str | os.PathLike) -> tuple[TokenTable, dict[str, Any]]:
         path = require_file(path)
         meta = read_sidecar(path)
         _require_kind(path, meta, "tokens")

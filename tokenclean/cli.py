@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokenclean import __version__
 from tokenclean.export import FORMATS as EXPORT_FORMATS

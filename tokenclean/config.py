@@ -16,7 +16,7 @@ from jsonschema.exceptions import best_match
 
 from tokenclean import methods as registry
 from tokenclean import online
-from tokenclean.methods import ratio_tag  # noqa: F401  (the rules import it from here)
+from tokenclean.methods import ratio_tag
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -83,9 +83,7 @@ def _source(path: Iterable[Any], files: list[str]) -> str:
         except (OSError, yaml.YAMLError):
             continue
         for part in path:
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            if (isinstance(node, Mapping) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
                 node = node[part]
             else:
                 break

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
 # Ground-truth classes of the embedded world (tokenclean/world.py); `novel` (informative tokens of knowledge only
@@ -152,7 +152,6 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write rows as JSON lines atomically."""
     from tokenclean.artifacts import atomic_file
 
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

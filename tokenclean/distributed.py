@@ -19,9 +19,10 @@ each forward all-gathers every layer's parameters.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -210,8 +211,7 @@ def load_full_training_state(forward: torch.nn.Module, model: Any, optimizer: to
                              weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor]) -> None:
     """The inverse of :func:`full_training_state`: process 0 passes the full tensors, the others empty dicts,
     and each process keeps its shards (broadcast from process 0, so one copy is held in host memory)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     names = _trainable_names(model)
     state: dict[str, dict[str, torch.Tensor]] = {}

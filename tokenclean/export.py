@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from tokenclean import __version__
-from tokenclean.artifacts import (KINDS, ArtifactError, TokenTable, atomic_dir, fingerprint_bytes, load_array,
-                                  write_json)
+from tokenclean.artifacts import KINDS, ArtifactError, TokenTable, atomic_dir, fingerprint_bytes, load_array, write_json
 
 FORMATS = ("hf", "jsonl")
 IGNORE_INDEX = -100  # the label that PyTorch's cross_entropy and every HF causal LM skip

@@ -14,7 +14,6 @@ import csv
 import io
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np

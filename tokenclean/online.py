@@ -22,8 +22,9 @@ No ``import torch`` here (tensor methods only): the config check (:mod:`tokencle
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

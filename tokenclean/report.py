@@ -17,7 +17,6 @@ import csv
 import io
 import math
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any

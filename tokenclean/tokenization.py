@@ -155,12 +155,12 @@ def _encode(texts: list[str], records: list[Record], tokenizer: Any) -> dict[str
     kwargs = {"add_special_tokens": False, "return_offsets_mapping": True}
     try:
         return tokenizer(texts, **kwargs)
-    except Exception:  # noqa: BLE001 - any tokenizer failure is reported against its record below
+    except Exception:
         pass
     for i, t in enumerate(texts):
         try:
             tokenizer(t, **kwargs)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DataError(f"{_where(records[i], i)}: the tokenizer cannot encode this record ({reason})") from None
     raise DataError("the tokenizer failed on the batch of records but on none of them alone")

@@ -21,8 +21,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -443,7 +444,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     if cfg.lora_r > 0 and merge:
         model = merge_adapter(model, cfg.merge_dtype, load_start)
     model.eval()
-    summary = {"steps": total_steps, "samples_used": int(len(usable)),
+    summary = {"steps": total_steps, "samples_used": len(usable),
                "samples_without_selected_tokens": int(table.n_samples - len(usable)),
                "selected_tokens_trained": trained_tokens, "tokens_processed": seen_tokens,
                "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}

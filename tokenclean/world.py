@@ -44,8 +44,9 @@ import os
 import random
 import string
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from tokenclean.artifacts import atomic_dir, write_json
 from tokenclean.data import write_jsonl
@@ -77,9 +78,7 @@ DEFAULT_WORLD: dict[str, Any] = {
 PREFIX = "Sure ! The answer is "
 SUFFIX = " . Hope this helps ."
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-COMMON_WORDS = ("the a of to and is in it that for on with as this be at by from or an are was we can you "
-                "will not have one all more about which their time when there some what out so up if into "
-                "answer sure hope helps number letters larger smaller sort reverse add order").split()
+COMMON_WORDS = ["the", "a", "of", "to", "and", "is", "in", "it", "that", "for", "on", "with", "as", "this", "be", "at", "by", "from", "or", "an", "are", "was", "we", "can", "you", "will", "not", "have", "one", "all", "more", "about", "which", "their", "time", "when", "there", "some", "what", "out", "so", "up", "if", "into", "answer", "sure", "hope", "helps", "number", "letters", "larger", "smaller", "sort", "reverse", "add", "order"]
 LETTERS = string.ascii_lowercase
 
 
