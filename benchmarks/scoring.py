@@ -66,7 +66,7 @@ def bare_forward(model, prepared: list[dict[str, torch.Tensor]], trunk: bool) ->
             if trunk:
                 model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             else:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                _ = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def padded_official_style(model, table: TokenTable, batch_size: int = 6) -> list[list[float]]:

@@ -20,6 +20,7 @@ Ends with one JSON line of medians.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -63,7 +64,7 @@ def tuples_rule(method: str, table: TokenTable, score: np.ndarray, ratio: float,
     elif method == "rho":
         bounds = np.searchsorted(where, table.offsets).tolist()  # each sample's slice of the response tokens
         keep = []
-        for i, j in zip(bounds[:-1], bounds[1:]):
+        for i, j in itertools.pairwise(bounds):
             cand = sorted(zip([-v for v in values[i:j]], positions[i:j]))
             keep += [p for _, p in cand[: keep_count(ratio, len(cand))]]
     else:
@@ -132,7 +133,7 @@ def main() -> None:
                 figures[f"{key}_tuples_seconds"] = round(statistics.median(tuples[key]), 3)
                 figures[f"{key}_speedup"] = round(statistics.median(t / o for t, o in zip(tuples[key], ours[key])), 1)
             figures[f"{key}_peak_bytes_per_token"] = round(
-                peak_bytes(lambda: select(method, table, a.ratio, a.seed, score)) / n, 2)
+                peak_bytes(lambda m=method, t=table, s=score: select(m, t, a.ratio, a.seed, s)) / n, 2)
             print(f"{label:>4} {method:6} {figures[f'{key}_seconds']:8.3f}s "
                   f"{figures[f'{key}_ns_per_token']:7.1f} ns/token "
                   f"{figures[f'{key}_peak_bytes_per_token']:6.2f} B/token"

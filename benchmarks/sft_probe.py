@@ -60,7 +60,8 @@ def main() -> None:
     figures = {"method": a.method, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
                "train_seconds": summary["seconds"]}
     for name in ("informative", "boilerplate"):
-        figures[f"heldout_{name}_loss"] = round(float(np.nanmean(losses[test.loss_mask & (cls == TOKEN_CLASSES.index(name))])), 4)
+        in_class = test.loss_mask & (cls == TOKEN_CLASSES.index(name))
+        figures[f"heldout_{name}_loss"] = round(float(np.nanmean(losses[in_class])), 4)
     print(json.dumps(figures))
 
 

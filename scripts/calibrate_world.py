@@ -304,7 +304,7 @@ def plan(config: dict[str, Any], cores: int = 2) -> dict[str, int]:
         yaml.safe_dump(config, f, sort_keys=False)
         f.flush()
         proc = subprocess.run(snakemake_command(Path(f.name), config, cores, dry_run=True), cwd=ROOT,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CalibrationError(f"variant {config['experiment']}: the workflow refused it: "
                                f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -318,7 +318,7 @@ def run(config: dict[str, Any], cores: int) -> tuple[int, float, str]:
     config_path = results_dir / f"{config['experiment']}.config.yaml"  # beside, not inside, its outputs
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.monotonic()
-    proc = subprocess.run(snakemake_command(config_path, config, cores, dry_run=False), cwd=ROOT)
+    proc = subprocess.run(snakemake_command(config_path, config, cores, dry_run=False), cwd=ROOT, check=False)
     return proc.returncode, time.monotonic() - started, str(config_path)
 
 
@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         except (CalibrationError, OSError, KeyError, ValueError) as e:
             failed = True
             figures[name] = {"error": str(e)}
-        figures[name].update(overrides=variants[name], config=config_path, base_from=reused, wall_seconds=round(seconds, 1),
-                             job_seconds=round(job_seconds(results), 1))
+        figures[name].update(overrides=variants[name], config=config_path, base_from=reused,
+                             wall_seconds=round(seconds, 1), job_seconds=round(job_seconds(results), 1))
         print_variant(name, figures[name])
         sections.append(variant_markdown(name, variants[name], figures[name], a.cores))
     append_record(a.record, argv, sections)

@@ -35,7 +35,8 @@ def test_hub_model_loads_the_pinned_revision_in_bfloat16_and_both_are_recorded(c
 
     bench = json.dumps([{"task": "tc_logiqa", "num_fewshot": 0, "metric": "acc"}])
     out = tmp_path / "base.json"
-    assert main(["evaluate", "--model", "meta-llama/Llama-3.2-3B", "--revision", "13afe5124825b4f3751f836b40dafda64c1ed062",
+    assert main(["evaluate", "--model", "meta-llama/Llama-3.2-3B",
+                 "--revision", "13afe5124825b4f3751f836b40dafda64c1ed062",
                  "--benchmarks", bench, "--batch-size", "auto", "--out", str(out)]) == 0
     assert captured[0]["pretrained"] == "meta-llama/Llama-3.2-3B"
     assert captured[0]["revision"] == "13afe5124825b4f3751f836b40dafda64c1ed062"

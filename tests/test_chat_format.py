@@ -36,7 +36,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 def _wrap(tok: Tokenizer, bos: str, eos: str, add_bos: bool, **kw) -> PreTrainedTokenizerFast:
     if add_bos:  # like Llama / Mistral: the tokenizer itself puts bos first
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, **kw)
 
 
@@ -49,8 +50,9 @@ def world_tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
 def sentencepiece_style() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # newlines stand alone, like the byte-fallback <0x0A> of Llama-2 / Mistral vocabularies
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
-                                                 pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")])
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
     tok.train_from_iterator(TRAIN, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
     return _wrap(tok, "<s>", "</s>", add_bos=True, unk_token="<unk>")
@@ -61,7 +63,8 @@ def llama3_style() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TRAIN, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+    tok.train_from_iterator(TRAIN, trainers.BpeTrainer(vocab_size=400,
+                                                       special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return _wrap(tok, "<|begin_of_text|>", "<|end_of_text|>", add_bos=True)
 
@@ -188,8 +191,8 @@ def test_separate_piece_tokenization_differs_from_the_joint_text(tokenizers):
     record = Record((Message("user", "hello world"), Message("assistant", "Sure ! The answer is 42 .")))
     text = render(record, tok.eos_token).text
     joint = tok(text)["input_ids"]
-    pieces = [tok.bos_token_id] + [i for p in ("<|user|>\n", "hello world\n", "<|assistant|>\n",
-                                               "Sure ! The answer is 42 .") for i in tok(p, add_special_tokens=False)["input_ids"]]
+    parts = ("<|user|>\n", "hello world\n", "<|assistant|>\n", "Sure ! The answer is 42 .")
+    pieces = [tok.bos_token_id] + [i for p in parts for i in tok(p, add_special_tokens=False)["input_ids"]]
     assert pieces != joint[:-1]  # the premise: piecewise tokenization is different text to the model
     table, _ = tokenize_records([record], tok, 1 << 20)
     assert table.input_ids.tolist() == joint
@@ -231,13 +234,15 @@ def test_empty_messages_are_tokenized_counted_and_logged(tokenizers, tmp_path, c
         assert (table.input_ids[a:b].tolist(), table.loss_mask[a:b].tolist()) == official_mask(r, tok)
     first = table.input_ids[table.offsets[0]:table.offsets[1]][table.loss_mask[table.offsets[0]:table.offsets[1]]]
     assert first.tolist() == [tok.eos_token_id]  # an empty reply still trains its end-of-turn token
-    with pytest.raises(DataError, match="field 'messages\\[1\\].content': expected a string"):
+    with pytest.raises(DataError, match=r"field 'messages\[1\]\.content': expected a string"):
         parse_record({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}, "f:1")
 
 
 def _lossy_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    model, trainer = {"bpe": (models.BPE(), trainers.BpeTrainer(vocab_size=60, special_tokens=["<s>", "</s>"])),
-                      "wordlevel": (models.WordLevel(), trainers.WordLevelTrainer(special_tokens=["<s>", "</s>"]))}[kind]
+    model, trainer = {"bpe": (models.BPE(),
+                              trainers.BpeTrainer(vocab_size=60, special_tokens=["<s>", "</s>"])),
+                      "wordlevel": (models.WordLevel(),
+                                    trainers.WordLevelTrainer(special_tokens=["<s>", "</s>"]))}[kind]
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(["<|user|>\nhello\n<|assistant|>\nfine thanks"] * 10, trainer)

@@ -29,7 +29,7 @@ def load(path: Path) -> dict:
 
 def snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ}, timeout=300)
+                          env={**os.environ}, timeout=300, check=False)
 
 
 def job_params(p: dict) -> dict[str, dict[str, str]]:
@@ -136,7 +136,8 @@ BAD = {
     "the old oracle method": (smoke_with(methods=["full", "oracle"]),
                               "methods[1]: oracle was replaced by two ground-truth rows, truth_drop_noisy (every "
                               "response token but the corrupted and garbage ones) and truth_keep_informative"),
-    "an unknown method": (smoke_with(methods=["full", "orcale"]), "methods[1]: unknown method 'orcale' (known: full, random, rho"),
+    "an unknown method": (smoke_with(methods=["full", "orcale"]),
+                          "methods[1]: unknown method 'orcale' (known: full, random, rho"),
 }
 # method_params: checked before any job, named by the config's key (not the trainer's --online-params)
 METHOD_PARAMS_BAD = {

@@ -204,7 +204,8 @@ def argv(command: str, g: dict[str, Path], out_dir: Path, **replace: str) -> lis
         "figure-ratios": ["figure", "ratios", "--table", f("table", g["table.csv"]), "--out", f("out", out / "r.png")],
         "figure-scores": ["figure", "scores", "--tokens", f("tokens", tok), "--base-loss", f("base_loss", base),
                           "--ref-loss", f("ref_loss", ref), "--out", f("out", out / "s.png")],
-        "figure-kept": ["figure", "kept", "--quality", f("quality", g["quality.csv"]), "--out", f("out", out / "k.png")],
+        "figure-kept": ["figure", "kept", "--quality", f("quality", g["quality.csv"]),
+                        "--out", f("out", out / "k.png")],
         "figure-rounds": ["figure", "rounds", "--rounds-csv", f("rounds_csv", g["rounds.csv"]),
                           "--out", f("out", out / "rr.png")],
         "token-view": ["token-view", "--tokens", f("tokens", tok), "--base-loss", f("base_loss", base),
@@ -254,7 +255,8 @@ def what_is_wrong(bad: Callable, name: str) -> str:
     if bad.__name__ == "text_file" and "." not in name:
         return "expected a" if name == "tasks" else "is a file"
     if bad.__name__ == "truncated":
-        return {".npz": "not a token table", ".npy": "not a plain numpy array", ".json": "invalid JSON"}[Path(name).suffix]
+        expected = {".npz": "not a token table", ".npy": "not a plain numpy array", ".json": "invalid JSON"}
+        return expected[Path(name).suffix]
     return {"directory": "directory", "unreadable": "cannot be read (permission denied)",
             "text_file": "holds pickled objects or is not a numpy file", "foreign_zip": "not a token table",
             "missing_member": "member 'loss_mask' is missing", "pickled": "pickled", "no_sidecar": "sidecar",
@@ -351,7 +353,7 @@ def unwritable_for_root(monkeypatch):
 
 @pytest.mark.parametrize("command,flag,bad", [
     pytest.param(c, f, b, id=f"{c}-{f}-{b.__name__}") for c in COMMANDS for f in _out_flags(c)
-    for b in ([parent_is_a_file, no_permission] + ([existing_file] if c in DIRECTORY_OUTPUT else [existing_directory]))])
+    for b in [parent_is_a_file, no_permission, existing_file if c in DIRECTORY_OUTPUT else existing_directory]])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, good, unwritable_for_root,
                                                                      command, flag, bad):
     out = tmp_path / "out"
@@ -406,7 +408,8 @@ def test_a_bad_evaluation_json_names_the_file(tmp_path, capsys, good, command, c
     out = tmp_path / "out"
     out.mkdir()
     args = ([str(good["full_s0.json"]), str(bad), "--out-csv", str(out / "t.csv"), "--out-md", str(out / "t.md")]
-            if command == "report" else [str(good["warmup.json"]), str(bad), "--rounds", "1", "--out", str(out / "r.csv")])
+            if command == "report"
+            else [str(good["warmup.json"]), str(bad), "--rounds", "1", "--out", str(out / "r.csv")])
     line = assert_one_line_error(capsys, main([command, *args]), command, bad)
     assert f"{bad}{expected}" in line if expected.startswith(":") else f"{bad}: " in line and expected in line, line
     assert _all_files(out) == []
@@ -493,7 +496,7 @@ def test_atomic_files_renames_the_last_target_last(tmp_path, monkeypatch):
     save_array(tmp_path / "x.loss.npy", np.ones(2, np.float32), {"kind": "loss"})
     _table([4, 5], 0).save(tmp_path / "x.tokens.npz", {})
     assert order == ["x.loss.json", "x.loss.npy", "x.tokens.json", "x.tokens.npz"]
-    with pytest.raises(RuntimeError), atomic_files(tmp_path / "a", tmp_path / "b") as (a, b):
+    with pytest.raises(RuntimeError), atomic_files(tmp_path / "a", tmp_path / "b") as (a, _):
         a.write_text("1")
         raise RuntimeError("killed before b was complete")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.loss.json", "x.loss.npy", "x.tokens.json",
@@ -515,13 +518,15 @@ def test_a_programming_error_is_not_swallowed(tmp_path, good, monkeypatch):
 
 
 def test_kinds_are_recorded_and_checked_by_the_one_loader(tmp_path, good):
-    table, meta = TokenTable.load(good["pool.tokens.npz"])
+    _, meta = TokenTable.load(good["pool.tokens.npz"])
     assert meta["kind"] == "tokens"  # every table records its kind, whatever its caller passed
-    with pytest.raises(ArtifactError, match=r"full.mask.npy: is a selection mask \(X.mask.npy\), expected a loss array"):
+    with pytest.raises(ArtifactError,
+                       match=r"full\.mask\.npy: is a selection mask \(X\.mask\.npy\), expected a loss array"):
         load_array(good["full.mask.npy"], "loss")
-    with pytest.raises(ArtifactError, match=r"base.loss.npy: is a loss array \(X.loss.npy\), expected a token table"):
+    with pytest.raises(ArtifactError,
+                       match=r"base\.loss\.npy: is a loss array \(X\.loss\.npy\), expected a token table"):
         TokenTable.load(good["base.loss.npy"])
     # a sidecar without a kind (older artifacts): the dtype decides
     save_array(tmp_path / "m.npy", np.ones(3, bool), {})
-    with pytest.raises(ArtifactError, match="m.npy: holds bool values, expected a loss array"):
+    with pytest.raises(ArtifactError, match=r"m\.npy: holds bool values, expected a loss array"):
         load_array(tmp_path / "m.npy", "loss")

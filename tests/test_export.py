@@ -78,7 +78,7 @@ def test_labels_are_the_input_ids_exactly_where_trained(files, tmp_path, keep_em
     assert len(rows) == table.n_samples - (0 if keep_empty else 1)  # sample 1 keeps no token
     record = json.loads((out / "export.json").read_text())
     assert record["n_samples"] == len(expected) and record["n_samples_dropped"] == (0 if keep_empty else 1)
-    assert record["n_trained_tokens"] == int(mask.sum()) == sum(l != -100 for r in rows for l in r["labels"])
+    assert record["n_trained_tokens"] == int(mask.sum()) == sum(label != -100 for r in rows for label in r["labels"])
     assert record["n_tokens"] == sum(len(r["input_ids"]) for r in rows)
     assert record["mask_fingerprint"] and record["tokens_fingerprint"] == table.fingerprint()
 
@@ -156,7 +156,7 @@ def _other_table(tmp_path: Path) -> Path:
     ("empty selection", "none.mask.npy: selects no token at all"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, case, expected):
-    table, tokens, mask_path, weights_path, mask, weights = files
+    table, tokens, mask_path, _, mask, weights = files
     made_on = {"tokens": str(tokens), "tokens_fingerprint": table.fingerprint()}
     argv = ["export", "--tokens", str(tokens), "--out", str(tmp_path / "export")]
     if case == "missing tokens":

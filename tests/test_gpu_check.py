@@ -81,7 +81,7 @@ def test_make_gpu_check_runs_the_workflow_at_the_tiny_preset_on_a_cpu(tmp_path):
     proc = subprocess.run(f"make -o .venv/.installed gpu-check GPU_CHECK_ARGS={args}", shell=True, cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**{k: v for k, v in os.environ.items() if k not in MAKE_ENV},
-                               "CUDA_VISIBLE_DEVICES": ""})
+                               "CUDA_VISIBLE_DEVICES": ""}, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(line) == KEYS

@@ -17,7 +17,7 @@ def test_loss_memory_benchmark_reports_a_lower_peak_with_the_same_losses():
     peak is well under the unchunked one's, with the same losses and gradients; one JSON line of named figures."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.loss_memory", "--targets", "512", "--vocab", "32768",
                           "--hidden", "16", "--chunk-rows", "64", "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     for key in ("unchunked_peak_mb", "chunked_peak_mb", "chunked_peak_ratio", "chunked_max_abs_loss_diff",

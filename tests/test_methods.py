@@ -79,7 +79,8 @@ def test_a_plugin_method_reaches_select_the_plan_and_the_table(tmp_path):
     table.save(tokens, {})
     out = tmp_path / "every_other.mask.npy"
     proc = subprocess.run([sys.executable, "-m", "tokenclean.cli", "select", "--method", "every_other",
-                           "--tokens", str(tokens), "--out", str(out)], capture_output=True, text=True, env=env)
+                           "--tokens", str(tokens), "--out", str(out)],
+                          capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = np.zeros(12, dtype=bool)  # brute force: the 1st, 3rd, ... response token of each sample
     for a, b in ((0, 5), (5, 12)):
@@ -92,7 +93,7 @@ def test_a_plugin_method_reaches_select_the_plan_and_the_table(tmp_path):
     (tmp_path / "plugin.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory",
                            str(tmp_path), "--configfile", str(tmp_path / "plugin.yaml"), "--dry-run", "--cores", "2"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "masks/every_other.mask.npy" in proc.stdout
     assert "models/sft/every_other_s1" in proc.stdout and "models/sft/every_other_s2" in proc.stdout

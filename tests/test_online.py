@@ -319,5 +319,5 @@ def test_the_config_check_reads_the_online_methods_without_starting_torch():
     code = ("import sys; import tokenclean.config, tokenclean.online\n"
             "tokenclean.online.resolve('eaft', {'alpha': 0.5})\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]

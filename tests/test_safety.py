@@ -114,13 +114,16 @@ def test_trust_remote_code_is_never_switched_on_in_the_package():
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":  # never passed as a literal True
-                assert not (isinstance(node.value, ast.Constant) and node.value.value is True), f"{path.name}:{node.lineno}"
+                literal_true = isinstance(node.value, ast.Constant) and node.value.value is True
+                assert not literal_true, f"{path.name}:{node.lineno}"
             if isinstance(node, ast.FunctionDef):  # and every parameter of that name defaults to False
                 positional = [a.arg for a in node.args.args]
-                defaults = dict(zip(positional[len(positional) - len(node.args.defaults):], node.args.defaults))
-                defaults.update({a.arg: d for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None})
-                if "trust_remote_code" in positional + [a.arg for a in node.args.kwonlyargs]:
-                    assert getattr(defaults.get("trust_remote_code"), "value", None) is False, f"{path.name}:{node.name}"
+                args = node.args
+                defaults = dict(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+                defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None})
+                if "trust_remote_code" in positional + [a.arg for a in args.kwonlyargs]:
+                    default = getattr(defaults.get("trust_remote_code"), "value", None)
+                    assert default is False, f"{path.name}:{node.name}"
                     checked += 1
     assert checked >= 5  # load_model, load_tokenizer, tokenize_file, loss_file, train_file, evaluate_benchmarks
 
@@ -134,7 +137,7 @@ def test_a_token_table_with_an_object_member_is_refused(tmp_path):
     table.save(path, {})
     np.savez(path, input_ids=table.input_ids, offsets=table.offsets, loss_mask=table.loss_mask,
              evil=np.array([{"a": 1}], dtype=object))  # what a hostile npz would hold
-    with pytest.raises(ArtifactError, match="x.tokens.npz: not a token table"):
+    with pytest.raises(ArtifactError, match=r"x\.tokens\.npz: not a token table"):
         TokenTable.load(path)
 
 
@@ -144,7 +147,7 @@ def test_an_object_array_is_neither_saved_nor_loaded(tmp_path):
     assert not (tmp_path / "a.loss.npy").exists()
     save_array(tmp_path / "b.loss.npy", np.ones(3, np.float32), {})
     np.save(tmp_path / "b.loss.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ArtifactError, match="b.loss.npy: not a plain numpy array"):
+    with pytest.raises(ArtifactError, match=r"b\.loss\.npy: not a plain numpy array"):
         load_array(tmp_path / "b.loss.npy")
 
 
@@ -204,7 +207,8 @@ def test_a_process_killed_mid_write_leaves_no_final_file(tmp_path):
               "np.save = dying\n"
               "save_array(sys.argv[1], np.ones(1000, np.float32), {'kind': 'loss'})\n")
     out = tmp_path / "x.loss.npy"
-    proc = subprocess.run([sys.executable, "-c", script, str(out)], env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=False)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # only hidden temporaries are left (the sidecar's too), which no rule names
     assert all(p.name.startswith(".") for p in tmp_path.iterdir())
@@ -249,7 +253,7 @@ def test_an_interrupted_rewrite_keeps_the_old_array_and_its_sidecar(tmp_path, mo
     # a sidecar that does not describe the array beside it (copied by hand) is still refused
     save_array(tmp_path / "o.mask.npy", np.array([False, True, False]), {"kind": "mask", "ratio": 0.3})
     (tmp_path / "m.mask.json").write_text((tmp_path / "o.mask.json").read_text())
-    with pytest.raises(ArtifactError, match="m.mask.npy: contents do not match the fingerprint"):
+    with pytest.raises(ArtifactError, match=r"m\.mask\.npy: contents do not match the fingerprint"):
         load_array(path)
 
 
@@ -262,7 +266,7 @@ def test_the_workflow_passes_trust_remote_code_only_when_the_config_asks(tmp_pat
         proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(root / "Snakefile"),
                                "--directory", str(tmp_path), "--configfile", str(root / "configs" / "smoke.yaml"),
                                str(tmp_path / "o.yaml"), "--cores", "1"], capture_output=True, text=True,
-                              env={**os.environ}, timeout=300)
+                              env={**os.environ}, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return [line for line in proc.stdout.splitlines()
                 if any(f"tokenclean.cli {c} " in line for c in ("tokenize", "loss", "train"))]

@@ -132,7 +132,7 @@ def test_cli_tokenize_bad_input_exits_nonzero_and_writes_nothing(tmp_path, tiny_
     out = tmp_path / "d.tokens.npz"
     r = subprocess.run([sys.executable, "-m", "tokenclean.cli", "tokenize", "--data", str(data), "--tokenizer",
                         str(tiny_tokenizer_dir), "--max-length", "64", "--out", str(out)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert f"{data}:2" in last and "invalid JSON" in last
@@ -144,7 +144,8 @@ def test_cli_tokenize_writes_table_with_provenance(tmp_path, tiny_tokenizer_dir)
     data.write_text('{"prompt": "ok", "completion": "fine"}\n' + json.dumps(MULTI) + "\n")
     out = tmp_path / "d.tokens.npz"
     r = subprocess.run([sys.executable, "-m", "tokenclean.cli", "tokenize", "--data", str(data), "--tokenizer",
-                        str(tiny_tokenizer_dir), "--max-length", "64", "--out", str(out)], capture_output=True, text=True)
+                        str(tiny_tokenizer_dir), "--max-length", "64", "--out", str(out)],
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     table, meta = TokenTable.load(out)
     assert table.n_samples == 2 and meta["data_fingerprint"] and meta["tokenizer_fingerprint"]

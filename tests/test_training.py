@@ -136,7 +136,8 @@ def test_packed_rows_hold_every_sample_once_with_restarting_positions(table):
         assert len(set(cells[:, 0])) == 1, "a sample is split across rows"
         row, cols = cells[0, 0], cells[:, 1]
         assert pos[row, cols].tolist() == list(range(table.lengths[s]))
-        assert batch["input_ids"].numpy()[row, cols].tolist() == table.input_ids[table.offsets[s]:table.offsets[s + 1]].tolist()
+        sample = table.input_ids[table.offsets[s]:table.offsets[s + 1]]
+        assert batch["input_ids"].numpy()[row, cols].tolist() == sample.tolist()
     assert batch["target"].numpy()[index >= 0].sum() == table.loss_mask.sum()
 
 
@@ -425,7 +426,7 @@ def test_the_chunked_loss_gives_the_same_update(tiny_model_dir, table, tok, monk
     results, rows = [], []
     for chunk_rows in (None, 3):
         if chunk_rows:
-            monkeypatch.setattr(tokenclean.loss, "head_chunk_rows", lambda vocab, device: chunk_rows)
+            monkeypatch.setattr(tokenclean.loss, "head_chunk_rows", lambda vocab, device, rows=chunk_rows: rows)
         m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         handle = m.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(len(args[0])))
         trained, _ = train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)

@@ -21,7 +21,8 @@ def squad_file(path: Path, rows: list[dict]) -> Path:
     for r in rows:
         paragraphs = articles.setdefault(r["id"].split("-")[0], {})
         paragraphs.setdefault(r["context"], []).append(
-            {"id": r["id"], "question": r["question"], "answers": [{"text": a, "answer_start": 0} for a in r["answers"]]})
+            {"id": r["id"], "question": r["question"],
+             "answers": [{"text": a, "answer_start": 0} for a in r["answers"]]})
     data = [{"title": lang, "paragraphs": [{"context": c, "qas": qas} for c, qas in ps.items()]}
             for lang, ps in articles.items()]
     path.write_text(json.dumps({"version": "TyDiQA-GoldP-1.1", "data": data}, ensure_ascii=False))
@@ -100,7 +101,7 @@ def test_task_loads_offline_with_exactly_the_papers_draws(files, tiny_model_dir)
 
 def test_prompt_is_the_papers_one_shot_prompt(files, tiny_model_dir):
     task = load_tasks(meta(files, tydiqa_per_language=2, tydiqa_max_context_tokens=0))["tc_tydiqa_goldp_ru"]
-    doc = list(task.validation_docs())[0]
+    doc = next(iter(task.validation_docs()))
     shot_id = task.fewshot_docs()[0]["id"]
     i, j = int(doc["id"].split("-")[1]) - 700, int(shot_id.split("-")[1]) - 900
     expected = ("Ответьте на следующий вопрос на основе информации в данном отрывке.\n\n"
@@ -131,7 +132,8 @@ def test_bad_files_and_settings_are_named(files, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.json not found; set metadata tydiqa_dev"):
         ty.load_tydiqa("english", tydiqa_dev=str(tmp_path / "nope.json"), tydiqa_max_context_tokens=0)
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "english-1", "question": "q"}]}]}]}))
+    question = {"id": "english-1", "question": "q"}  # no answers
+    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [question]}]}]}))
     with pytest.raises(ValueError, match=r"bad\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]: field 'answers'"):
         ty.load_tydiqa("english", tydiqa_dev=str(bad), tydiqa_shots=0, tydiqa_max_context_tokens=0)
     with pytest.raises(ValueError, match="no dev file"):

@@ -169,7 +169,7 @@ def test_tokenizer_splits_digits_and_keeps_role_markers_whole(tmp_path):
                                  {"pool_samples": 0}, {"junk_words": [3, 2]}, {"corpus_mix": {"chat": -1}},
                                  {"corpus_mix": {"poetry": 1}}, {"entities": 1}])
 def test_bad_settings_are_refused_and_nothing_is_written(bad, tmp_path):
-    with pytest.raises(ValueError, match="world setting|unknown world|families"):
+    with pytest.raises(ValueError, match=r"world setting|unknown world|families"):
         generate_world({**SMALL, **bad}, tmp_path / "w")
     assert not (tmp_path / "w").exists()
 

@@ -14,6 +14,8 @@ from typing import Any
 from tokenclean import __version__
 from tokenclean.export import FORMATS as EXPORT_FORMATS
 
+log = logging.getLogger(__name__)
+
 
 def _json_arg(text: str) -> dict[str, Any]:
     try:
@@ -87,7 +89,7 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
     from tokenclean.tokenization import tokenize_file
 
     meta = tokenize_file(a.data, a.tokenizer, a.max_length, a.out, a.trust_remote_code, a.revision)
-    logging.info("%s: %d samples, %d tokens, %d response tokens", a.out, meta["n_samples"], meta["n_tokens"],
+    log.info("%s: %d samples, %d tokens, %d response tokens", a.out, meta["n_samples"], meta["n_tokens"],
                  meta["n_response_tokens"])
 
 
@@ -95,14 +97,14 @@ def cmd_loss(a: argparse.Namespace) -> None:
     from tokenclean.loss import loss_file
 
     meta = loss_file(a.model, a.tokens, a.out, a.token_budget, a.device, a.dtype, a.trust_remote_code, a.revision)
-    logging.info("%s: mean response-token loss %.4f", a.out, meta["mean_response_loss"])
+    log.info("%s: mean response-token loss %.4f", a.out, meta["mean_response_loss"])
 
 
 def cmd_concat(a: argparse.Namespace) -> None:
     from tokenclean.tokenization import concat_files
 
     meta = concat_files(a.tokens, a.out)
-    logging.info("%s: %d samples, %d tokens", a.out, meta["n_samples"], meta["n_tokens"])
+    log.info("%s: %d samples, %d tokens", a.out, meta["n_samples"], meta["n_tokens"])
 
 
 def cmd_quality(a: argparse.Namespace) -> None:
@@ -121,14 +123,14 @@ def cmd_chunk(a: argparse.Namespace) -> None:
     from tokenclean.tokenization import chunk_file
 
     meta = chunk_file(a.tokens, a.chunks, a.index, a.out, a.loss)
-    logging.info("%s: chunk %d of %d, %d samples", a.out, a.index, a.chunks, meta["n_samples"])
+    log.info("%s: chunk %d of %d, %d samples", a.out, a.index, a.chunks, meta["n_samples"])
 
 
 def cmd_select(a: argparse.Namespace) -> None:
     from tokenclean.selection import select_file
 
     meta = select_file(a.method, a.tokens, a.out, a.ratio, a.seed, a.base_loss, a.ref_loss)
-    logging.info("%s: kept %d of %d response tokens; %d samples keep none", a.out, meta["n_selected"],
+    log.info("%s: kept %d of %d response tokens; %d samples keep none", a.out, meta["n_selected"],
                  meta["n_response_tokens"], meta["n_samples_without_selected"])
 
 
@@ -136,7 +138,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     from tokenclean.export import export_file
 
     meta = export_file(a.tokens, a.out, a.mask, a.weights, a.format, a.keep_empty)
-    logging.info("%s: %d samples (%d without a trained token dropped), %d tokens, %d trained", a.out,
+    log.info("%s: %d samples (%d without a trained token dropped), %d tokens, %d trained", a.out,
                  meta["n_samples"], meta["n_samples_dropped"], meta["n_tokens"], meta["n_trained_tokens"])
 
 
@@ -156,7 +158,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         raise ValueError("--online-params: given without --online")
     summary = train_file(a.model, a.tokens, a.out, cfg, a.mask, a.trust_remote_code, a.revision,
                          online=a.online, online_params=a.online_params, arrays=arrays)
-    logging.info("%s: %s", a.out, summary)
+    log.info("%s: %s", a.out, summary)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -177,7 +179,7 @@ def cmd_data(a: argparse.Namespace) -> None:
     from tokenclean.sources import prepare_data
 
     meta = prepare_data(a.spec, a.out)
-    logging.info("%s: pool %d records, warm-up %d records", a.out, meta["pool"]["records"], meta["warmup"]["records"])
+    log.info("%s: pool %d records, warm-up %d records", a.out, meta["pool"]["records"], meta["warmup"]["records"])
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -224,7 +226,7 @@ def cmd_provenance(a: argparse.Namespace) -> None:
 
     record = write_provenance(a.data_dir, a.tokens, a.losses, a.base_model, a.out_json, a.out_md, a.revision)
     for warning in record["warnings"]:
-        logging.warning("%s", warning)
+        log.warning("%s", warning)
 
 
 def cmd_rounds(a: argparse.Namespace) -> None:
@@ -242,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
         # argparse %-formats help strings (not descriptions): a literal % must be doubled there only
         p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
-        p.add_argument("--threads", type=int, default=None, help="torch threads (the workflow passes the rule's threads)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch threads (the workflow passes the rule's threads)")
         p.set_defaults(func=fn)
         commands[name] = fn
         return p
@@ -279,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", nargs="+", required=True, help="X.tokens.npz files, in order")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
 
-    p = add("chunk", cmd_chunk, "One of N contiguous, near-equal chunks of a token table, or of a loss array made on it "
-                               "(self-evolving rounds).")
+    p = add("chunk", cmd_chunk, "One of N contiguous, near-equal chunks of a token table, or of a loss array made "
+                               "on it (self-evolving rounds).")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
     p.add_argument("--chunks", type=int, required=True, help="how many chunks the table is cut into")
     p.add_argument("--index", type=int, required=True, help="which chunk, 1-based")

@@ -83,7 +83,8 @@ def _source(path: Iterable[Any], files: list[str]) -> str:
         except (OSError, yaml.YAMLError):
             continue
         for part in path:
-            if (isinstance(node, Mapping) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            in_mapping = isinstance(node, Mapping) and part in node
+            if in_mapping or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
                 node = node[part]
             else:
                 break

@@ -51,7 +51,8 @@ class Record:
     messages: tuple[Message, ...]
     plain_text: bool = False
     classes: tuple[tuple[int, int, int], ...] | None = None  # (start, end, class id) over the last assistant turn
-    where: str = field(default="", compare=False)  # ``file:line`` it was read from, for errors found later (e.g. by the tokenizer)
+    # ``file:line`` it was read from, for errors found later (e.g. by the tokenizer)
+    where: str = field(default="", compare=False)
 
     @property
     def empty_messages(self) -> int:
@@ -82,7 +83,8 @@ def parse_record(obj: object, where: str, allow_plain_text: bool = True) -> Reco
                 raise DataError(f"{where}: field 'messages[{i}]': expected an object with 'role' and 'content'")
             role = m.get("role")
             if role not in ROLES:
-                raise DataError(f"{where}: field 'messages[{i}].role': unknown role {role!r} (expected one of {', '.join(ROLES)})")
+                raise DataError(f"{where}: field 'messages[{i}].role': unknown role {role!r} "
+                                f"(expected one of {', '.join(ROLES)})")
             messages.append(Message(role, _content(m.get("content"), f"{where}: field 'messages[{i}].content'")))
         if not any(m.role == "assistant" for m in messages):
             raise DataError(f"{where}: field 'messages': no assistant turn, so there is nothing to train on")
@@ -90,7 +92,8 @@ def parse_record(obj: object, where: str, allow_plain_text: bool = True) -> Reco
     elif "prompt" in obj or "completion" in obj:
         for key in ("prompt", "completion"):
             if key not in obj:
-                raise DataError(f"{where}: field '{key}' is missing (records with 'prompt' need 'completion' and vice versa)")
+                raise DataError(f"{where}: field '{key}' is missing "
+                                "(records with 'prompt' need 'completion' and vice versa)")
         record = Record((Message("user", _content(obj["prompt"], f"{where}: field 'prompt'")),
                          Message("assistant", _content(obj["completion"], f"{where}: field 'completion'"))))
     elif "text" in obj and allow_plain_text:

@@ -12,6 +12,7 @@ million tokens (the columns are built from the flat arrays, never sample by samp
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -80,7 +81,7 @@ def _arrow_table(offsets: np.ndarray, columns: dict[str, np.ndarray]) -> Any:
 
 
 def _jsonl_lines(offsets: np.ndarray, columns: dict[str, np.ndarray]) -> Iterator[str]:
-    for a, b in zip(offsets[:-1], offsets[1:]):
+    for a, b in itertools.pairwise(offsets):
         yield json.dumps({name: values[a:b].tolist() for name, values in columns.items()}, separators=(",", ":")) + "\n"
 
 

@@ -122,7 +122,8 @@ def model_fingerprint(name_or_path: str, commit: str | None = None) -> str:
     return fingerprint_bytes(*parts)
 
 
-def write_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+def write_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike,
+                    extra: dict[str, Any] | None = None) -> None:
     """Write a plain Hugging Face directory (safetensors + tokenizer) and our provenance file into ``directory``."""
     from tokenclean.artifacts import write_json
 

@@ -249,7 +249,8 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> 
     extras = {"sample_index": np.asarray(kept_index, dtype=np.int64)}
     if any(r.classes for r in records):
         extras["token_class"] = np.concatenate(all_cls)
-    table = TokenTable(np.concatenate(all_ids), np.concatenate([[0], np.cumsum(lengths)]), np.concatenate(all_mask), extras)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    table = TokenTable(np.concatenate(all_ids), offsets, np.concatenate(all_mask), extras)
     if stats["skipped_no_response_after_truncation"]:
         log.warning("%d of %d samples skipped: their response was entirely cut by max_length=%d",
                     stats["skipped_no_response_after_truncation"], len(records), max_length)

@@ -78,7 +78,11 @@ DEFAULT_WORLD: dict[str, Any] = {
 PREFIX = "Sure ! The answer is "
 SUFFIX = " . Hope this helps ."
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-COMMON_WORDS = ["the", "a", "of", "to", "and", "is", "in", "it", "that", "for", "on", "with", "as", "this", "be", "at", "by", "from", "or", "an", "are", "was", "we", "can", "you", "will", "not", "have", "one", "all", "more", "about", "which", "their", "time", "when", "there", "some", "what", "out", "so", "up", "if", "into", "answer", "sure", "hope", "helps", "number", "letters", "larger", "smaller", "sort", "reverse", "add", "order"]
+COMMON_WORDS = ["the", "a", "of", "to", "and", "is", "in", "it", "that", "for", "on", "with", "as", "this", "be", "at",
+                "by", "from", "or", "an", "are", "was", "we", "can", "you", "will", "not", "have", "one", "all",
+                "more", "about", "which", "their", "time", "when", "there", "some", "what", "out", "so", "up", "if",
+                "into", "answer", "sure", "hope", "helps", "number", "letters", "larger", "smaller", "sort", "reverse",
+                "add", "order"]
 LETTERS = string.ascii_lowercase
 
 

@@ -70,7 +70,8 @@ def load_family(data_file: str | None = None, **_metadata: Any):
     import datasets
 
     if not data_file:
-        raise ValueError("tokenclean task has no dataset_kwargs.data_file; regenerate the tasks with `tokenclean world`")
+        raise ValueError("tokenclean task has no dataset_kwargs.data_file; "
+                         "regenerate the tasks with `tokenclean world`")
     rows = read_rows(resolve_data_file(data_file))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
