@@ -16,7 +16,7 @@ test test-fast: export HF_HUB_OFFLINE := 1
 test test-fast: export HF_DATASETS_OFFLINE := 1
 test test-fast: export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run smoke test test-fast dry-run gpu-check clean
+.PHONY: install run smoke test test-fast lint dry-run gpu-check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -52,6 +52,11 @@ test: $(STAMP)
 # over ~3 s): about a minute, for the edit-test loop. `make test` (what CI runs) still runs them all.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff (its config is in pyproject.toml) over the Python, then Snakemake's own linter over the rules. CI runs it.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/snakemake --lint
 
 # The paper's pipeline on a random-initialised Llama-3.2-1B-shaped model and generated data (nothing downloaded),
 # one JSON line of tokens/s, MFU and peak GPU memory (docs/gpu-check.md); without CUDA a tiny model in seconds.

@@ -3,7 +3,7 @@
 
 A source is ``{"path": FILE.jsonl}`` or ``{"hub": NAME, "split": "train", "revision": REV}`` (optionally with
 ``"limit": N``, the first N records); the warm-up set may instead be ``{"first_of_pool": N}``: the pool's first
-N records, which is what the paper's release code assumes its 10k warm-up set is (unverified; see the README).
+N records, which is what the paper's release code assumes its 10k warm-up set is (unverified; docs/paper-fidelity.md).
 A hub revision (a branch, tag or commit; default the main branch) is resolved once to its commit sha, that
 sha is what is loaded and what ``data.json`` records. Only SFT records (``messages`` or ``prompt``/``completion``)
 are accepted: a plain ``{"text": ...}`` record belongs to a pretraining corpus.

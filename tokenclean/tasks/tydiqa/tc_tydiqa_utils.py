@@ -73,7 +73,7 @@ def read_squad(path: str | Path, key: str) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"TyDiQA file {p} not found; set metadata {key} to the SQuAD-format JSON file "
-                                "(tydiqa-goldp-v1.1-dev.json / -train.json, see the README)")
+                                "(tydiqa-goldp-v1.1-dev.json / -train.json; docs/paper-scale.md: where to get them)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
