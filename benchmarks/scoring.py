@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tokenclean.artifacts import TokenTable
 from tokenclean.batching import budget_batches, collate
-from tokenclean.loss import token_losses
+from tokenclean.loss import TOKEN_BUDGET, token_losses
 
 PAD = 0
 
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--token-budget", type=int, default=16384, help="as `tokenclean loss --token-budget`")
+    ap.add_argument("--token-budget", type=int, default=TOKEN_BUDGET, help="as `tokenclean loss --token-budget`")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()

@@ -19,7 +19,7 @@ for _var, _sub in (("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "
 if EMBEDDED:
     for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(_var, "1")
-THREADS = config.get("threads", 1)
+THREADS = config["threads"]
 SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base: every other job waits for it
 # Evaluation tasks: as configured, else every family of the embedded world (tokenclean.config requires one).
 TASKS = "" if config["evaluation"].get("benchmarks") else ",".join(
@@ -28,14 +28,15 @@ TASKS = "" if config["evaluation"].get("benchmarks") else ",".join(
 METRIC = "score" if config["evaluation"].get("benchmarks") else "answer_acc"
 
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
-# snakemake (the project's venv) does. Either way every rule is one `tokenclean` command.
-os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
+# snakemake (the project's venv) does. Either way every rule is one `tokenclean` command. The jobs inherit this
+# variable: the workflow sets it for them (after whatever the user's is) and requires nothing of the user, so it
+# is no `envvars:` entry.
+os.environ.update(PYTHONPATH=workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", ""))
 from tokenclean import methods as registry  # noqa: E402  (pure Python: no torch at planning time)
 from tokenclean.methods import mask_name, parse_run, ratio_tag  # noqa: E402,F401
 from tokenclean.launch import tokenclean_command  # noqa: E402
 
 PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
-TC = tokenclean_command(PYTHON)
 # Training jobs (warm-up, rows, rounds) may run one process per GPU; the recipe does not change with it.
 HARDWARE = config.get("hardware", {})
 GPUS = HARDWARE.get("gpus", 1)
@@ -43,7 +44,7 @@ GPUS = HARDWARE.get("gpus", 1)
 
 # Methods of your own (config `plugins`): registered here for planning, and for every job through the environment
 # (each `tokenclean` command loads the files TOKENCLEAN_PLUGINS lists; a cluster job re-reads this file).
-PLUGINS = [os.path.abspath(p) for p in config.get("plugins", [])]
+PLUGINS = [os.path.abspath(p) for p in config["plugins"]]
 registry.load_plugins(PLUGINS)
 os.environ[registry.PLUGINS_ENV] = os.pathsep.join(PLUGINS)
 # What the configured rows are (tokenclean/methods.py): mask methods get a `select` job, online ones train with
@@ -54,10 +55,10 @@ CHAINED = tuple(name for name, kind in KIND.items() if kind == "chain")
 # model's (its reference), sstoken the base model's (its history).
 POOL_LOSSES = sorted({"base" if need == "base_loss" else "warmup" for name in config["methods"]
                       for need in registry.get(name).needs if need in ("base_loss", "ref_loss")})
-ROUNDS = config.get("self_evolving", {}).get("rounds", 3)
+ROUNDS = config["self_evolving"]["rounds"]
 # The pool is cut into CHUNKS; the rounds use the last ROUNDS of them (the paper: 5 chunks, the first one is the
 # warm-up data, 4 rounds); tokenclean.config refuses fewer chunks than rounds.
-CHUNKS = config.get("self_evolving", {}).get("chunks", ROUNDS)
+CHUNKS = config["self_evolving"].get("chunks", ROUNDS)
 DATA_DIR = f"{R}/world" if EMBEDDED else f"{R}/data"
 BASE_MODEL = f"{R}/models/base" if EMBEDDED else config["base_model"]["name"]
 TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") else ""
@@ -66,18 +67,34 @@ TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") e
 GPU_JOBS = "gpus" in HARDWARE or not EMBEDDED
 TRAIN_GPUS = GPUS if GPU_JOBS else 0
 ONE_GPU = 1 if GPU_JOBS else 0
-# A GPU job starts through tokenclean/gpu_slots.py, which gives it GPUs no other job of the machine holds (Snakemake
-# counts GPUs but does not say which): one-GPU jobs (scoring, evaluation) run side by side, training takes them all.
-TRAIN = tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
-                           timeout_minutes=HARDWARE.get("timeout_minutes"), gpu_slots=TRAIN_GPUS,
-                           sharding=HARDWARE.get("sharding", "none"))
-GPU_TC = tokenclean_command(PYTHON, gpu_slots=ONE_GPU)
 
-# Jobs that other jobs wait for start first among the ready ones (Snakemake's rule `priority`): the warm-up
+# Jobs that other jobs wait for start first among the ready ones (Snakemake's `priority` directive): the warm-up
 # model, tokenizing, scoring, selection and each round of a self-evolving chain, whose rounds are the longest path
 # of the DAG. Left to the scheduler's choice, the chains of the embedded run started late and their last rounds
 # and evaluations ran with one core idle for about 30 s at the end.
 UNBLOCKING = 1
+
+
+# How a job starts `tokenclean` (every rule's `params.tc`). A GPU job starts through tokenclean/gpu_slots.py, which
+# gives it GPUs no other job of the machine holds (Snakemake counts GPUs but does not say which): one-GPU jobs
+# (scoring, evaluation) run side by side, training takes them all. Both are params functions of the job's
+# resources (the GPUs it holds): which python and which GPUs are the machine's, not the recipe's, and Snakemake's
+# params trigger skips params derived from resources, so a new venv or GPU count re-runs no finished job.
+
+
+def launch(wildcards, resources) -> str:
+    """One `tokenclean` process, on the job's GPUs (`resources.gpu`; none for a CPU rule)."""
+    return tokenclean_command(PYTHON, gpu_slots=getattr(resources, "gpu", 0))
+
+
+def launch_training(wildcards, resources) -> str:
+    """A training job: one process per configured GPU (hardware.gpus) through the configured launcher."""
+    return tokenclean_command(PYTHON, GPUS, HARDWARE.get("launcher", "torchrun"),
+                              timeout_minutes=HARDWARE.get("timeout_minutes"), gpu_slots=resources.gpu,
+                              sharding=HARDWARE.get("sharding", "none"))
+
+
+# --- models and data -------------------------------------------------------------------------------------------
 
 
 def model_ref(name: str) -> str:
@@ -92,20 +109,77 @@ def revision_flag(name: str = "base") -> str:
 
 
 def model_input(name: str) -> list[str]:
-    """Model `name` as a rule input: nothing for a base model the workflow does not make."""
+    """Model `name` as a job input: nothing for a base model the workflow does not make."""
     return [model_ref(name)] if EMBEDDED or name != "base" else []
 
 
+def base_ref(wildcards) -> str:
+    """model_ref("base") as a job's param: a function of the wildcards, not of the input, because outside the
+    embedded world it is a hub id (or a local directory) that is no input, and Snakemake's params trigger, which
+    re-runs the job when the id changes, skips params derived from the input."""
+    return model_ref("base")
+
+
+def data_files() -> list[str]:
+    """The local files of data.pool / data.warmup: inputs of the data rule, so editing one re-runs it (hub
+    sources are params: their id, split and revision)."""
+    return [src["path"] for src in (config.get("data", {}).get(k, {}) for k in ("pool", "warmup")) if "path" in src]
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+
 def sft_runs() -> list[str]:
+    """Every row x seed of the table (tokenclean.methods.runs): `<method>[_r<ratio>]_s<seed>`."""
     return registry.runs(config["methods"], config["ratios"], config["seeds"])
 
 
-def method_of(run: str) -> registry.Method:
-    return registry.get(parse_run(run)[0])
+def train_flags(section: dict) -> str:
+    """The `train` block of a config section as `tokenclean train` flags, in key order: a job's params (and so
+    whether it re-runs) do not depend on the order the config file happens to list its keys in."""
+    flags = []
+    for key, value in sorted(section.get("train", {}).items()):
+        flags += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(flags)
+
+
+def as_json(obj) -> str:
+    """`obj` as one shell word of canonical JSON (sorted keys: a job's params do not depend on key order)."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+# --- scoring and selection -------------------------------------------------------------------------------------
 
 
 def pool_loss(model: str) -> str:
+    """Model `model`'s per-token losses on the whole pool."""
     return f"{R}/losses/{model}/pool.loss.npy"
+
+
+def pool_scores(wildcards=None) -> dict[str, str]:
+    """The pool's token table and the base and reference (warm-up) models' losses on it: what a token's score,
+    loss(base) - loss(reference), is computed from (a rule takes them as `unpack(pool_scores)`)."""
+    return {"tokens": f"{R}/tokens/pool.tokens.npz", "base_loss": pool_loss("base"), "ref_loss": pool_loss("warmup")}
+
+
+def select_inputs(wildcards) -> dict[str, str]:
+    """A mask's inputs: the pool's tokens, and the losses if its method scores tokens."""
+    needs = registry.get(registry.parse_mask(wildcards.mask)[0]).needs
+    if "base_loss" in needs or "ref_loss" in needs:
+        return pool_scores()
+    return {"tokens": f"{R}/tokens/pool.tokens.npz"}
+
+
+def select_args(wildcards, input) -> str:
+    """`tokenclean select` flags of a mask: method, ratio (1.0 for a method without one), seed and losses."""
+    method, ratio, seed = registry.parse_mask(wildcards.mask)
+    args = f"--method {method} --ratio {ratio or 1.0} --seed {seed}"
+    if "base_loss" in input.keys():
+        args += f" --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
+    return args
+
+
+# --- training --------------------------------------------------------------------------------------------------
 
 
 def sft_inputs(wildcards) -> dict[str, str]:
@@ -131,7 +205,7 @@ def online_flags(wildcards, input) -> str:
     if m.kind != "online":
         return ""
     flags = f"--online {m.online}"
-    params = dict(config.get("method_params", {}).get(method, {}))
+    params = dict(config["method_params"].get(method, {}))
     if m.takes_ratio:
         params["ratio"] = float(ratio)
     if params:
@@ -140,6 +214,99 @@ def online_flags(wildcards, input) -> str:
         if need in input.keys():
             flags += f" --{need.replace('_', '-')} {input[need]}"
     return flags
+
+
+# --- the self-evolving chain (rules/self_evolving.smk) ---------------------------------------------------------
+
+
+def chain_runs() -> list[str]:
+    """The configured runs trained as a chain of rounds (rules/self_evolving.smk)."""
+    return [run for run in sft_runs() if KIND[parse_run(run)[0]] == "chain"]
+
+
+def round_models(run: str) -> list[str]:
+    """Every round's model of a chain, round 1 to the last (the row's own model)."""
+    return [f"{R}/models/rounds/{registry.round_name(run, t)}" for t in range(1, ROUNDS + 1)]
+
+
+def chunk_name(t) -> str:
+    """The pool chunk of round t: the rounds use the last ROUNDS of CHUNKS chunks."""
+    return f"pool.c{CHUNKS - ROUNDS + int(t)}of{CHUNKS}"
+
+
+def chunk_tokens_path(t) -> str:
+    """The token table of round t's chunk."""
+    return f"{R}/tokens/{chunk_name(t)}.tokens.npz"
+
+
+def previous_model(row: str, t) -> str:
+    """Model t-1 of the chain, relative to models/: the warm-up model starts every chain."""
+    return "warmup" if int(t) == 1 else f"rounds/{row}_t{int(t) - 1}"
+
+
+def round_flags(wildcards) -> str:
+    """The row's sft flags; `tokenclean train --round t --rounds R` gives round t its share of the steps."""
+    seed = parse_run(wildcards.row)[2]
+    return f"{train_flags(config['sft'])} --seed {seed} --round {wildcards.t} --rounds {ROUNDS} {TRUST}"
+
+
+def chain_evals() -> list[str]:
+    """Every round's evaluation (the last round is the row's own evaluation) and the warm-up model's (round 0)."""
+    rows = chain_runs()
+    rounds = [f"{R}/eval/rounds/{row}_t{t}.json" for row in rows for t in range(1, ROUNDS)]
+    return [f"{R}/eval/warmup.json"] + rounds + [f"{R}/eval/{row}.json" for row in rows]
+
+
+def chain_models() -> list[str]:
+    """The warm-up model (round 0) and every round's model: each round's passes over its own data."""
+    return [model_dir("warmup")] + [model for row in chain_runs() for model in round_models(row)]
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+def model_dir(run: str) -> str:
+    """The model a run's evaluation reads: a self-evolving row is the last model of its chain."""
+    if run in ("base", "warmup"):
+        return model_ref(run)
+    if run.startswith("rounds/"):
+        return f"{R}/models/{run}"
+    if KIND.get(parse_run(run)[0]) == "chain":
+        return round_models(run)[-1]
+    return f"{R}/models/sft/{run}"
+
+
+def eval_inputs(wildcards) -> dict:
+    """The evaluated model (unless it is a base model the workflow does not make) and, embedded, the world."""
+    inputs = {"model": [] if wildcards.run == "base" and not EMBEDDED else model_dir(wildcards.run)}
+    if EMBEDDED:
+        inputs["world"] = f"{R}/world"
+    return inputs
+
+
+def eval_args() -> str:
+    """The world's task families (embedded), or the configured lm-eval benchmarks with their shots and metrics."""
+    ev = config["evaluation"]
+    if EMBEDDED and not ev.get("benchmarks"):
+        return f"--tasks-dir {R}/world/tasks --tasks {TASKS}"
+    args = f"--benchmarks {as_json(ev['benchmarks'])}"
+    if ev.get("model_args"):
+        args += f" --model-args {as_json(ev['model_args'])}"
+    if ev.get("include_path"):
+        args += f" --include-path {shlex.quote(ev['include_path'])}"
+    if ev.get("batch_size"):
+        args += f" --batch-size {ev['batch_size']}"
+    return args + f" {TRUST}"
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+
+RUNS = ["base", "warmup"] + sft_runs()
+# The embedded world reports three metrics (headline first); a benchmark suite one score per task.
+TABLE_METRICS = [METRIC] if config["evaluation"].get("benchmarks") else ["answer_acc", "response_em", "answer_nll"]
+PAPER_REFERENCE = config.get("paper_reference")
+FIGURES = f"{R}/figures"
 
 
 def pool_masks() -> list[str]:
@@ -163,38 +330,31 @@ def selection_args(wildcards, input) -> str:
     return " ".join(list(input.masks) + [f"{model}/weights.npy" for model in input.online])
 
 
-def chain_runs() -> list[str]:
-    """The configured runs trained as a chain of rounds (rules/self_evolving.smk)."""
-    return [run for run in sft_runs() if KIND[parse_run(run)[0]] == "chain"]
+def report_outputs() -> list[str]:
+    """Everything the report stage leaves in results/<experiment>/ (rule all asks for it)."""
+    out = [f"{R}/table.csv", f"{R}/table.md", f"{R}/table.tex", f"{FIGURES}/score_distributions.png",
+           f"{R}/token_view.html", f"{R}/provenance.json", f"{R}/provenance.md"]
+    out += [f"{R}/table_{m}.csv" for m in TABLE_METRICS[1:]]
+    if "full" in config["methods"]:
+        out += [f"{R}/significance.csv", f"{R}/significance.md"]
+    if len(config["ratios"]) > 1:
+        out.append(f"{FIGURES}/score_vs_ratio.png")
+    if EMBEDDED:  # ground-truth token classes exist only in the embedded world
+        out.append(f"{R}/score_separation.csv")
+        if pool_masks() or online_models():  # a chain alone selects nothing over the whole pool
+            out += [f"{R}/cleaning_quality.csv", f"{FIGURES}/kept_by_class.png"]
+    if set(CHAINED) & set(config["methods"]):
+        out += [f"{R}/rounds.csv", f"{FIGURES}/rounds.png"]
+    return out
 
 
-def round_models(run: str) -> list[str]:
-    """Every round's model of a chain, round 1 to the last (the row's own model)."""
-    return [f"{R}/models/rounds/{registry.round_name(run, t)}" for t in range(1, ROUNDS + 1)]
-
-
-def model_dir(run: str) -> str:
-    """The model a run's evaluation reads: a self-evolving row is the last model of its chain."""
-    if run in ("base", "warmup"):
-        return model_ref(run)
-    if run.startswith("rounds/"):
-        return f"{R}/models/{run}"
-    if KIND.get(parse_run(run)[0]) == "chain":
-        return round_models(run)[-1]
-    return f"{R}/models/sft/{run}"
-
-
-def train_flags(section: dict) -> str:
-    """The `train` block of a config section as `tokenclean train` flags, in key order: a job's params (and so
-    whether it re-runs) do not depend on the order the config file happens to list its keys in."""
-    flags = []
-    for key, value in sorted(section.get("train", {}).items()):
-        flags += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
-    return " ".join(flags)
-
-
-def as_json(obj) -> str:
-    return shlex.quote(json.dumps(obj, sort_keys=True))
+def trained_models() -> list[str]:
+    """Every model the table's rows trained (the warm-up model, each SFT row, each round of a chain): the report
+    reads each one's passes over its own data from what training recorded next to it."""
+    models = [model_dir("warmup")]
+    for run in sft_runs():
+        models += round_models(run) if run in chain_runs() else [model_dir(run)]
+    return models
 
 
 wildcard_constraints:

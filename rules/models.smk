@@ -5,6 +5,7 @@ rule pretrain_base:
     output:
         directory(f"{R}/models/base"),
     params:
+        tc=launch,
         model=as_json(config["base_model"].get("pretrain", {}).get("model", {})),
         train=train_flags(config["base_model"].get("pretrain", {})),
     threads: SERIAL_THREADS
@@ -15,7 +16,7 @@ rule pretrain_base:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} pretrain --threads {threads} --corpus {input}/corpus.jsonl --model-params {params.model}"
+        "{params.tc} pretrain --threads {threads} --corpus {input}/corpus.jsonl --model-params {params.model}"
         " {params.train} --out {output} > {log} 2>&1"
 
 
@@ -27,8 +28,11 @@ rule tokenize:
     output:
         f"{R}/tokens/{{dataset}}.tokens.npz",
     params:
-        tokenizer=model_ref("base"),
+        tc=launch,
+        tokenizer=base_ref,
         revision=revision_flag(),
+        trust=TRUST,
+        max_length=config["max_length"],
     wildcard_constraints:
         dataset="warmup|pool",
     priority: UNBLOCKING
@@ -39,8 +43,8 @@ rule tokenize:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} tokenize --data {input.data}/{wildcards.dataset}.jsonl --tokenizer {params.tokenizer} {params.revision} {TRUST}"
-        " --max-length {config[max_length]} --out {output} > {log} 2>&1"
+        "{params.tc} tokenize --data {input.data}/{wildcards.dataset}.jsonl --tokenizer {params.tokenizer} {params.revision}"
+        " {params.trust} --max-length {params.max_length} --out {output} > {log} 2>&1"
 
 
 rule concat_tokens:
@@ -50,6 +54,8 @@ rule concat_tokens:
         warmup=f"{R}/tokens/warmup.tokens.npz",
     output:
         f"{R}/tokens/pool+warmup.tokens.npz",
+    params:
+        tc=launch,
     priority: UNBLOCKING
     log:
         f"{R}/logs/tokenize/pool+warmup.log",
@@ -58,7 +64,7 @@ rule concat_tokens:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} concat --tokens {input.pool} {input.warmup} --out {output} > {log} 2>&1"
+        "{params.tc} concat --tokens {input.pool} {input.warmup} --out {output} > {log} 2>&1"
 
 
 rule warmup:
@@ -69,8 +75,10 @@ rule warmup:
     output:
         directory(f"{R}/models/warmup"),
     params:
-        model=model_ref("base"),
+        tc=launch_training,
+        model=base_ref,
         revision=revision_flag(),
+        trust=TRUST,
         train=train_flags(config.get("warmup", {})),
     threads: THREADS
     resources:
@@ -83,5 +91,5 @@ rule warmup:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens}"
+        "{params.tc} train --threads {threads} --model {params.model} {params.revision} {params.trust} --tokens {input.tokens}"
         " {params.train} --out {output} > {log} 2>&1"

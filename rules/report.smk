@@ -1,37 +1,3 @@
-RUNS = ["base", "warmup"] + sft_runs()
-# The embedded world reports three metrics (headline first); a benchmark suite one score per task.
-TABLE_METRICS = [METRIC] if config["evaluation"].get("benchmarks") else ["answer_acc", "response_em", "answer_nll"]
-PAPER_REFERENCE = config.get("paper_reference")
-FIGURES = f"{R}/figures"
-
-
-def report_outputs() -> list[str]:
-    """Everything the report stage leaves in results/<experiment>/ (rule all asks for it)."""
-    out = [f"{R}/table.csv", f"{R}/table.md", f"{R}/table.tex", f"{FIGURES}/score_distributions.png",
-           f"{R}/token_view.html", f"{R}/provenance.json", f"{R}/provenance.md"]
-    out += [f"{R}/table_{m}.csv" for m in TABLE_METRICS[1:]]
-    if "full" in config["methods"]:
-        out += [f"{R}/significance.csv", f"{R}/significance.md"]
-    if len(config["ratios"]) > 1:
-        out.append(f"{FIGURES}/score_vs_ratio.png")
-    if EMBEDDED:  # ground-truth token classes exist only in the embedded world
-        out.append(f"{R}/score_separation.csv")
-        if pool_masks() or online_models():  # a chain alone selects nothing over the whole pool
-            out += [f"{R}/cleaning_quality.csv", f"{FIGURES}/kept_by_class.png"]
-    if set(CHAINED) & set(config["methods"]):
-        out += [f"{R}/rounds.csv", f"{FIGURES}/rounds.png"]
-    return out
-
-
-def trained_models() -> list[str]:
-    """Every model the table's rows trained (the warm-up model, each SFT row, each round of a chain): the report
-    reads each one's passes over its own data from what training recorded next to it."""
-    models = [model_dir("warmup")]
-    for run in sft_runs():
-        models += round_models(run) if run in chain_runs() else [model_dir(run)]
-    return models
-
-
 localrules: report, rounds_report, provenance  # seconds of work: on the submitting machine, not a cluster job
 
 
@@ -46,6 +12,7 @@ rule provenance:
         json=f"{R}/provenance.json",
         md=report(f"{R}/provenance.md", caption="../report/provenance.rst", category="Provenance"),
     params:
+        tc=launch,
         base=model_ref("base"),
         revision=revision_flag(),
     log:
@@ -55,7 +22,7 @@ rule provenance:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} provenance --data-dir {input.data} --tokens {input.tokens} --losses {input.losses}"
+        "{params.tc} provenance --data-dir {input.data} --tokens {input.tokens} --losses {input.losses}"
         " --base-model {params.base} {params.revision} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
 
 
@@ -73,6 +40,8 @@ rule report:
         other=[report(f"{R}/table_{m}.csv", caption="../report/table_metric.rst", category="Tables",
                       labels={"table": m}) for m in TABLE_METRICS[1:]],
     params:
+        tc=launch,
+        metric=METRIC,
         metrics=",".join(TABLE_METRICS),
         paper=f"--paper-reference {PAPER_REFERENCE}" if PAPER_REFERENCE else "",
     log:
@@ -82,7 +51,7 @@ rule report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} report {input.evals} --models {input.models} --metric {METRIC} --metrics {params.metrics}"
+        "{params.tc} report {input.evals} --models {input.models} --metric {params.metric} --metrics {params.metrics}"
         " {params.paper} --out-csv {output.csv} --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"
 
 
@@ -96,8 +65,9 @@ rule significance:
                    labels={"table": "significance"}),
         md=f"{R}/significance.md",
     params:
+        tc=launch,
         metrics=",".join(TABLE_METRICS),
-        iters=config.get("report", {}).get("bootstrap_iters", 2000),
+        iters=config["report"]["bootstrap_iters"],
     log:
         f"{R}/logs/significance.log",
     benchmark:
@@ -105,7 +75,7 @@ rule significance:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} significance {input.evals} --metrics {params.metrics} --iters {params.iters} --seed 0"
+        "{params.tc} significance {input.evals} --metrics {params.metrics} --iters {params.iters} --seed 0"
         " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
@@ -115,30 +85,36 @@ rule figure_ratios:
         f"{R}/table.csv",
     output:
         report(f"{FIGURES}/score_vs_ratio.png", caption="../report/score_vs_ratio.rst", category="Figures"),
+    params:
+        tc=launch,
+        metric=METRIC,
     log:
         f"{R}/logs/figures/score_vs_ratio.log",
+    benchmark:
+        f"{R}/benchmarks/figures/score_vs_ratio.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} figure ratios --table {input} --metric {METRIC} --out {output} > {log} 2>&1"
+        "{params.tc} figure ratios --table {input} --metric {params.metric} --out {output} > {log} 2>&1"
 
 
 rule figure_scores:
     """How the reference's token scores are distributed (per ground-truth class in the embedded world)."""
     input:
-        tokens=f"{R}/tokens/pool.tokens.npz",
-        base_loss=f"{R}/losses/base/pool.loss.npy",
-        ref_loss=f"{R}/losses/warmup/pool.loss.npy",
+        unpack(pool_scores),
     output:
         report(f"{FIGURES}/score_distributions.png", caption="../report/score_distributions.rst", category="Figures"),
     params:
+        tc=launch,
         ratios=" ".join(ratio_tag(r) for r in config["ratios"]),
     log:
         f"{R}/logs/figures/score_distributions.log",
+    benchmark:
+        f"{R}/benchmarks/figures/score_distributions.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} figure scores --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
+        "{params.tc} figure scores --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
         " --ratios {params.ratios} --out {output} > {log} 2>&1"
 
 
@@ -148,12 +124,16 @@ rule figure_kept:
         f"{R}/cleaning_quality.csv",
     output:
         report(f"{FIGURES}/kept_by_class.png", caption="../report/kept_by_class.rst", category="Figures"),
+    params:
+        tc=launch,
     log:
         f"{R}/logs/figures/kept_by_class.log",
+    benchmark:
+        f"{R}/benchmarks/figures/kept_by_class.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} figure kept --quality {input} --out {output} > {log} 2>&1"
+        "{params.tc} figure kept --quality {input} --out {output} > {log} 2>&1"
 
 
 rule figure_rounds:
@@ -162,38 +142,46 @@ rule figure_rounds:
         f"{R}/rounds.csv",
     output:
         report(f"{FIGURES}/rounds.png", caption="../report/rounds.rst", category="Figures"),
+    params:
+        tc=launch,
+        metric=METRIC,
     log:
         f"{R}/logs/figures/rounds.log",
+    benchmark:
+        f"{R}/benchmarks/figures/rounds.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} figure rounds --rounds-csv {input} --metric {METRIC} --out {output} > {log} 2>&1"
+        "{params.tc} figure rounds --rounds-csv {input} --metric {params.metric} --out {output} > {log} 2>&1"
 
 
 rule token_view:
     """A self-contained HTML page: pool samples token by token, coloured by score, kept/dropped per selection
     (each mask and each online run)."""
     input:
-        tokens=f"{R}/tokens/pool.tokens.npz",
-        base_loss=f"{R}/losses/base/pool.loss.npy",
-        ref_loss=f"{R}/losses/warmup/pool.loss.npy",
+        unpack(pool_scores),
         masks=pool_masks(),
         online=online_models(),
         tokenizer=model_input("base"),
     output:
         report(f"{R}/token_view.html", caption="../report/token_view.rst", category="Token view"),
     params:
+        tc=launch,
         selections=selection_args,
-        tokenizer=model_ref("base"),
+        tokenizer=base_ref,
         revision=revision_flag(),
-        samples=config.get("report", {}).get("token_view_samples", 12),
+        trust=TRUST,
+        samples=config["report"]["token_view_samples"],
     log:
         f"{R}/logs/token_view.log",
+    benchmark:
+        f"{R}/benchmarks/token_view.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} token-view --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
-        " --masks {params.selections} --tokenizer {params.tokenizer} {params.revision} {TRUST} --samples {params.samples}"
+        "{params.tc} token-view --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
+        " --masks {params.selections} --tokenizer {params.tokenizer} {params.revision} {params.trust}"
+        " --samples {params.samples}"
         " --out {output} > {log} 2>&1"
 
 
@@ -208,6 +196,7 @@ rule cleaning_quality:
     output:
         f"{R}/cleaning_quality.csv",
     params:
+        tc=launch,
         selections=selection_args,
     log:
         f"{R}/logs/cleaning_quality.log",
@@ -216,18 +205,18 @@ rule cleaning_quality:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} quality {params.selections} --tokens {input.tokens} --out {output} > {log} 2>&1"
+        "{params.tc} quality {params.selections} --tokens {input.tokens} --out {output} > {log} 2>&1"
 
 
 rule score_separation:
     """How the reference's scores fall by ground-truth class: does the score separate informative (and novel)
     from noisy tokens?"""
     input:
-        tokens=f"{R}/tokens/pool.tokens.npz",
-        base_loss=f"{R}/losses/base/pool.loss.npy",
-        ref_loss=f"{R}/losses/warmup/pool.loss.npy",
+        unpack(pool_scores),
     output:
         f"{R}/score_separation.csv",
+    params:
+        tc=launch,
     log:
         f"{R}/logs/score_separation.log",
     benchmark:
@@ -235,5 +224,5 @@ rule score_separation:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} separation --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
+        "{params.tc} separation --tokens {input.tokens} --base-loss {input.base_loss} --ref-loss {input.ref_loss}"
         " --out {output} > {log} 2>&1"

@@ -7,11 +7,13 @@ rule token_loss:
     output:
         f"{R}/losses/{{model}}/{{dataset}}.loss.npy",
     params:
+        tc=launch,
         model=lambda w: model_ref(w.model),
         revision=lambda w: revision_flag(w.model),
-        budget=config.get("scoring", {}).get("token_budget", 16384),
-        device=config.get("scoring", {}).get("device", "auto"),
-        dtype=config.get("scoring", {}).get("dtype", "auto"),
+        trust=TRUST,
+        budget=config["scoring"]["token_budget"],
+        device=config["scoring"]["device"],
+        dtype=config["scoring"]["dtype"],
     threads: THREADS
     resources:
         gpu=ONE_GPU,
@@ -23,5 +25,5 @@ rule token_loss:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{GPU_TC} loss --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} --token-budget {params.budget}"
+        "{params.tc} loss --threads {threads} --model {params.model} {params.revision} {params.trust} --tokens {input.tokens} --token-budget {params.budget}"
         " --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -6,32 +6,14 @@
 # evaluated (rounds.csv).
 
 
-def chunk_name(t) -> str:
-    """The pool chunk of round t: the rounds use the last ROUNDS of CHUNKS chunks."""
-    return f"pool.c{CHUNKS - ROUNDS + int(t)}of{CHUNKS}"
-
-
-def chunk_tokens_path(t) -> str:
-    return f"{R}/tokens/{chunk_name(t)}.tokens.npz"
-
-
-def previous_model(row: str, t) -> str:
-    """Model t-1 of the chain, relative to models/: the warm-up model starts every chain."""
-    return "warmup" if int(t) == 1 else f"rounds/{row}_t{int(t) - 1}"
-
-
-def round_flags(wildcards) -> str:
-    """The row's sft flags; `tokenclean train --round t --rounds R` gives round t its share of the steps."""
-    seed = parse_run(wildcards.row)[2]
-    return f"{train_flags(config['sft'])} --seed {seed} --round {wildcards.t} --rounds {ROUNDS} {TRUST}"
-
-
 rule chunk_tokens:
     """Chunk `index` of `chunks` of the pool's token table (samples in file order)."""
     input:
         f"{R}/tokens/pool.tokens.npz",
     output:
         f"{R}/tokens/pool.c{{index}}of{{chunks}}.tokens.npz",
+    params:
+        tc=launch,
     priority: UNBLOCKING
     log:
         f"{R}/logs/tokenize/pool.c{{index}}of{{chunks}}.log",
@@ -40,8 +22,7 @@ rule chunk_tokens:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} chunk --tokens {input} --chunks {wildcards.chunks} --index {wildcards.index} --out {output} > {log} 2>&1"
-
+        "{params.tc} chunk --tokens {input} --chunks {wildcards.chunks} --index {wildcards.index} --out {output} > {log} 2>&1"
 
 
 # Where the configured rows read a model's losses on the whole pool anyway (POOL_LOSSES: base and warm-up for rho
@@ -57,6 +38,8 @@ if POOL_LOSSES:
             loss=f"{R}/losses/{{model}}/pool.loss.npy",
         output:
             f"{R}/losses/{{model}}/pool.c{{index}}of{{chunks}}.loss.npy",
+        params:
+            tc=launch,
         wildcard_constraints:
             model="|".join(POOL_LOSSES),
         priority: UNBLOCKING
@@ -67,7 +50,7 @@ if POOL_LOSSES:
         conda:
             "../envs/tokenclean.yaml"
         shell:
-            "{TC} chunk --tokens {input.tokens} --loss {input.loss} --chunks {wildcards.chunks} --index {wildcards.index}"
+            "{params.tc} chunk --tokens {input.tokens} --loss {input.loss} --chunks {wildcards.chunks} --index {wildcards.index}"
             " --out {output} > {log} 2>&1"
 
 rule select_round:
@@ -79,6 +62,7 @@ rule select_round:
     output:
         f"{R}/masks/rounds/{{row}}_t{{t}}.mask.npy",
     params:
+        tc=launch,
         ratio=lambda w: parse_run(w.row)[1],
     wildcard_constraints:
         row="self_evolving_r[0-9.]+_s[0-9]+",
@@ -91,7 +75,7 @@ rule select_round:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} select --method fixed --ratio {params.ratio} --tokens {input.tokens} --base-loss {input.base_loss}"
+        "{params.tc} select --method fixed --ratio {params.ratio} --tokens {input.tokens} --base-loss {input.base_loss}"
         " --ref-loss {input.ref_loss} --out {output} > {log} 2>&1"
 
 
@@ -104,6 +88,7 @@ rule self_evolve:
     output:
         directory(f"{R}/models/rounds/{{row}}_t{{t}}"),
     params:
+        tc=launch_training,
         train=round_flags,
     wildcard_constraints:
         row="self_evolving_r[0-9.]+_s[0-9]+",
@@ -119,20 +104,8 @@ rule self_evolve:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {input.model} --tokens {input.tokens} --mask {input.mask}"
+        "{params.tc} train --threads {threads} --model {input.model} --tokens {input.tokens} --mask {input.mask}"
         " {params.train} --out {output} > {log} 2>&1"
-
-
-def chain_evals() -> list[str]:
-    """Every round's evaluation (the last round is the row's own evaluation) and the warm-up model's (round 0)."""
-    rows = chain_runs()
-    rounds = [f"{R}/eval/rounds/{row}_t{t}.json" for row in rows for t in range(1, ROUNDS)]
-    return [f"{R}/eval/warmup.json"] + rounds + [f"{R}/eval/{row}.json" for row in rows]
-
-
-def chain_models() -> list[str]:
-    """The warm-up model (round 0) and every round's model: each round's passes over its own data."""
-    return [model_dir("warmup")] + [model for row in chain_runs() for model in round_models(row)]
 
 
 rule rounds_report:
@@ -142,6 +115,10 @@ rule rounds_report:
         models=chain_models(),
     output:
         f"{R}/rounds.csv",
+    params:
+        tc=launch,
+        rounds=ROUNDS,
+        metric=METRIC,
     log:
         f"{R}/logs/rounds.log",
     benchmark:
@@ -149,5 +126,6 @@ rule rounds_report:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} rounds {input.evals} --models {input.models} --rounds {ROUNDS} --metric {METRIC} --out {output} "
+        "{params.tc} rounds {input.evals} --models {input.models} --rounds {params.rounds} --metric {params.metric}"
+        " --out {output} "
         "> {log} 2>&1"

@@ -6,8 +6,10 @@ rule sft:
     output:
         directory(f"{R}/models/sft/{{run}}"),
     params:
-        model=model_ref("base"),
+        tc=launch_training,
+        model=base_ref,
         revision=revision_flag(),
+        trust=TRUST,
         train=train_flags(config["sft"]),
         seed=lambda w: parse_run(w.run)[2],
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
@@ -22,5 +24,5 @@ rule sft:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TRAIN} train --threads {threads} --model {params.model} {params.revision} {TRUST} --tokens {input.tokens} {params.mask}"
+        "{params.tc} train --threads {threads} --model {params.model} {params.revision} {params.trust} --tokens {input.tokens} {params.mask}"
         " {params.online} {params.train} --seed {params.seed} --out {output} > {log} 2>&1"

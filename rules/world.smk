@@ -3,6 +3,7 @@ rule world:
     output:
         directory(f"{R}/world"),
     params:
+        tc=launch,
         world=as_json(config.get("world", {})),
     log:
         f"{R}/logs/world.log",
@@ -11,4 +12,4 @@ rule world:
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{TC} world --params {params.world} --out {output} > {log} 2>&1"
+        "{params.tc} world --params {params.world} --out {output} > {log} 2>&1"

@@ -94,9 +94,10 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 
 
 def cmd_loss(a: argparse.Namespace) -> None:
-    from tokenclean.loss import loss_file
+    from tokenclean.loss import TOKEN_BUDGET, loss_file
 
-    meta = loss_file(a.model, a.tokens, a.out, a.token_budget, a.device, a.dtype, a.trust_remote_code, a.revision)
+    budget = TOKEN_BUDGET if a.token_budget is None else a.token_budget
+    meta = loss_file(a.model, a.tokens, a.out, budget, a.device, a.dtype, a.trust_remote_code, a.revision)
     log.info("%s: mean response-token loss %.4f", a.out, meta["mean_response_loss"])
 
 
@@ -191,9 +192,10 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_significance(a: argparse.Namespace) -> None:
-    from tokenclean.significance import write_significance
+    from tokenclean.significance import BOOTSTRAP_ITERS, write_significance
 
-    write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=a.iters, seed=a.seed)
+    iters = BOOTSTRAP_ITERS if a.iters is None else a.iters
+    write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=iters, seed=a.seed)
 
 
 def cmd_figure(a: argparse.Namespace) -> None:
@@ -272,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
     p.add_argument("--out", required=True, help="output X.loss.npy")
-    p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per batch")
+    # the default lives in tokenclean.loss (imported by the command, not here: torch is slow to import)
+    p.add_argument("--token-budget", type=int, help="max padded tokens per batch (default: loss.TOKEN_BUDGET)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -404,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
             "with a 95% interval (reads the <eval>.samples.jsonl beside each evaluation JSON).")
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files, full_s<seed>.json among them")
     p.add_argument("--metrics", default="answer_acc", help="comma-separated metrics (benchmark suites: score)")
-    p.add_argument("--iters", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--iters", type=int, help="bootstrap resamples (default: significance.BOOTSTRAP_ITERS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)

@@ -165,7 +165,7 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
                 return ["hardware", "sharding"], (f"{sharding} with {block}.train.lora_r > 0 is not supported yet "
                                                   "(LoRA trains few weights: set hardware.sharding: none)")
     se = config.get("self_evolving", {})
-    rounds = se.get("rounds", 3)
+    rounds = se["rounds"]  # the schema's default is filled in by now
     if se.get("chunks", rounds) < rounds:
         return ["self_evolving", "chunks"], f"{se['chunks']} must be at least self_evolving.rounds ({rounds})"
     for i, path in enumerate(config.get("plugins", [])):

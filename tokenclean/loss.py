@@ -27,6 +27,10 @@ from tokenclean.batching import budget_batches, collate
 
 log = logging.getLogger(__name__)
 
+# Padded tokens per scoring batch (`tokenclean loss --token-budget`; the workflow's is the config schema's
+# scoring.token_budget, the same number).
+TOKEN_BUDGET = 16384
+
 
 def _has_plain_head(model: Any) -> bool:
     """True when logits = lm_head(last hidden state), with no soft-capping or scaling in between."""
@@ -159,7 +163,7 @@ def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     return result
 
 
-def token_losses(model: Any, table: TokenTable, token_budget: int = 16384, pad_id: int = 0,
+def token_losses(model: Any, table: TokenTable, token_budget: int = TOKEN_BUDGET, pad_id: int = 0,
                  head_only_at_targets: bool = True, progress: bool = True) -> np.ndarray:
     """float32[N]: the model's loss of every ``loss_mask`` token, NaN elsewhere."""
     device = next(model.parameters()).device
@@ -191,7 +195,7 @@ def token_losses(model: Any, table: TokenTable, token_budget: int = 16384, pad_i
     return out
 
 
-def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, token_budget: int = 16384,
+def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike, token_budget: int = TOKEN_BUDGET,
               device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
               revision: str | None = None) -> dict:
     """CLI entry: per-token losses of ``model_name`` on a token table, written with their provenance

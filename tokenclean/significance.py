@@ -32,6 +32,9 @@ from tokenclean.artifacts import ArtifactError, reading, require_file, write_tex
 from tokenclean.report import LOWER_IS_BETTER, metric_format, parse_run_name
 
 BASELINE = "full"
+# Bootstrap resamples (`tokenclean significance --iters`; the workflow's is the config schema's
+# report.bootstrap_iters, the same number).
+BOOTSTRAP_ITERS = 2000
 # samples.jsonl field of each table metric
 WORLD_FIELDS = {"answer_acc": "answer_correct", "response_em": "response_em", "answer_nll": "answer_nll"}
 
@@ -75,7 +78,7 @@ def load_samples(eval_json: str | os.PathLike, metric: str) -> dict[str, dict[An
     return dict(out)
 
 
-def bootstrap_mean_differences(diffs: dict[str, np.ndarray], iters: int = 2000, seed: int = 0
+def bootstrap_mean_differences(diffs: dict[str, np.ndarray], iters: int = BOOTSTRAP_ITERS, seed: int = 0
                                ) -> dict[str, dict[str, float]]:
     """Per task and for the unweighted average over tasks: the mean difference, its 95% percentile interval
     and a two-sided bootstrap p-value (twice the share of resamples on the far side of zero, at most 1)."""
@@ -105,7 +108,7 @@ def _summary(diff: float, reps: np.ndarray, n: int) -> dict[str, float]:
             "significant": bool(lo > 0 or hi < 0)}
 
 
-def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: int = 2000, seed: int = 0
+def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: int = BOOTSTRAP_ITERS, seed: int = 0
                       ) -> list[dict[str, Any]]:
     """One row per (method, ratio, task|average): difference from full SFT with its 95% interval."""
     groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
@@ -148,7 +151,7 @@ def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: i
 
 
 def write_significance(eval_files: list[str | os.PathLike], metrics: list[str], out_csv: str | os.PathLike,
-                       out_md: str | os.PathLike | None = None, iters: int = 2000, seed: int = 0
+                       out_md: str | os.PathLike | None = None, iters: int = BOOTSTRAP_ITERS, seed: int = 0
                        ) -> list[dict[str, Any]]:
     """``significance.csv`` (every metric, task and the average) and a Markdown table per metric."""
     rows = [r for m in metrics for r in compare_with_full(eval_files, m, iters, seed)]
