@@ -112,9 +112,10 @@ def cmd_quality(a: argparse.Namespace) -> None:
 
 
 def cmd_separation(a: argparse.Namespace) -> None:
-    from tokenclean.quality import separation_table, write_csv
+    from tokenclean.artifacts import write_csv
+    from tokenclean.quality import separation_table
 
-    write_csv(separation_table(a.tokens, a.base_loss, a.ref_loss), a.out)
+    write_csv(a.out, separation_table(a.tokens, a.base_loss, a.ref_loss))
 
 
 def cmd_chunk(a: argparse.Namespace) -> None:

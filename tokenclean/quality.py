@@ -16,15 +16,13 @@ when cleaning loses to full SFT, this says whether the reference or the selectio
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array, read_sidecar, require_file
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, read_sidecar, require_file, write_csv
 from tokenclean.data import INFORMATIVE_CLASSES, NOISY_CLASSES, TOKEN_CLASSES
 
 
@@ -144,15 +142,5 @@ def separation_table(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     return separation_rows(token_class, table.loss_mask, base, ref)
 
 
-def write_csv(rows: list[dict[str, Any]], out_csv: str | os.PathLike) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    with atomic_file(out_csv) as tmp:
-        tmp.write_text(buf.getvalue())
-
-
 def write_quality(tokens: str | os.PathLike, selections: list[str | os.PathLike], out_csv: str | os.PathLike) -> None:
-    write_csv(quality_table(tokens, selections), out_csv)
+    write_csv(out_csv, quality_table(tokens, selections))
