@@ -29,6 +29,14 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    """The tiny tokenizer, loaded once per test module (a module may change it: each gets its own)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     from transformers import AutoTokenizer
