@@ -390,6 +390,12 @@ class TokenTable:
     def fingerprint(self) -> str:
         return fingerprint_arrays(self.input_ids, self.offsets, self.loss_mask)
 
+    def token_classes(self) -> np.ndarray | None:
+        """The ground-truth class of each token (``extras["token_class"]``, -1: none), or None where no response
+        token has one: only the embedded world labels its tokens."""
+        token_class = self.extras.get("token_class")
+        return token_class if token_class is not None and np.any(token_class[self.loss_mask] >= 0) else None
+
     @classmethod
     def concat(cls, tables: list[TokenTable]) -> TokenTable:
         """Samples of ``tables`` back to back; extras kept where every table has them (per-token or per-sample)."""

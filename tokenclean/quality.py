@@ -77,13 +77,19 @@ def class_counts(token_class: np.ndarray, loss_mask: np.ndarray, keep: np.ndarra
     return row
 
 
+def labelled_table(tokens: str | os.PathLike) -> tuple[TokenTable, dict[str, Any], np.ndarray]:
+    """The token table ``tokens``, its sidecar and its ground-truth classes; a one-line error where it has none."""
+    table, meta = TokenTable.load(tokens)
+    token_class = table.token_classes()
+    if token_class is None:
+        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
+    return table, meta, token_class
+
+
 def quality_table(tokens: str | os.PathLike, selections: list[str | os.PathLike]) -> list[dict[str, Any]]:
     """One row per selection over the token table ``tokens``: a mask (``<mask>.mask.npy``) or an online run's
     ``weights.npy`` (:func:`load_kept`); ``record`` says which."""
-    table, meta = TokenTable.load(tokens)
-    token_class = table.extras.get("token_class")
-    if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
-        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
+    table, meta, token_class = labelled_table(tokens)
     rows = []
     for path in selections:
         name, kept, record = load_kept(path, tokens, meta)
@@ -133,10 +139,7 @@ def separation_table(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     """How the scores (base loss - reference loss) of the pool's tokens fall by ground-truth class."""
     from tokenclean.selection import load_losses, scores
 
-    table, meta = TokenTable.load(tokens)
-    token_class = table.extras.get("token_class")
-    if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
-        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
+    table, meta, token_class = labelled_table(tokens)
     base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
     scores(base, ref, table.loss_mask)  # every response token has finite losses
     return separation_rows(token_class, table.loss_mask, base, ref)
