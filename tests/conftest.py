@@ -12,7 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "huggingface"))
 
-SPECIALS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 TRAIN_TEXT = [
     "Sure ! The answer is 42 . Hope this helps .",
     "Add 3 and 5 . Reverse the letters : c a t . Which is larger : 37 or 52 ?",
@@ -21,28 +20,21 @@ TRAIN_TEXT = [
 ] * 20
 
 
-def make_tokenizer(out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TRAIN_TEXT, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   additional_special_tokens=SPECIALS[3:])
-    fast.save_pretrained(out_dir)
-    return fast
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenclean.world import build_tokenizer
+
     d = tmp_path_factory.mktemp("tokenizer")
-    make_tokenizer(d)
+    build_tokenizer(TRAIN_TEXT, d, vocab_size=300)  # the package's builder: tests use the tokenizer the world uses
     return d
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    """The tiny tokenizer, loaded once per test module (a module may change it: each gets its own)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

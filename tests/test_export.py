@@ -21,13 +21,6 @@ TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks a
          ("x y z", "Hope this helps ."), ("what", "the lazy dog jumps")]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 @pytest.fixture()
 def files(tok, tmp_path):
     """A saved table, a mask that keeps about half its response tokens and none of sample 1, and weights."""

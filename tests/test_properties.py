@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from tokenclean.artifacts import TokenTable
 from tokenclean.data import Message, Record
@@ -18,11 +17,6 @@ from tokenclean.tokenization import tokenize_records
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORDS = ["the", "answer", "is", "42", "fox", "Sure", "!", ".", "?", "hello", "world", ",", "3", "and", "5",
          "caf\u00e9", "\u00fcber", "lazy", "dog", "\n", "  "]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 content = st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join).filter(lambda s: s.strip())

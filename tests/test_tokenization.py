@@ -7,16 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from tokenclean.artifacts import TokenTable
 from tokenclean.data import DataError, parse_record, read_jsonl
 from tokenclean.tokenization import tokenize_records
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 def trained_text(tok, table: TokenTable, i: int) -> str:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from tokenclean.data import parse_record
 from tokenclean.loss import token_losses
@@ -17,11 +17,6 @@ from tokenclean.training import TrainConfig, lr_factor, step_schedule, train_mod
 TEXTS = [("Add 3 and 5 .", "Sure ! The answer is 8 ."), ("hello", "fine thanks and you"),
          ("how are you ?", "the quick brown fox"), ("Reverse the letters : c a t", "t a c"),
          ("x y z", "Hope this helps ."), ("what", "the lazy dog jumps")]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ made on another token table. Errors about an input or output name the file in th
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -184,6 +186,24 @@ def write_texts(files: dict[str | os.PathLike, str]) -> None:
     with atomic_files(*files) as temporaries:
         for tmp, text in zip(temporaries, files.values()):
             tmp.write_text(text, encoding="utf-8")
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """The project's one CSV dialect: a header of ``columns`` (default: the first row's keys), ``\\n`` line ends,
+    floats with four decimals, a blank where a row lacks a column. Every CSV tokenclean writes goes through here,
+    so they all read back alike (:func:`tokenclean.figures.read_csv`)."""
+    columns = list(rows[0]) if columns is None else columns
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) else row.get(k, "")) for k in columns})
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Write ``rows`` atomically as :func:`csv_text` (several outputs of one step: :func:`write_texts`)."""
+    write_texts({path: csv_text(rows, columns)})
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -369,6 +389,12 @@ class TokenTable:
 
     def fingerprint(self) -> str:
         return fingerprint_arrays(self.input_ids, self.offsets, self.loss_mask)
+
+    def token_classes(self) -> np.ndarray | None:
+        """The ground-truth class of each token (``extras["token_class"]``, -1: none), or None where no response
+        token has one: only the embedded world labels its tokens."""
+        token_class = self.extras.get("token_class")
+        return token_class if token_class is not None and np.any(token_class[self.loss_mask] >= 0) else None
 
     @classmethod
     def concat(cls, tables: list[TokenTable]) -> TokenTable:

@@ -17,24 +17,21 @@ from tokenclean.export import FORMATS as EXPORT_FORMATS
 log = logging.getLogger(__name__)
 
 
-def _json_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
+def _json_of(kind: type, what: str) -> Callable[[str], Any]:
+    """An argparse type: the argument as JSON that must be a ``kind`` (a JSON ``what``)."""
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {what}")
+        return value
+    return parse
 
 
-def _json_list_arg(text: str) -> list:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError("expected a JSON list")
-    return value
+_json_arg = _json_of(dict, "object")
+_json_list_arg = _json_of(list, "list")
 
 
 def _limit_arg(text: str) -> int | float:
@@ -115,9 +112,10 @@ def cmd_quality(a: argparse.Namespace) -> None:
 
 
 def cmd_separation(a: argparse.Namespace) -> None:
-    from tokenclean.quality import separation_table, write_csv
+    from tokenclean.artifacts import write_csv
+    from tokenclean.quality import separation_table
 
-    write_csv(separation_table(a.tokens, a.base_loss, a.ref_loss), a.out)
+    write_csv(a.out, separation_table(a.tokens, a.base_loss, a.ref_loss))
 
 
 def cmd_chunk(a: argparse.Namespace) -> None:

@@ -190,6 +190,12 @@ def _trainable_names(model: Any) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+def storable_moment(value: torch.Tensor) -> torch.Tensor:
+    """An optimizer state tensor as both checkpoint writers (unsharded and FSDP) store it: contiguous, and a 0-d
+    one (AdamW's ``step``) as a copy of shape (1,); loading reshapes ``step`` back to ()."""
+    return value.reshape(-1).clone() if value.dim() == 0 else value.contiguous()
+
+
 def full_training_state(forward: torch.nn.Module, model: Any, optimizer: torch.optim.Optimizer,
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """On process 0, the full trainable weights (by name) and AdamW moments (``<index>.<key>``) of the
@@ -202,7 +208,7 @@ def full_training_state(forward: torch.nn.Module, model: Any, optimizer: torch.o
     if dist.get_rank() != 0:
         return None
     names = _trainable_names(model)
-    moments = {f"{i}.{key}": value.reshape(-1).clone() if value.dim() == 0 else value.contiguous()
+    moments = {f"{i}.{key}": storable_moment(value)
                for i, name in enumerate(names) for key, value in optim["state"].get(f"model.{name}", {}).items()}
     return {name: weights[f"model.{name}"].contiguous() for name in names}, moments
 

@@ -290,8 +290,6 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     "batch_size", "device", "seconds"}`` and the per-sample generations to ``<out_json minus .json>.samples.jsonl``.
     Both are written atomically (samples first). Returns the results dict.
     """
-    import lm_eval
-
     t0 = time.perf_counter()
     tasks_dir = Path(tasks_dir)
     families = []
@@ -334,16 +332,11 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
                 "answer_nll": None if from_nll is None else float(from_nll["answer_nll"]),
             })
     average = {m: sum(metrics[f][m] for f in families) / len(families) for m in METRICS}
-    result = {
+    return finish_evaluation(out_json, t0, sample_rows, "answer_acc", "answer_acc", {
         "model": str(model_dir), "tasks": families, "metrics": metrics, "average": average,
-        "n_examples": n_examples, "seed": int(seed), "limit": limit, "lm_eval_version": lm_eval.__version__,
-        "batch_size": lm.batch_size, "device": str(lm.device),
-        "seconds": {"setup": round(t_setup, 3), "total": round(time.perf_counter() - t0, 3)},
-    }
-    write_results(out_json, result, sample_rows)
-    log.info("%s: answer_acc %.4f (%s)", out_json, average["answer_acc"],
-             ", ".join(f"{f} {metrics[f]['answer_acc']:.3f}" for f in families))
-    return result
+        "n_examples": n_examples, "seed": int(seed), "limit": limit,
+        "batch_size": lm.batch_size, "device": str(lm.device), "seconds": {"setup": round(t_setup, 3)},
+    })
 
 
 def _benchmark_hflm_class() -> type:
@@ -480,7 +473,6 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     Per-example scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``, one line per
     example; a group's examples under its own task name) for the paired bootstrap of the report.
     """
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     from tokenclean.models import pick_device
@@ -534,17 +526,12 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
             if counts:
                 metrics[b["task"]]["n_examples"] = sum(counts.values())
     metrics = {b["task"]: metrics[b["task"]] for b in benchmarks}  # the configured order
-    result = {
+    return finish_evaluation(out_json, t0, sample_rows, "score", "average score", {
         "model": str(model), "tasks": [b["task"] for b in benchmarks], "benchmarks": benchmarks,
         "metrics": metrics, "average": {"score": sum(m["score"] for m in metrics.values()) / len(metrics)},
-        "seed": int(seed), "limit": limit, "lm_eval_version": lm_eval.__version__, "device": str(dev),
+        "seed": int(seed), "limit": limit, "device": str(dev),
         "revision": hub.get("revision"), "model_args": {b["task"]: used_args[b["task"]] for b in benchmarks},
-        "seconds": {"total": round(time.perf_counter() - t0, 3)},
-    }
-    write_results(out_json, result, sample_rows)
-    log.info("%s: average score %.4f (%s)", out_json, result["average"]["score"],
-             ", ".join(f"{t} {m['score']:.3f}" for t, m in metrics.items()))
-    return result
+    })
 
 
 def _free_accelerator_memory() -> None:
@@ -556,6 +543,21 @@ def _free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def finish_evaluation(out_json: str | os.PathLike, t0: float, sample_rows: list[dict[str, Any]], headline: str,
+                      label: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The ending both evaluators share: stamp ``result`` with the lm-eval version and the total seconds since
+    ``t0``, write it with its per-example rows (:func:`write_results`), log the ``headline`` metric on average and
+    per task, and return it."""
+    import lm_eval
+
+    result = {**result, "lm_eval_version": lm_eval.__version__,
+              "seconds": {**result.get("seconds", {}), "total": round(time.perf_counter() - t0, 3)}}
+    write_results(out_json, result, sample_rows)
+    log.info("%s: %s %.4f (%s)", out_json, label, result["average"][headline],
+             ", ".join(f"{t} {m[headline]:.3f}" for t, m in result["metrics"].items()))
+    return result
 
 
 def write_results(out_json: str | os.PathLike, result: dict[str, Any], sample_rows: list[dict[str, Any]]) -> None:

@@ -21,28 +21,12 @@ from typing import Any
 import numpy as np
 
 from tokenclean import __version__
-from tokenclean.artifacts import KINDS, ArtifactError, TokenTable, atomic_dir, fingerprint_bytes, load_array, write_json
+from tokenclean.artifacts import ArtifactError, TokenTable, atomic_dir, fingerprint_bytes, load_array, write_json
 
 FORMATS = ("hf", "jsonl")
 IGNORE_INDEX = -100  # the label that PyTorch's cross_entropy and every HF causal LM skip
-WEIGHTS_KIND = "weights"  # what an online method's trainer writes per token (issue 14, item 3)
 JSONL_NAME = "data.jsonl"
 PROVENANCE_NAME = "export.json"
-
-
-def load_weights(path: str | os.PathLike, tokens: str | os.PathLike,
-                 tmeta: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Per-token float weights made on ``tokens`` (sidecar kind ``weights``, or an older one with no kind)."""
-    if WEIGHTS_KIND in KINDS:
-        weights, meta = load_array(path, WEIGHTS_KIND, made_on=(tokens, tmeta))
-    else:  # the kind is not registered (yet): judge the sidecar's recorded kind here
-        weights, meta = load_array(path, None, made_on=(tokens, tmeta))
-        recorded = meta.get("kind")
-        if recorded not in (None, WEIGHTS_KIND):
-            raise ArtifactError(f"{path}: is a {KINDS.get(recorded, repr(recorded))}, expected per-token weights")
-    if not np.issubdtype(weights.dtype, np.floating):
-        raise ArtifactError(f"{path}: holds {weights.dtype} values, expected per-token float weights")
-    return weights, meta
 
 
 def export_columns(table: TokenTable, mask: np.ndarray | None = None, weights: np.ndarray | None = None,
@@ -104,7 +88,7 @@ def export_file(tokens: str | os.PathLike, out: str | os.PathLike, mask_path: st
             raise ArtifactError(f"{mask_path}: selects tokens outside the loss_mask of {tokens}")
     weights, wmeta = None, {}
     if weights_path is not None:
-        weights, wmeta = load_weights(weights_path, tokens, tmeta)
+        weights, wmeta = load_array(weights_path, "weights", made_on=(tokens, tmeta))
     offsets, columns, counts = export_columns(table, mask, weights, keep_empty)
     if weights is not None:
         trained = columns["labels"] != IGNORE_INDEX

@@ -100,8 +100,8 @@ def plot_scores(tokens: str | os.PathLike, base_loss: str | os.PathLike, ref_los
     score = scores(base, ref, table.loss_mask)
     resp = table.loss_mask
     values = score[resp].astype(np.float64)
-    token_class = table.extras.get("token_class")
-    has_classes = token_class is not None and np.any(token_class[resp] >= 0)
+    token_class = table.token_classes()
+    has_classes = token_class is not None
     lo, hi = np.quantile(values, [0.002, 0.998])
     bins = np.linspace(lo, hi, 81)
     plt = _pyplot()

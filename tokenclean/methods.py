@@ -48,7 +48,7 @@ class Selection:
     ratio: float = 1.0
     seed: int = 0
     score: np.ndarray | None = None         # loss(base) - loss(reference), NaN outside loss_mask
-    token_class: np.ndarray | None = None   # ground-truth class index per token (embedded world)
+    token_class: np.ndarray | None = None   # ground-truth class index per token (TokenTable.token_classes)
 
 
 @dataclass(frozen=True)

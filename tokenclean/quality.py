@@ -16,15 +16,13 @@ when cleaning loses to full SFT, this says whether the reference or the selectio
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array, read_sidecar, require_file
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, read_sidecar, require_file, write_csv
 from tokenclean.data import INFORMATIVE_CLASSES, NOISY_CLASSES, TOKEN_CLASSES
 
 
@@ -79,13 +77,19 @@ def class_counts(token_class: np.ndarray, loss_mask: np.ndarray, keep: np.ndarra
     return row
 
 
+def labelled_table(tokens: str | os.PathLike) -> tuple[TokenTable, dict[str, Any], np.ndarray]:
+    """The token table ``tokens``, its sidecar and its ground-truth classes; a one-line error where it has none."""
+    table, meta = TokenTable.load(tokens)
+    token_class = table.token_classes()
+    if token_class is None:
+        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
+    return table, meta, token_class
+
+
 def quality_table(tokens: str | os.PathLike, selections: list[str | os.PathLike]) -> list[dict[str, Any]]:
     """One row per selection over the token table ``tokens``: a mask (``<mask>.mask.npy``) or an online run's
     ``weights.npy`` (:func:`load_kept`); ``record`` says which."""
-    table, meta = TokenTable.load(tokens)
-    token_class = table.extras.get("token_class")
-    if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
-        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
+    table, meta, token_class = labelled_table(tokens)
     rows = []
     for path in selections:
         name, kept, record = load_kept(path, tokens, meta)
@@ -135,24 +139,11 @@ def separation_table(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     """How the scores (base loss - reference loss) of the pool's tokens fall by ground-truth class."""
     from tokenclean.selection import load_losses, scores
 
-    table, meta = TokenTable.load(tokens)
-    token_class = table.extras.get("token_class")
-    if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
-        raise ArtifactError(f"{tokens}: carries no ground-truth token classes (only the embedded world has them)")
+    table, meta, token_class = labelled_table(tokens)
     base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
     scores(base, ref, table.loss_mask)  # every response token has finite losses
     return separation_rows(token_class, table.loss_mask, base, ref)
 
 
-def write_csv(rows: list[dict[str, Any]], out_csv: str | os.PathLike) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    with atomic_file(out_csv) as tmp:
-        tmp.write_text(buf.getvalue())
-
-
 def write_quality(tokens: str | os.PathLike, selections: list[str | os.PathLike], out_csv: str | os.PathLike) -> None:
-    write_csv(quality_table(tokens, selections), out_csv)
+    write_csv(out_csv, quality_table(tokens, selections))

@@ -13,15 +13,13 @@ ours.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tokenclean.artifacts import atomic_file, read_json, reading, write_texts
+from tokenclean.artifacts import csv_text, read_json, reading, write_csv, write_texts
 from tokenclean.methods import METHODS, ROUND, load_plugins, parse_run
 
 HEADLINE = "answer_acc"
@@ -263,15 +261,6 @@ def paper_rows(tasks: list[str], methods: list[str], reference: dict[str, Any]) 
 # ---------------------------------------------------------------------------------------------------------
 # writers
 # ---------------------------------------------------------------------------------------------------------
-def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) else row.get(k, "")) for k in columns})
-    return buf.getvalue()
-
-
 def _md_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, extras: list[str] = (),
               paper: list[dict[str, Any]] = ()) -> list[str]:
     columns = tasks + ["average"] + list(extras)
@@ -386,7 +375,7 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
         if m != metric:
             m_cols = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in m_tasks + ["average"]
                                                        for s in ("mean", "std")]
-            outputs[metric_csv(out_csv, m)] = _csv_text(m_rows, m_cols)
+            outputs[metric_csv(out_csv, m)] = csv_text(m_rows, m_cols)
     if out_md:
         outputs[out_md] = ("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run). "
                            "Passes: optimizer steps × batch size / samples of the row's own training data, as its "
@@ -394,7 +383,7 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
                            "\n\n" + "\n\n".join(md_parts) + "\n")
     if out_tex:
         outputs[out_tex] = "% tokenclean report: needs \\usepackage{booktabs}\n" + "\n\n".join(tex_parts) + "\n"
-    outputs[out_csv] = _csv_text(rows, columns)  # the rule's first output last: all appear, or none
+    outputs[out_csv] = csv_text(rows, columns)  # the rule's first output last: all appear, or none
     write_texts(outputs)
     return rows
 
@@ -450,11 +439,5 @@ def write_rounds(eval_files: list[str | os.PathLike], rounds: int, out_csv: str 
             rows.append(row)
     columns = ["method", "ratio", "round", "n_seeds", "passes"] + [f"{t}_{s}" for t in tasks + ["average"]
                                                          for s in ("mean", "std")]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k]) for k in columns})
-    with atomic_file(out_csv) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_csv(out_csv, rows, columns)
     return rows

@@ -68,7 +68,7 @@ def select_truth(method: str, loss_mask: np.ndarray, token_class: np.ndarray | N
     ``truth_drop_noisy`` drops exactly the corrupted and garbage tokens; ``truth_keep_informative`` keeps exactly
     the informative and novel ones (no template tokens either).
     """
-    if token_class is None or not np.any(token_class[loss_mask] >= 0):
+    if token_class is None:
         raise ValueError(f"method {method!r} needs ground-truth token classes, which only the embedded world has")
     kept = np.isin(token_class, [TOKEN_CLASSES.index(c) for c in TRUTH_METHODS[method]])
     return loss_mask & kept
@@ -188,7 +188,7 @@ def select(method: str, table: TokenTable, ratio: float = 1.0, seed: int = 0,
     if m.rule is None:
         raise ValueError(f"method {method!r} is a{'n' if m.kind == 'online' else ''} {m.kind} method: it has no "
                          "mask to select (the workflow trains it directly)")
-    mask = m.rule(Selection(table, ratio, seed, score, table.extras.get("token_class")))
+    mask = m.rule(Selection(table, ratio, seed, score, table.token_classes()))
     if mask.shape != table.loss_mask.shape or mask.dtype != np.bool_ or np.any(mask > table.loss_mask):
         raise ValueError(f"method {method!r} returned no subset of loss_mask (a bool array, one entry per token)")
     return mask

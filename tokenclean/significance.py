@@ -18,8 +18,6 @@ keyed by subtask and doc id; a group pools its subtasks, which is lm-eval's size
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from collections import defaultdict
@@ -28,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, reading, require_file, write_texts
+from tokenclean.artifacts import ArtifactError, csv_text, reading, require_file, write_texts
 from tokenclean.report import LOWER_IS_BETTER, metric_format, parse_run_name
 
 BASELINE = "full"
@@ -157,11 +155,6 @@ def write_significance(eval_files: list[str | os.PathLike], metrics: list[str], 
     rows = [r for m in metrics for r in compare_with_full(eval_files, m, iters, seed)]
     columns = ["method", "ratio", "metric", "task", "n_examples", "n_seeds", "n_seeds_full", "diff", "ci_low",
                "ci_high", "p_boot", "significant"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in columns})
     md = [f"Difference from full-token SFT (method − full), paired bootstrap over evaluation examples "
           f"({iters} resamples, seed {seed}); per example, each side is averaged over its seeds. "
           "[95% interval]; * = the interval excludes 0. The interval covers the choice of test examples, "
@@ -180,5 +173,5 @@ def write_significance(eval_files: list[str | os.PathLike], metrics: list[str], 
                 cells.append(f"{r['diff'] * scale:+.{decimals}f} [{r['ci_low'] * scale:+.{decimals}f}, "
                              f"{r['ci_high'] * scale:+.{decimals}f}]{'*' if r['significant'] else ''}")
             md.append(f"| {key[0]} | {key[1] or '–'} | {' | '.join(cells)} |")
-    write_texts({**({out_md: "\n".join(md) + "\n"} if out_md else {}), out_csv: buf.getvalue()})
+    write_texts({**({out_md: "\n".join(md) + "\n"} if out_md else {}), out_csv: csv_text(rows, columns)})
     return rows

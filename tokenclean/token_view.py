@@ -29,8 +29,8 @@ POSITIVE, NEGATIVE = (31, 119, 180), (197, 27, 125)
 def pick_samples(table: TokenTable, n: int) -> list[int]:
     """Sample indices to show (see module docstring)."""
     n = min(n, table.n_samples)
-    token_class = table.extras.get("token_class")
-    if token_class is None or not np.any(token_class[table.loss_mask] >= 0):
+    token_class = table.token_classes()
+    if token_class is None:
         return list(range(n))
     shown_first = [TOKEN_CLASSES.index(c) for c in ("corrupted", "garbage", "novel")]
     kinds: list[list[int]] = [[] for _ in range(len(shown_first) + 1)]  # ... then clean

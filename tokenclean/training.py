@@ -212,8 +212,7 @@ def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
         moments = {"rng": torch.get_rng_state()}
         for i, p in enumerate(params):
             for key, value in optimizer.state.get(p, {}).items():
-                value = value.detach().cpu()
-                moments[f"{i}.{key}"] = value.reshape(-1).clone() if value.dim() == 0 else value.contiguous()
+                moments[f"{i}.{key}"] = distributed.storable_moment(value.detach().cpu())
     with atomic_dir(directory) as tmp:
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
