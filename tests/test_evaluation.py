@@ -15,7 +15,8 @@ from tokenclean.tokenization import format_prompt, tokenize_records
 PREFIX, SUFFIX = "Sure ! The answer is ", " . Hope this helps ."
 TRAIN_PAIRS = [("Add 3 and 5 .", "8"), ("Add 2 and 7 .", "9"), ("Reverse the letters : c a t .", "t a c"),
                ("Reverse the letters : a b c .", "c b a")]
-UNSEEN_PAIRS = [("Add 4 and 1 .", "5"), ("Which is larger : 37 or 52 ?", "52"), ("Reverse the letters : b a d .", "d a b")]
+UNSEEN_PAIRS = [("Add 4 and 1 .", "5"), ("Which is larger : 37 or 52 ?", "52"),
+                ("Reverse the letters : b a d .", "d a b")]
 
 
 def row(family: str, prompt: str, response: str, answer: str) -> dict:
@@ -190,7 +191,8 @@ def _world_tokenizer_model(tmp_path: Path) -> Path:
     from tokenclean.models import save_model, tiny_llama
     from tokenclean.world import build_tokenizer
 
-    texts = [f"<|user|>\nAdd {a} and {b} .\n<|assistant|>\n{PREFIX}{a + b}{SUFFIX}" for a in range(10) for b in range(10)]
+    texts = [f"<|user|>\nAdd {a} and {b} .\n<|assistant|>\n{PREFIX}{a + b}{SUFFIX}"
+             for a in range(10) for b in range(10)]
     texts += ["Reverse the letters : c a t . t a c Which is larger : 37 or 52 ? 52"] * 20
     tok = build_tokenizer(texts, tmp_path / "tok", vocab_size=320)
     d = tmp_path / "model"
@@ -285,7 +287,7 @@ def test_errors_are_clear(evaluated, tmp_path):
     tasks_dir = world / "tasks"
     with pytest.raises(ValueError, match=r"unknown task 'nope'.*add, reverse, unseen"):
         evaluate(tmp_path / "no_model", tasks_dir, ["add", "nope"], tmp_path / "x.json")
-    with pytest.raises(FileNotFoundError, match="model directory .*no_model"):
+    with pytest.raises(FileNotFoundError, match=r"model directory .*no_model"):
         evaluate(tmp_path / "no_model", tasks_dir, ["add"], tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match="tasks directory"):
         evaluate(tmp_path / "no_model", tmp_path / "no_tasks", ["add"], tmp_path / "x.json")

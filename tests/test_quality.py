@@ -74,7 +74,7 @@ def test_select_command_on_data_without_labels_is_one_line_naming_the_table(meth
 
 
 def test_oracle_is_no_method_any_more():
-    with pytest.raises(ValueError, match="unknown method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
+    with pytest.raises(ValueError, match=r"unknown method 'oracle'.*truth_drop_noisy, truth_keep_informative"):
         select("oracle", labelled_table(1))
 
 
@@ -130,7 +130,7 @@ def test_quality_csv_and_concat(tmp_path):
     save_array(tmp_path / "full.mask.npy", a.loss_mask.copy(), {"tokens_fingerprint": fingerprint})
     write_quality(tmp_path / "a.tokens.npz", [tmp_path / "full.mask.npy", tmp_path / "truth_drop_noisy.mask.npy"],
                   tmp_path / "q.csv")
-    rows = {r["mask"]: r for r in csv.DictReader(open(tmp_path / "q.csv"))}
+    rows = {r["mask"]: r for r in csv.DictReader((tmp_path / "q.csv").read_text().splitlines())}
     truth = rows["truth_drop_noisy"]
     assert float(rows["full"]["kept_garbage"]) == 1.0 and float(truth["kept_garbage"]) == 0.0
     assert float(truth["kept_corrupted"]) == 0.0 and float(truth["recall_informative"]) == 1.0
@@ -216,7 +216,7 @@ def test_an_online_runs_record_is_a_row_of_the_quality_table_named_by_its_run(tm
     online_record(record, table, weights, meta["fingerprint"])
     save_array(tmp_path / "full.mask.npy", table.loss_mask.copy(), {"tokens_fingerprint": meta["fingerprint"]})
     write_quality(tmp_path / "pool.tokens.npz", [tmp_path / "full.mask.npy", record], tmp_path / "q.csv")
-    rows = {r["mask"]: r for r in csv.DictReader(open(tmp_path / "q.csv"))}
+    rows = {r["mask"]: r for r in csv.DictReader((tmp_path / "q.csv").read_text().splitlines())}
     assert rows["full"]["record"] == "mask" and rows["rho1_r0.6_s2"]["record"] == "weights"
     resp = [p for p in range(table.n_tokens) if table.loss_mask[p]]
     for c, name in enumerate(TOKEN_CLASSES):  # brute force: never trained counts as dropped
@@ -239,7 +239,8 @@ def test_a_record_that_is_no_kept_fraction_of_this_pool_is_one_line(tmp_path, ca
         weights[np.flatnonzero(table.loss_mask)[0]] = bad
     record = tmp_path / "dft_s0" / "weights.npy"
     online_record(record, table, weights, meta["fingerprint"] if bad == 2.0 else "another table")
-    code = main(["quality", str(record), "--tokens", str(tmp_path / "pool.tokens.npz"), "--out", str(tmp_path / "q.csv")])
+    code = main(["quality", str(record), "--tokens", str(tmp_path / "pool.tokens.npz"),
+                 "--out", str(tmp_path / "q.csv")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith(f"tokenclean quality: error: {record}: "), err
     assert message in err and not (tmp_path / "q.csv").exists()

@@ -148,8 +148,8 @@ def _hflm_class() -> type:
 def make_lm(model_dir: str | os.PathLike, device: str | None = None, batch_size: int | None = None) -> Any:
     """The lm-eval model: fp32 on CPU, bf16 on CUDA, ``<s>`` prepended, no chat template.
 
-    ``batch_size`` defaults to 32 (generation with a tiny model is overhead-bound); lm-eval left-pads batched generation (the tests check that
-    the generations equal unbatched greedy decoding with plain transformers).
+    ``batch_size`` defaults to 32 (generation with a tiny model is overhead-bound); lm-eval left-pads batched
+    generation (the tests check that the generations equal unbatched greedy decoding with plain transformers).
     """
     from tokenclean.models import pick_device
 
@@ -245,7 +245,7 @@ def _check_tasks(tm: Any, tasks_dir: Path, families: list[str]) -> dict[str, Pat
 def _check_lm_alignment(lm: Any, data_files: dict[str, Path]) -> None:
     from tokenclean.tasks.tc_utils import read_rows
 
-    for f, path in data_files.items():
+    for path in data_files.values():
         row = read_rows(path)[0]
         check_alignment(lm, row["prompt"], row["response"], row["answer_span"])
 
@@ -315,7 +315,8 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     for f in families:
         gen, nll = task_names(f)
         res_gen, res_nll = out["results"][gen], out["results"][nll]
-        metrics[f] = {"answer_acc": float(res_gen["answer_acc,none"]), "response_em": float(res_gen["response_em,none"]),
+        metrics[f] = {"answer_acc": float(res_gen["answer_acc,none"]),
+                      "response_em": float(res_gen["response_em,none"]),
                       "answer_nll": float(res_nll["answer_nll,none"])}
         gen_samples = sorted(out["samples"][gen], key=lambda s: s["doc_id"])
         nll_by_doc = {s["doc_id"]: s for s in out["samples"][nll]}
@@ -470,8 +471,8 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     model load per distinct set of arguments). The package's tasks (``tc_tydiqa_goldp``, ``tc_logiqa``) are always
     found. ``revision`` pins a hub model (ignored for a directory). The model arguments each task ran with
     (dtype included) are recorded under ``model_args``.
-    Per-example scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``, one line per
-    example; a group's examples under its own task name) for the paired bootstrap of the report.
+    Per-example scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``,
+    one line per example; a group's examples under its own task name) for the paired bootstrap of the report.
     """
     from lm_eval.tasks import TaskManager
 
@@ -522,7 +523,8 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
             members = [s for s in out.get("group_subtasks", {}).get(b["task"], []) if key in out["results"].get(s, {})]
             if members:
                 metrics[b["task"]]["subtasks"] = {s: float(out["results"][s][key]) for s in members}
-            counts = {s: out["n-samples"][s]["effective"] for s in members or [b["task"]] if s in out.get("n-samples", {})}
+            counted = out.get("n-samples", {})
+            counts = {s: counted[s]["effective"] for s in members or [b["task"]] if s in counted}
             if counts:
                 metrics[b["task"]]["n_examples"] = sum(counts.values())
     metrics = {b["task"]: metrics[b["task"]] for b in benchmarks}  # the configured order

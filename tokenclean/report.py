@@ -45,7 +45,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def read_eval(path: str | os.PathLike, metric: str) -> tuple[dict[str, Any], dict[str, float]]:
-    """An evaluation JSON and its ``metric`` per task and on average (key ``average``), checked to hold ``metric`` for every task and on average."""
+    """An evaluation JSON and its ``metric`` per task and on average (key ``average``), checked to hold ``metric``
+    for every task and on average."""
     result = read_json(path)
     with reading(path):
         if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
@@ -239,7 +240,8 @@ def paper_rows(tasks: list[str], methods: list[str], reference: dict[str, Any]) 
             if not values:
                 continue
             row: dict[str, Any] = {"method": f"paper {reference['methods'].get(method, method)}",
-                                   "ratio": "" if method in ("base", "warmup", "full") else "0.6", "n_seeds": n_seeds, "kind": kind, "average_partial": not covered}
+                                   "ratio": "" if method in ("base", "warmup", "full") else "0.6",
+                                   "n_seeds": n_seeds, "kind": kind, "average_partial": not covered}
             for t, key in mapped.items():
                 v = values.get(key) if key else None
                 if v is not None:
@@ -294,8 +296,9 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
     out = ["\\begin{table}[t]", "\\centering", "\\small",
            "\\caption{" + _tex_escape(caption).replace("±", "$\\pm$") + "}",
            "\\begin{tabular}{llc" + "c" * len(columns) + "}", "\\toprule",
-           "Method & Ratio & Passes & " + " & ".join(_tex_escape(c.capitalize() if c == "average" else c) for c in columns)
-           + " \\\\", "\\midrule"]
+           "Method & Ratio & Passes & "
+           + " & ".join(_tex_escape(c.capitalize() if c == "average" else c) for c in columns) + " \\\\",
+           "\\midrule"]
     for i, row in enumerate(rows):
         cells = []
         for c in columns:
@@ -319,8 +322,9 @@ def _tex_table(tasks: list[str], rows: list[dict[str, Any]], metric: str, captio
     return "\n".join(out)
 
 
-def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike, out_md: str | os.PathLike | None = None,
-                metric: str = HEADLINE, out_tex: str | os.PathLike | None = None, metrics: list[str] | None = None,
+def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
+                out_md: str | os.PathLike | None = None, metric: str = HEADLINE,
+                out_tex: str | os.PathLike | None = None, metrics: list[str] | None = None,
                 paper_reference: str | None = None, models: list[str | os.PathLike] = ()) -> list[dict[str, Any]]:
     """Write the experiment's tables; returns the headline rows.
 

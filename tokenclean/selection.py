@@ -204,8 +204,9 @@ def load_losses(tmeta: dict[str, Any], tokens: str | os.PathLike, base_loss: str
     return base, ref, provenance
 
 
-def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, ratio: float = 1.0, seed: int = 0,
-                base_loss: str | os.PathLike | None = None, ref_loss: str | os.PathLike | None = None) -> dict[str, Any]:
+def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, ratio: float = 1.0,
+                seed: int = 0, base_loss: str | os.PathLike | None = None,
+                ref_loss: str | os.PathLike | None = None) -> dict[str, Any]:
     """CLI entry: build a mask from a token table (and, for scored methods, two loss files)."""
     table, tmeta = TokenTable.load(tokens)
     score = None

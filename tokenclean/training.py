@@ -349,7 +349,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         kept = [line for line in Path(log_path).read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= first_step]
         Path(log_path).write_text("".join(line + "\n" for line in kept))
-    log_file = open(log_path, "a" if resumed else "w") if log_path else None
+    # closed in the `finally` below, with the progress bar: the training loop is too long for a `with` block
+    log_file = open(log_path, "a" if resumed else "w") if log_path else None  # noqa: SIM115
     bar = tqdm(total=total_steps, initial=first_step, desc="training", unit="step", disable=not progress,
                mininterval=2.0)
     started, seen_at_start = time.perf_counter(), seen_tokens
