@@ -79,12 +79,17 @@ def open_page(page: Path, actions: str, workdir: Path, budget_ms: int = 5000) ->
     i = text.rindex("</body>")
     copy = workdir / f"browser-{page.name}"
     copy.write_text(text[:i] + _RUN % (RESULT_ID, actions) + text[i:], encoding="utf-8")
-    proc = subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={workdir / 'chromium-profile'}",
-         f"--virtual-time-budget={budget_ms}", "--window-size=1280,900", "--dump-dom", copy.resolve().as_uri()],
-        check=False, capture_output=True, text=True, timeout=120)
+    for attempt in range(2):  # seen once in ~40 runs: a headless start that never dumps the page; once more
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={workdir / f'chromium-profile-{attempt}'}",
+               f"--virtual-time-budget={budget_ms}", "--window-size=1280,900", "--dump-dom", copy.resolve().as_uri()]
+        try:
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
     found = re.search(rf'<pre id="{RESULT_ID}">(.*?)</pre>', proc.stdout, re.DOTALL)
     assert found, f"no result from the browser (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     out = json.loads(html.unescape(found.group(1)))
