@@ -79,13 +79,15 @@ def open_page(page: Path, actions: str, workdir: Path, budget_ms: int = 5000) ->
     i = text.rindex("</body>")
     copy = workdir / f"browser-{page.name}"
     copy.write_text(text[:i] + _RUN % (RESULT_ID, actions) + text[i:], encoding="utf-8")
+    # the browser's own files (profile, crash reports, dconf) under workdir, none in the user's HOME
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("XDG_")}, "HOME": str(workdir)}
     for attempt in range(2):  # seen once in ~40 runs: a headless start that never dumps the page; once more
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={workdir / f'chromium-profile-{attempt}'}",
                f"--virtual-time-budget={budget_ms}", "--window-size=1280,900", "--dump-dom", copy.resolve().as_uri()]
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=60)
             break
         except subprocess.TimeoutExpired:
             if attempt:
