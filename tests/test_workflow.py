@@ -323,3 +323,60 @@ def test_smoke_workflow_leaves_every_report_output(smoke_run):
     text = out.read_text()
     for name in ("table.csv", "significance.csv", "kept_by_class.png", "rounds.png", "token_view.html"):
         assert name in text, name
+
+
+# Each result's caption (report/<name>.rst), as the report of the smoke run should show it.
+REPORT_CAPTIONS = {"table.csv": "table", "table_response_em.csv": "table_metric",
+                   "table_answer_nll.csv": "table_metric", "significance.csv": "significance",
+                   "score_distributions.png": "score_distributions",
+                   "kept_by_class.png": "kept_by_class", "rounds.png": "rounds", "token_view.html": "token_view",
+                   "provenance.md": "provenance"}
+
+# What a reader does in the report: open each category of results from the menu, then each result's details.
+BROWSE_THE_REPORT = """
+const tick = () => new Promise(r => setTimeout(r, 100));
+const links = () => [...document.querySelectorAll('#app a')].filter(a => !a.closest('.vega-embed'));  // not a graph's
+const link = t => links().find(a => a.textContent.trim() === t)
+  || {click() { throw new Error(`no link "${t}" in: ${document.querySelector('#app').innerText}`); }};
+link('Workflow').click(); await tick();  // the rule graph (Vega)
+const out = {menu: links().map(a => a.textContent.trim()).filter(Boolean),  // icons: no text
+             graph: document.querySelectorAll('#app canvas, #app svg.marks').length, shown: {}};
+for (const category of out.menu.slice(out.menu.indexOf('About') + 1)) {
+  link(category).click(); await tick();
+  const n = document.querySelectorAll('#app a[iconname="information-circle"]').length;
+  for (let i = 0; i < n; i++) {
+    document.querySelectorAll('#app a[iconname="information-circle"]')[i].click(); await tick();
+    const path = links().map(a => a.textContent.trim()).find(t => t.startsWith('results/'));
+    out.shown[path] = {category, details: document.querySelector('#app').innerText};
+    link(category).click(); await tick();
+  }
+  if (category === 'Token view') {  // the page itself, inside the report
+    document.querySelector('#app a[iconname="eye"]').click(); await tick();
+    out.frames = [...document.querySelectorAll('iframe')].map(f => f.src.split(';')[0]);
+  }
+  link('Results').click(); await tick();
+}
+return out;
+"""
+
+
+def test_the_report_renders_offline_in_a_browser(smoke_run, tmp_path):
+    """`snakemake --report`'s page in headless Chromium: the app mounts, the workflow graph draws, every result
+    is in its category with our caption, the token view opens inside it, and nothing loads from outside the file."""
+    from tests.browser import chromium_or_skip, open_page
+
+    chromium_or_skip()
+    out = smoke_run / "report.html"
+    if not out.exists():  # test_smoke_workflow_leaves_every_report_output builds it
+        assert snakemake(smoke_run.parents[1], "--report", str(out)).returncode == 0
+    seen = open_page(out, BROWSE_THE_REPORT, tmp_path)
+    assert seen["loaded"] == [] and seen["failed"] == [] and seen["external"] == []
+    report = seen["result"]
+    assert report["menu"][:3] == ["Workflow", "Statistics", "About"] and report["graph"] >= 1
+    assert {p.removeprefix("results/smoke/").removeprefix("figures/") for p in report["shown"]} == set(REPORT_CAPTIONS)
+    for path, shown in report["shown"].items():
+        rst = (ROOT / "report" / f"{REPORT_CAPTIONS[Path(path).name]}.rst").read_text()
+        first_line = " ".join(rst.splitlines()[0].replace("``", "").split())
+        assert first_line in " ".join(shown["details"].split()), (path, shown)
+    assert report["shown"]["results/smoke/token_view.html"]["category"] == "Token view"
+    assert report["frames"] == ["data:text/html"]  # embedded in the report, not a link to a file
