@@ -1,5 +1,7 @@
-"""`snakemake --lint` finds nothing: rules are wiring only (helpers in rules/common.smk), shell commands read only
-their rule's params, input, output and log, and every rule has a log, a benchmark and a conda env."""
+"""The house is lint-clean (`make lint`, which CI runs, checks the same): `ruff` finds nothing in the Python (its
+config is in pyproject.toml), and `snakemake --lint` finds nothing in the rules: rules are wiring only (helpers in
+rules/common.smk), shell commands read only their rule's params, input, output and log, and every rule has a log,
+a benchmark and a conda env."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+RUFF = Path(sys.executable).with_name("ruff")
+
+
+def test_ruff_finds_nothing():
+    """The pinned ruff (requirements.lock) over the whole tree, with the project's config."""
+    proc = subprocess.run([str(RUFF), "check", "--no-cache", "."], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
 @pytest.mark.slow  # about 5 s a config: Snakemake parses the whole workflow
