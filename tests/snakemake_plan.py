@@ -4,8 +4,9 @@ Run as a script in a subprocess (planning changes the process's working director
 
     python tests/snakemake_plan.py --directory WORK --configfile A.yaml [B.yaml ...]
 
-prints one JSON object: every job of the DAG (rule, outputs, logs, params, whether it must run and why) and the
-environment the jobs would inherit. `plan()` does that from a test.
+prints one JSON object: every job of the DAG (rule, wildcards, outputs, logs, params, resources, its shell command
+as `--printshellcmds` would print it, whether it must run and why) and the environment the jobs would inherit.
+`plan()` does that from a test; `to_run()` counts the jobs per rule that must run (a dry run's "Job stats").
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +29,11 @@ def plan(workdir: Path, *configfiles: Path, env: dict[str, str] | None = None) -
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def to_run(planned: dict) -> Counter:
+    """rule -> how many of its jobs must run."""
+    return Counter(job["rule"] for job in planned["jobs"] if job["needrun"])
 
 
 def _main() -> None:
@@ -47,8 +54,11 @@ def _main() -> None:
         workflow._prepare_dag(forceall=False, ignore_incomplete=False, lock_warn_only=True, nolock=True)
         workflow._build_dag()
         dag = workflow.dag
-        jobs = [{"rule": job.rule.name, "output": sorted(map(str, job.output)), "log": sorted(map(str, job.log)),
+        jobs = [{"rule": job.rule.name, "wildcards": {k: str(v) for k, v in job.wildcards_dict.items()},
+                 "output": sorted(map(str, job.output)), "log": sorted(map(str, job.log)),
                  "params": {k: str(v) for k, v in job.params.items()},
+                 "resources": {k: str(v) for k, v in job.resources.items() if not k.startswith("_")},
+                 "shell": job.shellcmd or "",
                  "needrun": dag.needrun(job), "reason": str(dag.reason(job)) if dag.needrun(job) else ""}
                 for job in dag.jobs]
     print(json.dumps({"jobs": sorted(jobs, key=lambda j: j["output"]), "environ": dict(os.environ)}))
