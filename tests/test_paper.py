@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -115,39 +114,30 @@ def test_a_hardware_file_shards_full_fine_tuning_and_keeps_it_out_of_the_recipe(
     assert sorted(cmd.replace(" TOKENCLEAN_SHARDING=fsdp", "") for cmd in train) == sorted(shells(plain, "train"))
 
 
-def planned_resources(out: str) -> dict[str, set[str]]:
-    """rule -> the distinct `resources:` lines of its planned jobs (dry-run output)."""
-    found: dict[str, set[str]] = {}
-    rule = None
-    for line in out.splitlines():
-        if line.startswith(("rule ", "localrule ")):
-            rule = line.split()[1].rstrip(":")
-        elif line.strip().startswith("resources:") and rule:
-            found.setdefault(rule, set()).add(line.strip())
-    return found
-
-
 @pytest.mark.slow  # plans the paper study with Snakemake
 @pytest.mark.parametrize("hardware", [None, "8-gpus.yaml"])
 def test_slurm_profile_plans_the_paper_study_with_gpus_where_they_are_used(hardware, tmp_path):
     config = ROOT / "configs" / "paper" / "llama-3.1-8b.yaml"
     extra = [ROOT / "configs" / "hardware" / hardware] if hardware else []
+    profile = ROOT / "profiles" / "slurm"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-           "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(config), *map(str, extra), "-n"]
+           "--profile", str(profile), "--configfile", str(config), *map(str, extra), "-n"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]  # the profile's own command plans
+    jobs = snakemake_plan.plan(tmp_path / "profiled", config, *extra, profile=profile)["jobs"]
     plain, _ = plan(tmp_path / "plain", config, *extra)
-    total = sum(n for rule, n in plain.items() if rule != "total")
-    assert re.search(rf"^total +{total}$", proc.stdout, re.M), proc.stdout[-1500:]  # the whole study, as without a profile
-    res = planned_resources(proc.stdout)
-    gpus = 8 if hardware else 1
+    assert len(jobs) == sum(plain.values())  # the whole study, as without a profile
+    res: dict[str, list[dict]] = {}  # rule -> the resources of each of its jobs
+    for job in jobs:
+        res.setdefault(job["rule"], []).append(job["resources"])
+    gpus = str(8 if hardware else 1)
     for rule in ("warmup", "sft", "self_evolve"):
-        assert all(f"gpu={gpus}" in r and "runtime=" in r and "mem_mb=" in r for r in res[rule]), res[rule]
+        assert all(r.get("gpu") == gpus and "runtime" in r and "mem_mb" in r for r in res[rule]), res[rule]
     for rule in ("token_loss", "evaluate"):
-        assert all(r.endswith("gpu=1") or "gpu=1," in r for r in res[rule]), res[rule]
+        assert all(r.get("gpu") == "1" for r in res[rule]), res[rule]
     for rule in ("data", "tokenize", "select", "chunk_tokens", "select_round"):
-        assert not any("gpu=" in r for r in res[rule]), res[rule]
-    assert all("slurm_partition=" in r for rs in res.values() for r in rs)
+        assert not any("gpu" in r for r in res[rule]), res[rule]
+    assert all("slurm_partition" in r for rs in res.values() for r in rs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,11 +257,11 @@ def test_paper_configs_list_the_fields_methods_as_optional_rows_that_plan(config
     assert set(optional) == {n for n, m in registry.METHODS.items() if m.kind == "online"}
     cfg = yaml.safe_load(config.read_text())
     (tmp_path / "more.yaml").write_text(yaml.safe_dump({"methods": cfg["methods"] + optional}))
-    counts, out = plan(tmp_path, config, tmp_path / "more.yaml")
+    counts, jobs = plan(tmp_path, config, tmp_path / "more.yaml")
     seeds, ratios = len(cfg["seeds"]), len(cfg["ratios"])
     assert counts["sft"] == expected_counts(cfg)["sft"] + 2 * ratios * seeds + 2 * seeds  # rho1, sstoken; dft, eaft
     assert counts["token_loss"] == expected_counts(cfg)["token_loss"]  # their losses are the pool's, scored anyway
-    train = [line for line in out.splitlines() if "tokenclean.cli train" in line and "--online" in line]
+    train = [cmd for cmd in shells(jobs, "train") if "--online" in cmd]
     assert len(train) == 2 * ratios * seeds + 2 * seeds
     assert all("--ref-loss" in line for line in train if "--online rho1" in line)
     assert all("--base-loss" in line for line in train if "--online sstoken" in line)
