@@ -23,7 +23,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def snakemake_cmd(workdir: Path, *args: str, overrides: Path | None = None) -> list[str]:
-    configs = [str(ROOT / "configs" / "smoke.yaml")] + ([str(overrides)] if overrides else [])
+    configs = [str(SMOKE)] + ([str(overrides)] if overrides else [])
     return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
             "--configfile", *configs, "--cores", "2", *args]
 
