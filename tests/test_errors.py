@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.listing import all_files
 from tokenclean.artifacts import (
     ArtifactError,
     TokenTable,
@@ -265,10 +266,6 @@ def what_is_wrong(bad: Callable, name: str) -> str:
             }.get(bad.__name__, "expected a")
 
 
-def _all_files(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
-
-
 def assert_one_line_error(capsys, code: int, command: str, path: Path) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -307,7 +304,7 @@ def test_a_bad_input_is_one_line_naming_the_file_and_leaves_no_output(tmp_path, 
     code = main(argv(command, good, out, **{flag: str(path)}))
     line = assert_one_line_error(capsys, code, command.split("-")[0] if command.startswith("figure") else command, path)
     assert what_is_wrong(bad, name) in line, line
-    assert _all_files(out) == []
+    assert all_files(out) == []
 
 
 def _out_flags(command: str) -> list[str]:
@@ -359,13 +356,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     path = bad(out, "result")
-    before = _all_files(out)
+    before = all_files(out)
     code = main(argv(command, good, out, **{flag: str(path)}))
     line = assert_one_line_error(capsys, code, command.split("-")[0] if command.startswith("figure") else command, path)
     assert {"parent_is_a_file": f"{out / 'file'} is not a directory", "no_permission": "no permission to write in",
             "existing_directory": "is a directory, expected a file path",
             "existing_file": "exists and is not a directory"}[bad.__name__] in line, line
-    assert _all_files(out) == before  # hidden temporaries included
+    assert all_files(out) == before  # hidden temporaries included
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,7 +388,7 @@ def test_a_bad_per_example_file_names_its_line(tmp_path, capsys, good, samples, 
                  "--out-csv", str(out / "sig.csv"), "--out-md", str(out / "sig.md")])
     line = assert_one_line_error(capsys, code, "significance", bad)
     assert f"{bad}{expected}" in line, line
-    assert _all_files(out) == []
+    assert all_files(out) == []
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -412,7 +409,7 @@ def test_a_bad_evaluation_json_names_the_file(tmp_path, capsys, good, command, c
             else [str(good["warmup.json"]), str(bad), "--rounds", "1", "--out", str(out / "r.csv")])
     line = assert_one_line_error(capsys, main([command, *args]), command, bad)
     assert f"{bad}{expected}" in line if expected.startswith(":") else f"{bad}: " in line and expected in line, line
-    assert _all_files(out) == []
+    assert all_files(out) == []
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -436,7 +433,7 @@ def test_a_bad_training_record_names_the_file(tmp_path, capsys, good, content, e
             "--out-md", str(out / "t.md")]
     line = assert_one_line_error(capsys, main(args), "report", model)
     assert expected in line, line
-    assert _all_files(out) == []
+    assert all_files(out) == []
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import snakemake_plan
+from tests.listing import all_files
 from tokenclean.data import DataError
 from tokenclean.sources import prepare_data
 
@@ -20,16 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 
 
-def plan(workdir: Path, *configs: Path) -> tuple[Counter, str]:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", *map(str, configs), "--dry-run", "--printshellcmds", "--cores", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    out = proc.stdout
-    stats = out[out.index("Job stats"):].split("total")[0]
-    counts = Counter({line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:]
-                      if len(line.split()) == 2 and line.split()[1].isdigit()})
-    return counts, out
+def plan(workdir: Path, *configs: Path) -> tuple[Counter, list[dict]]:
+    """(jobs to run per rule, every job) of the study planned in ``workdir``; no job runs."""
+    planned = snakemake_plan.plan(workdir, *configs)
+    return snakemake_plan.to_run(planned), planned["jobs"]
+
+
+def shells(jobs: list[dict], command: str = "") -> list[str]:
+    """The shell commands of ``jobs`` that run ``tokenclean.cli COMMAND`` (any, without ``command``)."""
+    return [j["shell"] for j in jobs if f"tokenclean.cli {command}" in j["shell"]]
 
 
 def expected_counts(cfg: dict) -> dict[str, int]:
@@ -59,10 +59,11 @@ def expected_counts(cfg: dict) -> dict[str, int]:
 @pytest.mark.parametrize("config", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_study_plans_offline_with_the_implied_jobs(config, tmp_path):
     cfg = yaml.safe_load(config.read_text())
-    counts, out = plan(tmp_path, config)
+    counts, jobs = plan(tmp_path, config)
     for rule, n in expected_counts(cfg).items():
         assert counts[rule] == n, f"{rule}: planned {counts[rule]}, expected {n}"
     assert "world" not in counts and "pretrain_base" not in counts
+    out = "\n".join(shells(jobs))
     assert f"--model {cfg['base_model']['name']} " in out  # the hub model is loaded by name, never downloaded here
     assert "--num_fewshot" not in out and '"num_fewshot": 5, "task": "mmlu"' in out
 
@@ -75,11 +76,11 @@ def test_scoring_does_not_grow_with_ratios_or_seeds(tmp_path):
     _, small = plan(tmp_path / "a", config)
     _, large = plan(tmp_path / "b", config, more)
 
-    def shared_losses(out: str) -> tuple[set[str], set[str]]:
+    def shared_losses(jobs: list[dict]) -> tuple[set[str], set[str]]:
         """(losses scored, losses cut from the pool's) that do not belong to one chain's rounds."""
-        made = [line for line in out.splitlines() if "/losses/" in line and "/losses/rounds/" not in line]
-        return ({line.split("--out ")[1].split()[0] for line in made if "tokenclean.cli loss" in line},
-                {line.split("--out ")[1].split()[0] for line in made if "tokenclean.cli chunk" in line})
+        def made(rule: str) -> set[str]:
+            return {out for j in jobs if j["rule"] == rule for out in j["output"] if "/losses/rounds/" not in out}
+        return made("token_loss"), made("chunk_loss")
 
     scored, cut = shared_losses(small)
     assert shared_losses(large) == (scored, cut)
@@ -90,9 +91,9 @@ def test_scoring_does_not_grow_with_ratios_or_seeds(tmp_path):
 
 @pytest.mark.slow  # plans the paper study with Snakemake
 def test_hardware_file_launches_training_on_every_gpu(tmp_path):
-    counts, out = plan(tmp_path, ROOT / "configs" / "paper" / "mistral-7b.yaml",
-                       ROOT / "configs" / "hardware" / "8-gpus.yaml")
-    train = [line for line in out.splitlines() if "tokenclean.cli train" in line]
+    counts, jobs = plan(tmp_path, ROOT / "configs" / "paper" / "mistral-7b.yaml",
+                        ROOT / "configs" / "hardware" / "8-gpus.yaml")
+    train = shells(jobs, "train")
     assert len(train) == counts["warmup"] + counts["sft"] + counts["self_evolve"]
     assert all("accelerate.commands.launch --num_processes 8" in line for line in train)
 
@@ -105,25 +106,12 @@ def test_a_hardware_file_shards_full_fine_tuning_and_keeps_it_out_of_the_recipe(
     full = tmp_path / "full.yaml"  # full fine-tuning: the paper's recipe without LoRA
     full.write_text("warmup: {train: {lora_r: 0}}\nsft: {train: {lora_r: 0}}\n")
     config = ROOT / "configs" / "paper" / "mistral-7b.yaml"
-    counts, out = plan(tmp_path / "a", config, full, hardware)
-    train = [line for line in out.splitlines() if "tokenclean.cli train" in line]
+    counts, jobs = plan(tmp_path / "a", config, full, hardware)
+    train = shells(jobs, "train")
     assert len(train) == counts["warmup"] + counts["sft"] + counts["self_evolve"]
     assert all("env TOKENCLEAN_DIST_TIMEOUT_MINUTES=60 TOKENCLEAN_SHARDING=fsdp " in line for line in train)
     _, plain = plan(tmp_path / "b", config, full, ROOT / "configs" / "hardware" / "8-gpus.yaml")
-    assert sorted(line.replace(" TOKENCLEAN_SHARDING=fsdp", "") for line in train) == sorted(
-        line for line in plain.splitlines() if "tokenclean.cli train" in line)
-
-
-def planned_resources(out: str) -> dict[str, set[str]]:
-    """rule -> the distinct `resources:` lines of its planned jobs (dry-run output)."""
-    found: dict[str, set[str]] = {}
-    rule = None
-    for line in out.splitlines():
-        if line.startswith(("rule ", "localrule ")):
-            rule = line.split()[1].rstrip(":")
-        elif line.strip().startswith("resources:") and rule:
-            found.setdefault(rule, set()).add(line.strip())
-    return found
+    assert sorted(cmd.replace(" TOKENCLEAN_SHARDING=fsdp", "") for cmd in train) == sorted(shells(plain, "train"))
 
 
 @pytest.mark.slow  # plans the paper study with Snakemake
@@ -131,22 +119,25 @@ def planned_resources(out: str) -> dict[str, set[str]]:
 def test_slurm_profile_plans_the_paper_study_with_gpus_where_they_are_used(hardware, tmp_path):
     config = ROOT / "configs" / "paper" / "llama-3.1-8b.yaml"
     extra = [ROOT / "configs" / "hardware" / hardware] if hardware else []
+    profile = ROOT / "profiles" / "slurm"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-           "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(config), *map(str, extra), "-n"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+           "--profile", str(profile), "--configfile", str(config), *map(str, extra), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]  # the profile's own command plans
+    jobs = snakemake_plan.plan(tmp_path / "profiled", config, *extra, profile=profile)["jobs"]
     plain, _ = plan(tmp_path / "plain", config, *extra)
-    total = sum(n for rule, n in plain.items() if rule != "total")
-    assert re.search(rf"^total +{total}$", proc.stdout, re.M), proc.stdout[-1500:]  # the whole study, as without a profile
-    res = planned_resources(proc.stdout)
-    gpus = 8 if hardware else 1
+    assert len(jobs) == sum(plain.values())  # the whole study, as without a profile
+    res: dict[str, list[dict]] = {}  # rule -> the resources of each of its jobs
+    for job in jobs:
+        res.setdefault(job["rule"], []).append(job["resources"])
+    gpus = str(8 if hardware else 1)
     for rule in ("warmup", "sft", "self_evolve"):
-        assert all(f"gpu={gpus}" in r and "runtime=" in r and "mem_mb=" in r for r in res[rule]), res[rule]
+        assert all(r.get("gpu") == gpus and "runtime" in r and "mem_mb" in r for r in res[rule]), res[rule]
     for rule in ("token_loss", "evaluate"):
-        assert all(r.endswith("gpu=1") or "gpu=1," in r for r in res[rule]), res[rule]
+        assert all(r.get("gpu") == "1" for r in res[rule]), res[rule]
     for rule in ("data", "tokenize", "select", "chunk_tokens", "select_round"):
-        assert not any("gpu=" in r for r in res[rule]), res[rule]
-    assert all("slurm_partition=" in r for rs in res.values() for r in rs)
+        assert not any("gpu" in r for r in res[rule]), res[rule]
+    assert all("slurm_partition" in r for rs in res.values() for r in rs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,11 +222,12 @@ def test_unreachable_hub_model_is_one_line_naming_it_and_the_local_config(comman
             "train": ["--model", MISSING_MODEL, "--tokens", str(token_table), "--steps", "1", "--out", str(out)],
             "evaluate": ["--model", MISSING_MODEL, "--device", "cpu", "--benchmarks", '[{"task": "boolq"}]',
                          "--out", f"{out}.json"]}[command]
+    before = all_files(tmp_path)
     rc, err = run_cli(capsys, command, *args)
     line = error_line(err, command)
     assert rc != 0 and f"'{MISSING_MODEL}'" in line and "hub" in line
     assert line.endswith("point the config at the copy: base_model.name: /path/to/dir")
-    assert not list(tmp_path.glob("out*"))
+    assert all_files(tmp_path) == before  # no output, sidecar or temporary
 
 
 @pytest.mark.parametrize("source", ["pool", "warmup"])
@@ -265,11 +257,11 @@ def test_paper_configs_list_the_fields_methods_as_optional_rows_that_plan(config
     assert set(optional) == {n for n, m in registry.METHODS.items() if m.kind == "online"}
     cfg = yaml.safe_load(config.read_text())
     (tmp_path / "more.yaml").write_text(yaml.safe_dump({"methods": cfg["methods"] + optional}))
-    counts, out = plan(tmp_path, config, tmp_path / "more.yaml")
+    counts, jobs = plan(tmp_path, config, tmp_path / "more.yaml")
     seeds, ratios = len(cfg["seeds"]), len(cfg["ratios"])
     assert counts["sft"] == expected_counts(cfg)["sft"] + 2 * ratios * seeds + 2 * seeds  # rho1, sstoken; dft, eaft
     assert counts["token_loss"] == expected_counts(cfg)["token_loss"]  # their losses are the pool's, scored anyway
-    train = [line for line in out.splitlines() if "tokenclean.cli train" in line and "--online" in line]
+    train = [cmd for cmd in shells(jobs, "train") if "--online" in cmd]
     assert len(train) == 2 * ratios * seeds + 2 * seeds
     assert all("--ref-loss" in line for line in train if "--online rho1" in line)
     assert all("--base-loss" in line for line in train if "--online sstoken" in line)

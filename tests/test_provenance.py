@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from tests.listing import all_files
 from tokenclean.cli import main
 
 MAIN = "1" * 40  # the commit the default branch points to
@@ -80,13 +81,15 @@ def test_train_records_the_base_models_revision_and_commit(tmp_path, hub, tokens
 
 def test_a_revision_for_a_local_directory_or_an_unknown_one_is_a_one_line_error(tmp_path, tiny_model_dir, tokens,
                                                                                capsys):
+    out = tmp_path / "out"
+    out.mkdir()
     assert main(["loss", "--model", str(tiny_model_dir), "--revision", "v1", "--tokens", str(tokens),
-                 "--out", str(tmp_path / "x.loss.npy")]) == 2
+                 "--out", str(out / "x.loss.npy")]) == 2
     assert main(["loss", "--model", "org/tiny", "--revision", "v9", "--tokens", str(tokens),
-                 "--out", str(tmp_path / "y.loss.npy")]) == 2
+                 "--out", str(out / "y.loss.npy")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenclean loss: error:")]
     assert len(errors) == 2 and "local directory" in errors[0] and "org/tiny" in errors[1]
-    assert not list(tmp_path.glob("*.loss.*"))
+    assert all_files(out) == []  # no loss, sidecar or temporary of either
 
 
 def experiment_files(tmp_path, tokenizer_commit=MAIN, model_commit=MAIN):

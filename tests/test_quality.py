@@ -6,6 +6,7 @@ import csv
 import numpy as np
 import pytest
 
+from tests.listing import all_files
 from tokenclean.artifacts import TokenTable, save_array
 from tokenclean.data import TOKEN_CLASSES
 from tokenclean.quality import class_counts, write_quality
@@ -64,13 +65,14 @@ def test_select_command_on_data_without_labels_is_one_line_naming_the_table(meth
     table = labelled_table(3)
     table.extras.pop("token_class")
     table.save(tmp_path / "pool.tokens.npz", {"tokenizer_fingerprint": "t"})
+    before = all_files(tmp_path)
     code = main(["select", "--method", method, "--tokens", str(tmp_path / "pool.tokens.npz"),
                  "--out", str(tmp_path / "m.mask.npy")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
     assert err == (f"tokenclean select: error: {tmp_path / 'pool.tokens.npz'}: method '{method}' needs ground-truth "
                    "token classes, which only the embedded world has")
-    assert not list(tmp_path.glob("m.mask*"))
+    assert all_files(tmp_path) == before  # no mask, sidecar or temporary
 
 
 def test_oracle_is_no_method_any_more():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.listing import all_files
 from tokenclean.data import parse_record
 from tokenclean.loss import token_losses
 from tokenclean.tokenization import tokenize_records
@@ -106,6 +107,7 @@ def test_train_cli_saves_plain_hf_directory_with_lora_merged(tmp_path, tiny_mode
     assert main(["tokenize", "--data", str(data), "--tokenizer", str(tiny_model_dir), "--max-length", "64",
                  "--out", str(tokens)]) == 0
     out = tmp_path / "model"
+    beside = all_files(tmp_path)
     assert main(["train", "--model", str(tiny_model_dir), "--tokens", str(tokens), "--out", str(out),
                  "--steps", "3", "--batch-size", "2", "--lora-r", "4", "--lora-alpha", "8"]) == 0
     files = {p.name for p in out.iterdir()}
@@ -115,7 +117,9 @@ def test_train_cli_saves_plain_hf_directory_with_lora_merged(tmp_path, tiny_mode
     assert set(dict(reloaded.named_parameters())) == set(dict(base.named_parameters()))
     changed = any(not torch.equal(a, b) for a, b in zip(reloaded.parameters(), base.parameters()))
     assert changed
-    assert not list(tmp_path.glob(".model.*"))  # no temporary directory left behind
+    # beside the model nothing new (no temporary directory, no checkpoint), inside it nothing hidden
+    assert [f for f in all_files(tmp_path) if not f.startswith("model/")] == sorted(beside + ["model"])
+    assert not [f for f in all_files(out) if any(part.startswith(".") for part in f.split("/"))]
 
 
 def test_packed_rows_hold_every_sample_once_with_restarting_positions(table):
