@@ -36,6 +36,19 @@ def half_mask(table):
     return table.loss_mask & (rng.random(table.n_tokens) < 0.5)
 
 
+def weights_of(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def update_with(model_dir, table, tok, **settings) -> torch.Tensor:
+    """The weights after two steps from the tiny model on half the response tokens, with ``settings`` changed:
+    settings that must not change the arithmetic are compared through it."""
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = TrainConfig(**{"steps": 2, "batch_size": 6, "lr": 1e-2, "warmup_ratio": 0, "seed": 3, **settings})
+    train_model(m, table, half_mask(table), cfg, tok.pad_token_id, progress=False)
+    return weights_of(m)
+
+
 def test_step_loss_is_mean_over_selected_tokens_of_the_whole_step(model, table, tok, tmp_path):
     mask = half_mask(table)
     cfg = TrainConfig(steps=1, batch_size=6, micro_batch_size=2, lr=1e-9, warmup_ratio=0, shuffle=False)
@@ -51,14 +64,7 @@ def test_step_loss_is_mean_over_selected_tokens_of_the_whole_step(model, table, 
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, table, tok):
-    mask = half_mask(table)
-    results = []
-    for micro in (1, 3, 6):
-        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        cfg = TrainConfig(steps=2, batch_size=6, micro_batch_size=micro, lr=1e-2, warmup_ratio=0, seed=3,
-                          max_grad_norm=0)
-        train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
-        results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    results = [update_with(tiny_model_dir, table, tok, micro_batch_size=micro, max_grad_norm=0) for micro in (1, 3, 6)]
     # Adam amplifies float noise of near-zero gradients a little; a wrong normalisation moves weights by ~lr
     assert torch.allclose(results[0], results[1], atol=1e-4) and torch.allclose(results[0], results[2], atol=1e-4)
 
@@ -141,14 +147,8 @@ def test_packed_rows_hold_every_sample_once_with_restarting_positions(table):
 
 
 def test_packing_gives_the_same_update_as_padding(tiny_model_dir, table, tok):
-    mask = half_mask(table)
-    weights = []
-    for pack_length in (0, 12, 64):  # 12: rows shorter than some samples
-        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        cfg = TrainConfig(steps=2, batch_size=6, pack_length=pack_length, lr=1e-2, warmup_ratio=0, seed=3,
-                          max_grad_norm=0)
-        train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
-        weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    weights = [update_with(tiny_model_dir, table, tok, pack_length=pack_length, max_grad_norm=0)
+               for pack_length in (0, 12, 64)]  # 12: rows shorter than some samples
     assert torch.allclose(weights[0], weights[1], atol=1e-4) and torch.allclose(weights[0], weights[2], atol=1e-4)
 
 
@@ -159,10 +159,6 @@ def test_packing_refuses_a_model_that_lets_samples_see_each_other(model, table, 
     cfg = TrainConfig(steps=1, batch_size=6, pack_length=64)
     with pytest.raises(ValueError, match="pack_length: 0"):
         train_model(model, table, table.loss_mask.copy(), cfg, tok.pad_token_id, progress=False)
-
-
-def weights_of(model) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(tiny_model_dir, table, tok,
@@ -217,13 +213,7 @@ def test_micro_batch_normalisation_is_the_mean_of_micro_batch_means(model, table
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, table, tok):
-    mask = half_mask(table)
-    results = []
-    for checkpointing in (False, True):
-        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        cfg = TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_ratio=0, seed=3, gradient_checkpointing=checkpointing)
-        train_model(m, table, mask, cfg, tok.pad_token_id, progress=False)
-        results.append(weights_of(m))
+    results = [update_with(tiny_model_dir, table, tok, gradient_checkpointing=on) for on in (False, True)]
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
