@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenclean (pure Python parts)
-from tokenclean.report import passes, training_record
+from tokenclean.report.table import passes, training_record
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "calibration.yaml"

@@ -47,7 +47,7 @@ def test_the_probe_sees_what_a_page_loads_from_outside(tmp_path):
 def test_choosing_a_mask_strikes_exactly_the_tokens_it_dropped(tmp_path, tiny_tokenizer_dir):
     """Two masks and an online run's weights (struck where weighted below 0.5), in Chromium, against the arrays
     the page was built from; the tooltip of every token has its score, class and who kept or dropped it."""
-    from tokenclean.token_view import write_token_view
+    from tokenclean.report.token_view import write_token_view
     from tokenclean.tokenization import load_tokenizer
 
     tokens, base, ref, masks, table = labelled_pool(tmp_path, load_tokenizer(str(tiny_tokenizer_dir)))

@@ -272,7 +272,7 @@ def test_output_files(evaluated):
     assert len(evaluated["samples"]) == sum(map(len, evaluated["rows"].values()))
     assert sorted(p.name for p in out.parent.iterdir()) == ["base.json", "base.samples.jsonl"]
 
-    from tokenclean.report import collect
+    from tokenclean.report.table import collect
 
     tasks, rows = collect([out])
     assert tasks == ["add", "reverse", "unseen"] and rows[0]["add_mean"] == 1.0

@@ -97,7 +97,7 @@ def test_a_plugin_method_reaches_select_the_plan_and_the_table(tmp_path):
     assert ("select", "results/smoke/masks/every_other.mask.npy") in made
     assert {("sft", f"results/smoke/models/sft/every_other_s{s}") for s in (1, 2)} <= made
     # the table: its evaluations become a row of their own
-    from tokenclean.report import collect
+    from tokenclean.report.table import collect
 
     evals = []
     for run, acc in (("full_s1", 0.5), ("full_s2", 0.7), ("every_other_s1", 0.2), ("every_other_s2", 0.4)):

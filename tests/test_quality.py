@@ -9,7 +9,7 @@ import pytest
 from tests.listing import all_files
 from tokenclean.artifacts import TokenTable, save_array
 from tokenclean.data import TOKEN_CLASSES
-from tokenclean.quality import class_counts, write_quality
+from tokenclean.report.quality import class_counts, write_quality
 from tokenclean.selection import select
 from tokenclean.tokenization import concat_files
 
@@ -147,7 +147,7 @@ def test_concat_refuses_mixed_tokenizers(tmp_path):
 
 
 def test_auroc_matches_counting_every_pair():
-    from tokenclean.quality import auroc
+    from tokenclean.report.quality import auroc
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -159,7 +159,7 @@ def test_auroc_matches_counting_every_pair():
 
 
 def test_separation_rows_follow_the_classes():
-    from tokenclean.quality import separation_rows
+    from tokenclean.report.quality import separation_rows
 
     table = labelled_table(4, n_samples=40)
     cls, resp = table.extras["token_class"], table.loss_mask

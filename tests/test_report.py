@@ -13,8 +13,8 @@ import pytest
 
 from tokenclean.artifacts import TokenTable, save_array
 from tokenclean.data import TOKEN_CLASSES
-from tokenclean.report import PAPER_REFERENCE, load_paper_reference, write_table
-from tokenclean.significance import bootstrap_mean_differences, compare_with_full, write_significance
+from tokenclean.report.significance import bootstrap_mean_differences, compare_with_full, write_significance
+from tokenclean.report.table import PAPER_REFERENCE, load_paper_reference, write_table
 
 FAMILIES = ("add", "max")
 
@@ -141,7 +141,7 @@ def test_every_row_shows_its_passes_over_its_own_data(trained_rows, tmp_path):
 
 
 def test_passes_need_every_round_of_a_chain_and_an_evaluated_row(trained_rows, tmp_path):
-    from tokenclean.report import row_passes
+    from tokenclean.report.table import row_passes
 
     evals, models = trained_rows
     rounds = [m for m in models if m.parent.name == "rounds"]
@@ -198,7 +198,7 @@ def test_every_benchmark_of_a_paper_config_is_matched_to_the_papers_task(config)
     they cover the paper's 7 tasks, so the reference rows are complete and their average is the paper's own."""
     import yaml
 
-    from tokenclean.report import paper_task
+    from tokenclean.report.table import paper_task
 
     cfg = yaml.safe_load(config.read_text())
     reference = load_paper_reference(cfg["paper_reference"])
@@ -354,7 +354,7 @@ class TokenCounter(HTMLParser):
 
 
 def test_token_page_is_valid_html_with_one_element_per_token(tmp_path, tiny_tokenizer_dir):
-    from tokenclean.token_view import write_token_view
+    from tokenclean.report.token_view import write_token_view
     from tokenclean.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -383,7 +383,7 @@ def test_token_page_is_valid_html_with_one_element_per_token(tmp_path, tiny_toke
 
 
 def test_token_page_shows_a_sample_with_novel_tokens():
-    from tokenclean.token_view import pick_samples
+    from tokenclean.report.token_view import pick_samples
 
     kinds = ["informative", "informative", "corrupted", "garbage", "novel"]  # one kind of token per sample
     # each sample: a prompt token (class -1, outside loss_mask) and two response tokens of its kind
@@ -396,13 +396,13 @@ def test_token_page_shows_a_sample_with_novel_tokens():
 
 
 def test_every_token_class_has_a_colour():
-    from tokenclean.figures import CLASS_COLORS
+    from tokenclean.report.figures import CLASS_COLORS
 
     assert set(CLASS_COLORS) == set(TOKEN_CLASSES) and len(set(CLASS_COLORS.values())) == len(CLASS_COLORS)
 
 
 def test_score_figure_from_the_pool(tmp_path, tiny_tokenizer_dir):
-    from tokenclean import figures
+    from tokenclean.report import figures
     from tokenclean.tokenization import load_tokenizer
 
     tokens, base, ref, _, _ = labelled_pool(tmp_path, load_tokenizer(str(tiny_tokenizer_dir)))
@@ -411,7 +411,7 @@ def test_score_figure_from_the_pool(tmp_path, tiny_tokenizer_dir):
 
 
 def test_figures_are_written(tmp_path):
-    from tokenclean import figures
+    from tokenclean.report import figures
 
     (tmp_path / "table.csv").write_text(
         "method,ratio,n_seeds,average_mean,average_std\nfull,,3,0.48,0.05\nfixed,0.3,3,0.5,0.1\n"
@@ -439,7 +439,7 @@ def test_ratio_variants_sit_together_in_ratio_order(tmp_path):
 
 
 def test_token_page_shows_an_online_runs_record_beside_the_masks(tmp_path, tiny_tokenizer_dir):
-    from tokenclean.token_view import write_token_view
+    from tokenclean.report.token_view import write_token_view
     from tokenclean.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tokenclean.artifacts import TokenTable
-from tokenclean.report import write_rounds
+from tokenclean.report.table import write_rounds
 from tokenclean.tokenization import chunk_range
 from tokenclean.training import TrainConfig, round_config, round_steps
 

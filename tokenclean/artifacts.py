@@ -191,7 +191,7 @@ def write_texts(files: dict[str | os.PathLike, str]) -> None:
 def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """The project's one CSV dialect: a header of ``columns`` (default: the first row's keys), ``\\n`` line ends,
     floats with four decimals, a blank where a row lacks a column. Every CSV tokenclean writes goes through here,
-    so they all read back alike (:func:`tokenclean.figures.read_csv`)."""
+    so they all read back alike (:func:`tokenclean.report.figures.read_csv`)."""
     columns = list(rows[0]) if columns is None else columns
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")

@@ -106,14 +106,14 @@ def cmd_concat(a: argparse.Namespace) -> None:
 
 
 def cmd_quality(a: argparse.Namespace) -> None:
-    from tokenclean.quality import write_quality
+    from tokenclean.report.quality import write_quality
 
     write_quality(a.tokens, a.masks, a.out)
 
 
 def cmd_separation(a: argparse.Namespace) -> None:
     from tokenclean.artifacts import write_csv
-    from tokenclean.quality import separation_table
+    from tokenclean.report.quality import separation_table
 
     write_csv(a.out, separation_table(a.tokens, a.base_loss, a.ref_loss))
 
@@ -182,7 +182,7 @@ def cmd_data(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from tokenclean.report import write_table
+    from tokenclean.report.table import write_table
 
     write_table(a.evals, a.out_csv, a.out_md, metric=a.metric, out_tex=a.out_tex,
                 metrics=a.metrics.split(",") if a.metrics else None, paper_reference=a.paper_reference,
@@ -190,14 +190,14 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_significance(a: argparse.Namespace) -> None:
-    from tokenclean.significance import BOOTSTRAP_ITERS, write_significance
+    from tokenclean.report.significance import BOOTSTRAP_ITERS, write_significance
 
     iters = BOOTSTRAP_ITERS if a.iters is None else a.iters
     write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=iters, seed=a.seed)
 
 
 def cmd_figure(a: argparse.Namespace) -> None:
-    from tokenclean import figures
+    from tokenclean.report import figures
 
     need = {"ratios": ["table"], "scores": ["tokens", "base_loss", "ref_loss"], "kept": ["quality"],
             "rounds": ["rounds_csv"]}[a.kind]
@@ -215,7 +215,7 @@ def cmd_figure(a: argparse.Namespace) -> None:
 
 
 def cmd_token_view(a: argparse.Namespace) -> None:
-    from tokenclean.token_view import write_token_view
+    from tokenclean.report.token_view import write_token_view
 
     write_token_view(a.tokens, a.base_loss, a.ref_loss, a.masks, a.tokenizer, a.out, n_samples=a.samples,
                      trust_remote_code=a.trust_remote_code, revision=a.revision)
@@ -230,7 +230,7 @@ def cmd_provenance(a: argparse.Namespace) -> None:
 
 
 def cmd_rounds(a: argparse.Namespace) -> None:
-    from tokenclean.report import write_rounds
+    from tokenclean.report.table import write_rounds
 
     write_rounds(a.evals, a.rounds, a.out, metric=a.metric, models=a.models)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from tokenclean.artifacts import ArtifactError, csv_text, reading, require_file, write_texts
-from tokenclean.report import LOWER_IS_BETTER, metric_format, parse_run_name
+from tokenclean.report.table import LOWER_IS_BETTER, metric_format, parse_run_name
 
 BASELINE = "full"
 # Bootstrap resamples (`tokenclean significance --iters`; the workflow's is the config schema's

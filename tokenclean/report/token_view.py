@@ -4,7 +4,7 @@ For a few samples of the pool, every response token is one ``<span class="tok">`
 (base loss - reference loss; blue = positive, the reference learnt it; magenta = negative), its underline its
 ground-truth class (embedded world), and radio buttons at the top (pure CSS) strike through the tokens the
 chosen selection dropped: a mask's, or an online run's (a token it weighted below 0.5 on average, see
-:func:`tokenclean.quality.load_kept`). Hovering a token shows its score, class and which selections kept it
+:func:`tokenclean.report.quality.load_kept`). Hovering a token shows its score, class and which selections kept it
 (with the online runs' weights). Samples are picked
 deterministically: in the embedded world, in turn one with corrupted tokens, one with garbage, one with novel
 tokens (knowledge only the pool holds) and one clean, each the first of its kind not yet shown; otherwise the
@@ -21,7 +21,7 @@ import numpy as np
 
 from tokenclean.artifacts import TokenTable, atomic_file
 from tokenclean.data import TOKEN_CLASSES
-from tokenclean.figures import CLASS_COLORS
+from tokenclean.report.figures import CLASS_COLORS
 
 POSITIVE, NEGATIVE = (31, 119, 180), (197, 27, 125)
 
@@ -122,7 +122,7 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     """Write the page for ``n_samples`` samples of ``tokens``; returns the sample indices shown (``revision``
     pins a hub tokenizer)."""
     from tokenclean.models import hub_commit
-    from tokenclean.quality import KEPT_THRESHOLD, load_kept
+    from tokenclean.report.quality import KEPT_THRESHOLD, load_kept
     from tokenclean.selection import load_losses, scores
     from tokenclean.tokenization import load_tokenizer
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, reading, require_file
 from tokenclean.data import TOKEN_CLASSES
-from tokenclean.report import LOWER_IS_BETTER, METRIC_LABELS
+from tokenclean.report.table import LOWER_IS_BETTER, METRIC_LABELS
 
 # One colour per ground-truth class (tokenclean.data.TOKEN_CLASSES), in the figures and the token page: novel
 # (informative tokens only the pool teaches) in purple, apart from the informative green and the noisy red/orange.
