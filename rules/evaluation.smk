@@ -11,7 +11,7 @@ rule evaluate:
         revision=lambda w: revision_flag(w.run),
         args=eval_args(),
         limit=lambda w: f"--limit {config['evaluation']['limit']}" if config["evaluation"].get("limit") else "",
-        device=config["evaluation"]["device"],
+        device=lookup(dpath="evaluation/device", within=config),
     threads: THREADS
     resources:
         gpu=ONE_GPU,

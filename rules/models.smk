@@ -32,7 +32,7 @@ rule tokenize:
         tokenizer=base_ref,
         revision=revision_flag(),
         trust=TRUST,
-        max_length=config["max_length"],
+        max_length=lookup(dpath="max_length", within=config),
     wildcard_constraints:
         dataset="warmup|pool",
     priority: UNBLOCKING

@@ -67,7 +67,7 @@ rule significance:
     params:
         tc=launch,
         metrics=",".join(TABLE_METRICS),
-        iters=config["report"]["bootstrap_iters"],
+        iters=lookup(dpath="report/bootstrap_iters", within=config),
     log:
         f"{R}/logs/significance.log",
     benchmark:
@@ -171,7 +171,7 @@ rule token_view:
         tokenizer=base_ref,
         revision=revision_flag(),
         trust=TRUST,
-        samples=config["report"]["token_view_samples"],
+        samples=lookup(dpath="report/token_view_samples", within=config),
     log:
         f"{R}/logs/token_view.log",
     benchmark:

@@ -11,9 +11,9 @@ rule token_loss:
         model=lambda w: model_ref(w.model),
         revision=lambda w: revision_flag(w.model),
         trust=TRUST,
-        budget=config["scoring"]["token_budget"],
-        device=config["scoring"]["device"],
-        dtype=config["scoring"]["dtype"],
+        budget=lookup(dpath="scoring/token_budget", within=config),
+        device=lookup(dpath="scoring/device", within=config),
+        dtype=lookup(dpath="scoring/dtype", within=config),
     threads: THREADS
     resources:
         gpu=ONE_GPU,
