@@ -151,6 +151,10 @@ def as_json(obj) -> str:
 # --- scoring and selection -------------------------------------------------------------------------------------
 
 
+# The pool's token table: what every selection, score and SFT row over the pool is made on.
+POOL_TOKENS = f"{R}/tokens/pool.tokens.npz"
+
+
 def pool_loss(model: str) -> str:
     """Model `model`'s per-token losses on the whole pool."""
     return f"{R}/losses/{model}/pool.loss.npy"
@@ -159,7 +163,7 @@ def pool_loss(model: str) -> str:
 def pool_scores(wildcards=None) -> dict[str, str]:
     """The pool's token table and the base and reference (warm-up) models' losses on it: what a token's score,
     loss(base) - loss(reference), is computed from (a rule takes them as `unpack(pool_scores)`)."""
-    return {"tokens": f"{R}/tokens/pool.tokens.npz", "base_loss": pool_loss("base"), "ref_loss": pool_loss("warmup")}
+    return {"tokens": POOL_TOKENS, "base_loss": pool_loss("base"), "ref_loss": pool_loss("warmup")}
 
 
 def select_inputs(wildcards) -> dict[str, str]:
@@ -167,7 +171,7 @@ def select_inputs(wildcards) -> dict[str, str]:
     needs = registry.get(registry.parse_mask(wildcards.mask)[0]).needs
     if "base_loss" in needs or "ref_loss" in needs:
         return pool_scores()
-    return {"tokens": f"{R}/tokens/pool.tokens.npz"}
+    return {"tokens": POOL_TOKENS}
 
 
 def select_args(wildcards, input) -> str:
@@ -188,7 +192,7 @@ def sft_inputs(wildcards) -> dict[str, str]:
     m = registry.get(method)
     if m.kind == "data":
         return {"tokens": f"{R}/tokens/pool+warmup.tokens.npz"}
-    inputs = {"tokens": f"{R}/tokens/pool.tokens.npz"}
+    inputs = {"tokens": POOL_TOKENS}
     if m.kind == "mask":
         inputs["mask"] = f"{R}/masks/{mask_name(method, ratio, seed)}.mask.npy"
     if m.kind == "online":
@@ -353,7 +357,7 @@ def trained_models() -> list[str]:
     reads each one's passes over its own data from what training recorded next to it."""
     models = [model_dir("warmup")]
     for run in sft_runs():
-        models += round_models(run) if run in chain_runs() else [model_dir(run)]
+        models += round_models(run) if KIND[parse_run(run)[0]] == "chain" else [model_dir(run)]
     return models
 
 

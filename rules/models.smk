@@ -50,7 +50,7 @@ rule tokenize:
 rule concat_tokens:
     """The pool and the warm-up set in one token table, for the full+warmup row."""
     input:
-        pool=f"{R}/tokens/pool.tokens.npz",
+        pool=POOL_TOKENS,
         warmup=f"{R}/tokens/warmup.tokens.npz",
     output:
         f"{R}/tokens/pool+warmup.tokens.npz",

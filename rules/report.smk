@@ -6,7 +6,7 @@ rule provenance:
     and the commit loaded (as the jobs recorded them), and the package versions."""
     input:
         data=DATA_DIR,
-        tokens=[f"{R}/tokens/pool.tokens.npz", f"{R}/tokens/warmup.tokens.npz"],
+        tokens=[POOL_TOKENS, f"{R}/tokens/warmup.tokens.npz"],
         losses=f"{R}/losses/base/pool.loss.npy",  # the base model as the scoring job loaded it
     output:
         json=f"{R}/provenance.json",
@@ -190,7 +190,7 @@ rule cleaning_quality:
     weights it gave (novel: what the reference could not know), and precision/recall against the informative
     and novel tokens (embedded world: the pool carries classes)."""
     input:
-        tokens=f"{R}/tokens/pool.tokens.npz",
+        tokens=POOL_TOKENS,
         masks=pool_masks(),
         online=online_models(),
     output:

@@ -9,7 +9,7 @@
 rule chunk_tokens:
     """Chunk `index` of `chunks` of the pool's token table (samples in file order)."""
     input:
-        f"{R}/tokens/pool.tokens.npz",
+        POOL_TOKENS,
     output:
         f"{R}/tokens/pool.c{{index}}of{{chunks}}.tokens.npz",
     params:
@@ -34,7 +34,7 @@ if POOL_LOSSES:
     rule chunk_loss:
         """Chunk `index` of `chunks` of a model's losses on the whole pool, as losses on that chunk."""
         input:
-            tokens=f"{R}/tokens/pool.tokens.npz",
+            tokens=POOL_TOKENS,
             loss=f"{R}/losses/{{model}}/pool.loss.npy",
         output:
             f"{R}/losses/{{model}}/pool.c{{index}}of{{chunks}}.loss.npy",

@@ -78,7 +78,7 @@ def check_sharding(lora_r: int) -> str:
     needed = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "set_requires_gradient_sync")
     try:
         from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401  (FSDP2)
-        missing = [name for name in needed if not hasattr(FSDPModule, name)]
+        missing = [method for method in needed if not hasattr(FSDPModule, method)]
     except ImportError:
         missing = ["fully_shard"]
     if missing:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tokenclean.artifacts import ArtifactError, csv_text, reading, require_file, write_texts
+from tokenclean.evaluation import samples_path
 from tokenclean.report.table import LOWER_IS_BETTER, metric_format, parse_run_name
 
 BASELINE = "full"
@@ -37,14 +38,9 @@ BOOTSTRAP_ITERS = 2000
 WORLD_FIELDS = {"answer_acc": "answer_correct", "response_em": "response_em", "answer_nll": "answer_nll"}
 
 
-def samples_file(eval_json: str | os.PathLike) -> Path:
-    p = Path(eval_json)
-    return p.with_name(p.name.removesuffix(".json") + ".samples.jsonl")
-
-
 def load_samples(eval_json: str | os.PathLike, metric: str) -> dict[str, dict[Any, float]]:
     """``{task: {example key: value}}`` of ``metric`` from the run's per-example file."""
-    path = samples_file(eval_json)
+    path = samples_path(eval_json)
     if not path.exists():
         raise ArtifactError(f"{path}: per-example file of {eval_json} not found (re-run its evaluation)")
     require_file(path)
@@ -124,8 +120,8 @@ def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: i
             keys = per_seed[0][task].keys()
             for f, s in zip(files, per_seed):
                 if task not in s or s[task].keys() != keys:
-                    raise ArtifactError(f"{samples_file(f)}: task {task} has other examples than "
-                                        f"{samples_file(files[0])}; compare runs evaluated on the same examples")
+                    raise ArtifactError(f"{samples_path(f)}: task {task} has other examples than "
+                                        f"{samples_path(files[0])}; compare runs evaluated on the same examples")
             means[task] = {k: float(np.mean([s[task][k] for s in per_seed])) for k in keys}
         return means
 
@@ -138,8 +134,8 @@ def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: i
         diffs = {}
         for task, ref in full.items():
             if task not in ours or ours[task].keys() != ref.keys():
-                raise ArtifactError(f"{samples_file(files[0])}: task {task} has other examples than "
-                                    f"{samples_file(groups[base_key][0])}; compare runs evaluated on the same examples")
+                raise ArtifactError(f"{samples_path(files[0])}: task {task} has other examples than "
+                                    f"{samples_path(groups[base_key][0])}; compare runs evaluated on the same examples")
             keys = sorted(ref, key=str)
             diffs[task] = np.array([ours[task][k] - ref[k] for k in keys])
         for task, stats in bootstrap_mean_differences(diffs, iters, seed).items():
