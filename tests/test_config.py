@@ -314,3 +314,14 @@ def test_editing_a_local_data_file_reruns_the_data_rule(tmp_path, tiny_model_dir
         f.write(json.dumps({"prompt": "q9", "completion": "a9"}) + "\n")
     job = data_job()
     assert job["needrun"] and "pool.jsonl" in job["reason"], job
+
+
+def test_the_workflows_defaults_are_the_commands_defaults():
+    """A value with a default in both the schema (the workflow) and the Python API (`tokenclean` used by hand) is
+    the same number in both: scoring's token budget and the bootstrap's resamples."""
+    from tokenclean.loss import TOKEN_BUDGET
+    from tokenclean.report.significance import BOOTSTRAP_ITERS
+
+    schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())["properties"]
+    assert schema["scoring"]["properties"]["token_budget"]["default"] == TOKEN_BUDGET
+    assert schema["report"]["properties"]["bootstrap_iters"]["default"] == BOOTSTRAP_ITERS
