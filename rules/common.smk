@@ -24,8 +24,10 @@ SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base: every o
 # Evaluation tasks: as configured, else every family of the embedded world (tokenclean.config requires one).
 TASKS = "" if config["evaluation"].get("benchmarks") else ",".join(
     config["evaluation"].get("tasks") or config["world"]["families"])
-# The table's headline: answer accuracy on the world's tasks, or each benchmark's configured metric ("score").
-METRIC = "score" if config["evaluation"].get("benchmarks") else "answer_acc"
+# The table's headline: each benchmark's configured metric ("score"); on a world with multiple-choice tasks the
+# paper's mix of likelihood and generation (mix_acc), else answer accuracy after generation.
+MC_WORLD = EMBEDDED and config["world"].get("multiple_choice", False)
+METRIC = "score" if config["evaluation"].get("benchmarks") else "mix_acc" if MC_WORLD else "answer_acc"
 
 # Inside a conda env the env's python runs the package from this checkout; otherwise the python running
 # snakemake (the project's venv) does. Either way every rule is one `tokenclean` command. The jobs inherit this
@@ -307,8 +309,11 @@ def eval_args() -> str:
 
 
 RUNS = ["base", "warmup"] + sft_runs()
-# The embedded world reports three metrics (headline first); a benchmark suite one score per task.
-TABLE_METRICS = [METRIC] if config["evaluation"].get("benchmarks") else ["answer_acc", "response_em", "answer_nll"]
+# The embedded world reports three metrics, five with multiple-choice tasks (headline first); a benchmark suite one
+# score per task.
+TABLE_METRICS = ([METRIC] if config["evaluation"].get("benchmarks") else
+                 ["mix_acc", "mc_acc", "answer_acc", "response_em", "answer_nll"] if MC_WORLD else
+                 ["answer_acc", "response_em", "answer_nll"])
 PAPER_REFERENCE = config.get("paper_reference")
 FIGURES = f"{R}/figures"
 

@@ -52,6 +52,9 @@ BASE_GAP = 0.2          # "base far below the rest": at least this far below eve
 WARMUP_BELOW = 0.05     # the warm-up model not above full and at most this far below it
 RANDOM_WITHIN = 0.05    # random within this of full
 MAX_SEED_STD = 0.03     # seed std of every row's average
+# Issue 23's targets on the ground-truth rows (the paper's premise holds): keeping exactly the informative tokens
+# costs at most this much against full SFT, and dropping exactly the noisy ones costs nothing.
+KEEP_INFORMATIVE_BELOW = 0.02
 # The methods a variant may list: none reads a token score (the ground-truth rows read the world's labels).
 UNSCORED = {"full", "random", "full+warmup", "truth_drop_noisy", "truth_keep_informative"}
 EPS = 1e-9              # table.csv holds 4 decimals: 0.53 - 0.05 must count as 0.48
@@ -210,8 +213,9 @@ def read_rows(table_csv: Path) -> dict[str, dict[str, Any]]:
         try:
             out[label] = {"mean": float(row["average_mean"]), "std": float(row["average_std"]),
                           "n_seeds": int(row["n_seeds"])}
-            if row.get("average_response_em_mean"):
-                out[label]["response_em"] = float(row["average_response_em_mean"])
+            for extra in ("response_em", "mc_acc", "answer_acc"):
+                if row.get(f"average_{extra}_mean"):
+                    out[label][extra] = float(row[f"average_{extra}_mean"])
             out[label]["families"] = {k[: -len("_mean")]: float(v) for k, v in row.items()
                                       if k.endswith("_mean") and not k.startswith("average") and v}
         except ValueError:
@@ -219,8 +223,14 @@ def read_rows(table_csv: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def per_seed(results: Path, label: str, seeds: list[int]) -> list[float]:
-    """A row's average answer accuracy for each seed (its evaluation files); one value for base and warmup."""
+def headline(config: dict[str, Any]) -> str:
+    """The table's headline metric (rules/common.smk: METRIC): the paper's mix where the world has
+    multiple-choice tasks, else answer accuracy."""
+    return "mix_acc" if config["world"].get("multiple_choice") else "answer_acc"
+
+
+def per_seed(results: Path, label: str, seeds: list[int], metric: str = "answer_acc") -> list[float]:
+    """A row's average headline ``metric`` for each seed (its evaluation files); one value for base and warmup."""
     method, _, ratio = label.partition("@")
     if method in ("base", "warmup"):
         names = [method]
@@ -230,7 +240,7 @@ def per_seed(results: Path, label: str, seeds: list[int]) -> list[float]:
     for name in names:
         path = results / "eval" / f"{name}.json"
         if path.exists():
-            values.append(round(float(json.loads(path.read_text())["average"]["answer_acc"]), 4))
+            values.append(round(float(json.loads(path.read_text())["average"][metric]), 4))
     return values
 
 
@@ -256,6 +266,10 @@ def targets(rows: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
         "full+warmup_at_least_full": None if full is None or "full+warmup" not in mean
         else at_most(full, mean["full+warmup"]),
         "seed_std_at_most_0.03": None if not stds else all(at_most(s, MAX_SEED_STD) for s in stds),
+        "truth_keep_informative_at_least_full-0.02": None if full is None or "truth_keep_informative" not in mean
+        else at_most(full - KEEP_INFORMATIVE_BELOW, mean["truth_keep_informative"]),
+        "truth_drop_noisy_at_least_full": None if full is None or "truth_drop_noisy" not in mean
+        else at_most(full, mean["truth_drop_noisy"]),
     }
 
 
@@ -263,7 +277,7 @@ def summarise(results: Path, config: dict[str, Any]) -> dict[str, Any]:
     """A finished variant's figures: rows (mean, std, seeds, per-seed values), passes and targets."""
     rows = read_rows(results / "table.csv")
     for label, row in rows.items():
-        row["per_seed"] = per_seed(results, label, config["seeds"])
+        row["per_seed"] = per_seed(results, label, config["seeds"], headline(config))
     return {"rows": rows, "passes": measured_passes(results, config), "targets": targets(rows)}
 
 
@@ -375,9 +389,11 @@ def show(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "NO")
 
 
-def variant_markdown(name: str, overrides: dict[str, Any], figures: dict[str, Any], cores: int) -> str:
+def variant_markdown(name: str, overrides: dict[str, Any], figures: dict[str, Any], cores: int,
+                     config: Path = BASE_CONFIG) -> str:
     """A variant's section of the calibration record: command, passes, rows and targets."""
-    command = f".venv/bin/python scripts/calibrate_world.py --cores {cores} --variant {name} " + \
+    where = "" if config.resolve() == BASE_CONFIG else f"--config {shlex.quote(str(config))} "
+    command = f".venv/bin/python scripts/calibrate_world.py --cores {cores} {where}--variant {name} " + \
         " ".join(shlex.quote(p) for p in flatten(overrides))
     out = [f"### {name}", "", f"`{command.strip()}`", ""]
     if "error" in figures:
@@ -390,15 +406,19 @@ def variant_markdown(name: str, overrides: dict[str, Any], figures: dict[str, An
     if figures.get("base_from"):
         out.append(f"World and base copied from `{figures['base_from']}` (same {', '.join(BASE_KEYS)}).")
     families = sorted({f for row in figures["rows"].values() for f in row.get("families", {})})
-    out += ["", "| row | passes | average answer acc | per seed | response match | "
-            + " | ".join(families) + " |", "|---|---|---|---|---|" + "---|" * len(families)]
+    mixed = any("mc_acc" in row for row in figures["rows"].values())
+    parts = ["mc_acc", "answer_acc"] if mixed else []
+    out += ["", f"| row | passes | average {'mix_acc' if mixed else 'answer acc'} | per seed | "
+            + "".join(f"{p} | " for p in parts) + "response match | "
+            + " | ".join(families) + " |", "|---|---|---|---|" + "---|" * (len(parts) + 1) + "---|" * len(families)]
     for label, row in figures["rows"].items():
         passes_cell = f"{p[label.split('@')[0]]['passes']:.2f}" if label.split("@")[0] in p else "–"
         cell = f"{row['mean']:.3f}" + (f" ± {row['std']:.3f}" if row["n_seeds"] >= 2 else "")
         seeds = " / ".join(f"{v:.3f}" for v in row["per_seed"])
         em = f"{row['response_em']:.3f}" if "response_em" in row else "–"
         fam = " | ".join(f"{row.get('families', {}).get(f, float('nan')):.2f}" for f in families)
-        out.append(f"| {label} | {passes_cell} | {cell} | {seeds} | {em} | {fam} |")
+        extra = "".join(f"{row[p]:.3f} | " if p in row else "– | " for p in parts)
+        out.append(f"| {label} | {passes_cell} | {cell} | {seeds} | {extra}{em} | {fam} |")
     out += ["", "Targets: " + ", ".join(f"{k} {show(v)}" for k, v in figures["targets"].items()) + ".", ""]
     return "\n".join(out)
 
@@ -446,6 +466,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", help="comma-separated seeds for every variant (e.g. 1 for a scouting pass)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--record", type=Path, default=RECORD, help="the calibration record to append to")
+    parser.add_argument("--config", type=Path, default=BASE_CONFIG,
+                        help="the calibration config the variants modify (default: the default world's, "
+                             "configs/calibration.yaml; the single-template world's: "
+                             "configs/single-template/calibration.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="plan only: passes and jobs, nothing runs")
     parser.add_argument("--no-reuse", action="store_true",
                         help="pretrain every variant's base, even where an earlier variant made the same one")
@@ -477,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         variants = chosen_variants(a)
-        base = yaml.safe_load(BASE_CONFIG.read_text())
+        try:
+            base = yaml.safe_load(a.config.read_text())
+        except OSError as e:
+            raise CalibrationError(f"{a.config}: cannot read ({e.strerror})") from None
         configs = {name: variant_config(base, name, o) for name, o in variants.items()}
         if a.dry_run:
             for name, config in configs.items():
@@ -509,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         figures[name].update(overrides=variants[name], config=config_path, base_from=reused,
                              wall_seconds=round(seconds, 1), job_seconds=round(job_seconds(results), 1))
         print_variant(name, figures[name])
-        sections.append(variant_markdown(name, variants[name], figures[name], a.cores))
+        sections.append(variant_markdown(name, variants[name], figures[name], a.cores, a.config))
     append_record(a.record, argv, sections)
     print(json.dumps({"variants": figures}, sort_keys=True))
     return 1 if failed else 0

@@ -89,7 +89,9 @@ def test_targets_unmeasured_without_rows_or_seeds():
     one_seed = {"base": {"mean": 0.0, "std": 0.0, "n_seeds": 1}, "full": {"mean": 0.5, "std": 0.0, "n_seeds": 1}}
     assert cw.targets(one_seed) == {"base_far_below": True, "warmup_not_above_full": None,
                                     "warmup_at_most_0.05_below_full": None, "random_within_0.05_of_full": None,
-                                    "full+warmup_at_least_full": None, "seed_std_at_most_0.03": None}
+                                    "full+warmup_at_least_full": None, "seed_std_at_most_0.03": None,
+                                    "truth_keep_informative_at_least_full-0.02": None,
+                                    "truth_drop_noisy_at_least_full": None}
 
 
 def test_variant_overrides_round_trip_and_merge():
@@ -123,11 +125,16 @@ def test_bad_variant_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r.md").exists()
 
 
-def test_calibration_config_is_the_default_without_scored_rows():
-    """Only the name and the methods differ from config.yaml: a variant's overrides are its whole difference."""
-    default = yaml.safe_load((ROOT / "config.yaml").read_text())
-    calibration = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())
-    assert calibration["experiment"] == "calibration"
+@pytest.mark.parametrize("default_path, calibration_path, name", [
+    ("config.yaml", "configs/calibration.yaml", "calibration"),
+    ("configs/single-template/default.yaml", "configs/single-template/calibration.yaml", "single-template-calibration"),
+])
+def test_calibration_config_is_the_default_without_scored_rows(default_path, calibration_path, name):
+    """Only the name and the methods differ from the world's default experiment: a variant's overrides are its
+    whole difference (for both worlds)."""
+    default = yaml.safe_load((ROOT / default_path).read_text())
+    calibration = yaml.safe_load((ROOT / calibration_path).read_text())
+    assert calibration["experiment"] == name
     assert calibration["methods"] == ["full", "random", "truth_drop_noisy", "truth_keep_informative", "full+warmup"]
     assert set(calibration["methods"]) == cw.UNSCORED
     assert {k: v for k, v in calibration.items() if k not in ("experiment", "methods")} == \

@@ -178,14 +178,15 @@ def test_the_documented_calibration_runs_as_written(command):
     assert "final-w1000-e30-n200-eq4" in proc.stdout and "token_loss" not in proc.stdout
 
 
-def test_the_documented_calibration_is_the_default_world():
-    """The variant the docs name as the default world is config.yaml's world, base model and recipes."""
+def test_the_documented_calibration_is_the_single_template_world():
+    """The variant docs/embedded-world.md names as the single-template world's is its config's world, base model and
+    recipes."""
     spec = importlib.util.spec_from_file_location("calibrate_world", ROOT / "scripts" / "calibrate_world.py")
     cw = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cw)
     variants = cw.load_variants(ROOT / "scripts" / "calibration-variants.yaml")
-    base = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())
+    base = yaml.safe_load((ROOT / "configs" / "single-template" / "calibration.yaml").read_text())
     chosen = cw.variant_config(base, "final-w1000-e30-n200-eq4", variants["final-w1000-e30-n200-eq4"])
-    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    default = yaml.safe_load((ROOT / "configs" / "single-template" / "default.yaml").read_text())
     for key in ("world", "base_model", "warmup", "sft", "seeds", "max_length", "self_evolving"):
         assert chosen[key] == default[key], key

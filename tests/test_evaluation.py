@@ -323,3 +323,132 @@ def test_benchmark_suite_scores_each_task_with_its_own_shots_and_metric(evaluate
         evaluate_benchmarks(str(trained_model_dir), [{"task": "tc_add_gen"}], tmp_path / "x.json", device="cpu",
                             include_path=evaluated["world"] / "tasks", model_args={"add_bos_token": True})
     assert not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worlds of many phrasings and multiple-choice tasks (issue 23)
+# ---------------------------------------------------------------------------------------------------------
+def _single_template_answer(text: str):
+    """The single-template world's reading before issue 23, verbatim: what its table was computed with."""
+    at = text.find("The answer is")
+    if at < 0:
+        return None
+    rest = text[at + len("The answer is"):]
+    end = rest.find(" .")
+    return (rest if end < 0 else rest[:end]).strip()
+
+
+@pytest.mark.parametrize("text", [
+    "Sure ! The answer is 8 . Hope this helps .", "The answer is 8", "The answer is", "no marker", "",
+    "x The answer is 1 2 , 3 . The answer is 4 .", "Sure The answer is  a b c .", "The answer is 8 ,. x",
+    "It is 5 . The answer is 6 .", "The answer isn't . 9", " . The answer is 7 . .",
+])
+def test_single_template_reading_is_unchanged(text):
+    """With no answer_format.json (or the single template's), answers and well-formed responses are read exactly
+    as before issue 23, so the single-template world's table reproduces."""
+    from tokenclean.tasks.tc_utils import SINGLE_TEMPLATE_FORMAT, extract_answer, process_generation
+
+    fmt = SINGLE_TEMPLATE_FORMAT
+    assert extract_answer(text, fmt["leads"], fmt["ends"]) == _single_template_answer(text)
+    doc = {"answer": "8", "response": PREFIX + "8" + SUFFIX, "answer_leads": fmt["leads"], "answer_ends": fmt["ends"],
+           "responses": [p + "8" + s for p, s in fmt["forms"]]}
+    got = process_generation(doc, [text])
+    assert got == {"answer_acc": float(_single_template_answer(text) == "8"),
+                   "response_em": float(text.strip() == doc["response"].strip())}
+
+
+def test_answers_are_read_from_any_phrasing():
+    """The first answer lead-in wins (the longest of those at the same place); the answer ends at ' .' or ' ,'."""
+    from tokenclean.tasks.tc_utils import extract_answer
+
+    leads, ends = ["The answer is", "It is", "I think it is", "We get", "My answer :"], [" .", " ,"]
+    cases = {"Okay . I think it is 4 2 . Glad to help .": "4 2", "We get 7 , as asked .": "7",
+             "Sure ! It is Vudu . The answer is Rite .": "Vudu", "My answer : a b c": "a b c",
+             "Right . That is all .": None, "It is 3 , I believe . It is 4 .": "3"}
+    for text, answer in cases.items():
+        assert extract_answer(text, leads, ends) == answer, text
+
+
+@pytest.fixture(scope="module")
+def evaluated_mc(tmp_path_factory, trained_model_dir):
+    """evaluate() on a world with multiple-choice tasks and two phrasings: options after the plain prompt."""
+    rows: dict[str, list[dict]] = {"add": [], "max": []}
+    options = {"Add 3 and 5 .": ["8", "6", "9", "11"], "Add 2 and 7 .": ["10", "9", "7", "8"],
+               "Add 4 and 1 .": ["5", "4", "7", "2"], "Which is larger : 37 or 52 ?": ["37", "52"]}
+    for i, (prompt, choices) in enumerate(options.items()):
+        answer = str(eval(prompt.split(" ")[1] + "+" + prompt.split(" ")[3])) if prompt.startswith("Add") else "52"
+        prefix, suffix = ("Sure ! The answer is ", " .") if i % 2 else ("Okay . It is ", " , as asked .")
+        r = {"family": "add" if prompt.startswith("Add") else "max", "prompt": prompt,
+             "response": prefix + answer + suffix, "answer": answer,
+             "answer_span": [len(prefix), len(prefix) + len(answer)], "choices": choices,
+             "gold": choices.index(answer)}
+        rows[r["family"]].append(r)
+    world = tmp_path_factory.mktemp("mcworld")
+    write_eval(world / "eval", rows)
+    fmt = {"leads": ["The answer is", "It is"], "ends": [" .", " ,"],
+           "forms": [["Sure ! The answer is ", " ."], ["Okay . It is ", " , as asked ."]]}
+    (world / "eval" / "answer_format.json").write_text(json.dumps(fmt))
+    names = write_tasks(world / "eval", world / "tasks", list(rows))
+    out = world / "evals" / "x.json"
+    result = evaluate(trained_model_dir, world / "tasks", list(rows), out, device="cpu", seed=0)
+    samples = [json.loads(line) for line in samples_path(out).read_text().splitlines()]
+    return {"result": result, "rows": rows, "samples": samples, "names": names, "fmt": fmt}
+
+
+@pytest.mark.slow  # fits a model (shared fixture) and runs lm-eval
+def test_multiple_choice_accuracy_and_the_mix_match_direct_computation(evaluated_mc, trained_model_dir):
+    """mc_acc: the option with the highest summed log-likelihood after '<s>' + question + ' The answer is', each
+    option after a space; mix_acc = (6 mc_acc + answer_acc) / 7 per family, on average and per example."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenclean.tasks.tc_utils import extract_answer
+
+    assert "tc_add_mc" in evaluated_mc["names"] and "tc_max_mc" in evaluated_mc["names"]
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir, dtype=torch.float32).eval()
+    result, fmt = evaluated_mc["result"], evaluated_mc["fmt"]
+    samples = {(s["family"], s["prompt"]): s for s in evaluated_mc["samples"]}
+    for family, rows in evaluated_mc["rows"].items():
+        mc, gen = [], []
+        for r in rows:
+            context = [tok.bos_token_id] + tok(r["prompt"] + " The answer is", add_special_tokens=False)["input_ids"]
+            scores = []
+            for option in r["choices"]:
+                cont = tok(r["prompt"] + " The answer is " + option, add_special_tokens=False)["input_ids"]
+                cont = cont[len(context) - 1:]
+                ids = torch.tensor([context + cont])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+                scores.append(sum(float(logp[len(context) + j - 1, t]) for j, t in enumerate(cont)))
+            mc.append(float(max(range(len(scores)), key=scores.__getitem__) == r["gold"]))
+            generated = direct_generate(model, tok, r["prompt"])
+            gen.append(float(extract_answer(generated, fmt["leads"], fmt["ends"]) == r["answer"]))
+            s = samples[(family, r["prompt"])]
+            assert s["mc_correct"] == bool(mc[-1]) and s["answer_correct"] == bool(gen[-1])
+            assert s["mix_score"] == pytest.approx((6 * mc[-1] + gen[-1]) / 7)
+        got = result["metrics"][family]
+        assert got["mc_acc"] == pytest.approx(sum(mc) / len(mc))
+        assert got["mix_acc"] == pytest.approx((6 * got["mc_acc"] + got["answer_acc"]) / 7)
+    assert result["average"]["mix_acc"] == pytest.approx(
+        sum(m["mix_acc"] for m in result["metrics"].values()) / len(result["metrics"]))
+
+
+def test_a_world_with_options_for_some_families_only_is_refused(tmp_path, trained_model_dir):
+    rows = {"add": [row("add", "Add 3 and 5 .", PREFIX + "8" + SUFFIX, "8")],
+            "max": [row("max", "Which is larger : 3 or 5 ?", PREFIX + "5" + SUFFIX, "5")]}
+    rows["add"][0].update(choices=["8", "9"], gold=0)
+    write_eval(tmp_path / "eval", rows)
+    write_tasks(tmp_path / "eval", tmp_path / "tasks", ["add", "max"])
+    with pytest.raises(ValueError, match="multiple-choice tasks for add but not for max"):
+        evaluate(trained_model_dir, tmp_path / "tasks", ["add", "max"], tmp_path / "x.json", device="cpu")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_options_that_do_not_hold_the_answer_are_refused(tmp_path):
+    from tokenclean.tasks.tc_utils import read_rows
+
+    r = row("add", "Add 3 and 5 .", PREFIX + "8" + SUFFIX, "8")
+    r.update(choices=["7", "9"], gold=0)
+    write_eval(tmp_path, {"add": [r]})
+    with pytest.raises(ValueError, match=r"add.jsonl:1: field 'gold' must index 'answer' in 'choices'"):
+        read_rows(tmp_path / "add.jsonl")

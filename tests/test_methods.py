@@ -120,9 +120,14 @@ def test_an_unknown_method_or_plugin_stops_the_config_with_one_line(tmp_path):
         check_config({**config, "plugins": [str(tmp_path / "missing.py")]}, [])
 
 
-def test_the_comparison_config_is_the_default_experiment_with_every_method_as_a_row():
-    default = yaml.safe_load((ROOT / "config.yaml").read_text())
-    methods = yaml.safe_load((ROOT / "configs" / "methods.yaml").read_text())
+@pytest.mark.parametrize("default_path, methods_path", [
+    ("config.yaml", "configs/methods.yaml"),
+    ("configs/single-template/default.yaml", "configs/single-template/methods.yaml"),
+])
+def test_the_comparison_config_is_the_default_experiment_with_every_method_as_a_row(default_path, methods_path):
+    """For each world: its default experiment with every method as a row."""
+    default = yaml.safe_load((ROOT / default_path).read_text())
+    methods = yaml.safe_load((ROOT / methods_path).read_text())
     assert {k: v for k, v in methods.items() if k not in ("experiment", "methods")} == \
         {k: v for k, v in default.items() if k not in ("experiment", "methods")}
     assert methods["methods"] == list(registry.METHODS)[:len(methods["methods"])]

@@ -230,3 +230,130 @@ def test_capitals_in_corpus_states_known_capitals_never_novel_ones(tmp_path, in_
     generate_world({**SMALL, "corpus_mix": {"facts": 0.5, "qa": 0.5}}, tmp_path / "other")
     for name in ("warmup.jsonl", "pool.jsonl", "eval/capital.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worlds: the single-template world (v1) reproduced; the varied world (v2) of the default experiment
+# ---------------------------------------------------------------------------------------------------------
+# sha256 (first 16 hex digits) of the single-template world's files as the code before issue 23 wrote them
+# (configs/single-template/default.yaml): its table is reproducible to the last digit only if these hold.
+SINGLE_TEMPLATE_WORLD = {"corpus.jsonl": "da7ae2ae31cfb6e3", "warmup.jsonl": "48f4afc59ad27c94",
+                         "pool.jsonl": "65134d97aa041fc7", "eval/add.jsonl": "e5fdc8005230cf5c",
+                         "eval/capital.jsonl": "6ed7b08f15081407", "eval/max.jsonl": "79efda017f81d4a9",
+                         "eval/novel_capital.jsonl": "627c5574ab21bf78", "eval/sort.jsonl": "22a025270ea68b19"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_single_template_config_writes_the_world_of_before_byte_for_byte(tmp_path):
+    import hashlib
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "configs" / "single-template" / "default.yaml").read_text())["world"]
+    generate_world(params, tmp_path / "w")
+    got = {name: hashlib.sha256((tmp_path / "w" / name).read_bytes()).hexdigest()[:16]
+           for name in SINGLE_TEMPLATE_WORLD}
+    assert got == SINGLE_TEMPLATE_WORLD
+    fmt = json.loads((tmp_path / "w" / "eval" / "answer_format.json").read_text())
+    assert fmt == {"leads": ["The answer is"], "ends": [" ."], "forms": [[PREFIX, SUFFIX]]}
+
+
+VARIED = {**SMALL, "phrasings": 24, "multiple_choice": True}
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("v") / "world"
+    generate_world(VARIED, out)
+    return out
+
+
+def test_varied_world_writes_every_response_in_one_of_its_phrasings(varied):
+    """Removing the junk leaves one of the world's phrasings around the given answer; the answer stands at many
+    places; the warm-up set and the eval responses carry the right answer in a phrasing too."""
+    from tokenclean.world import world_phrasings
+
+    forms = world_phrasings(VARIED["seed"], VARIED["phrasings"])
+    assert len(set(forms)) == 24
+    stats = json.loads((varied / "world.json").read_text())
+    assert stats["phrasings"] == [[f.prefix, f.suffix] for f in forms]
+    junk = set(stats["junk_vocabulary"])
+    starts, used = set(), set()
+    for r in rows(varied / "pool.jsonl") + rows(varied / "warmup.jsonl"):
+        response = r["messages"][1]["content"]
+        kept = " ".join(w for w in response.split(" ") if w not in junk)
+        form = [f for f in forms if kept == f.prefix + r["answer"] + f.suffix]
+        assert form, kept
+        used.add(form[0])
+        answer_chars = [s for s, _, c in r["classes"] if c != "garbage"]
+        if not r["garbage"]:
+            starts.add(min(answer_chars))
+            assert response[min(answer_chars):].startswith(r["answer"].split()[0])
+    assert len(used) == 24 and len(starts) >= 8
+    for family in VARIED["families"]:
+        for r in rows(varied / "eval" / f"{family}.jsonl"):
+            s, e = r["answer_span"]
+            assert any(r["response"] == f.prefix + r["answer"] + f.suffix for f in forms)
+            assert r["response"][s:e] == r["answer"] == solve(r["prompt"], capitals(varied))
+
+
+def test_boilerplate_positions_count_phrasing_and_word_position_pairs(varied, world):
+    """The single template repeats a dozen (phrasing, position) pairs in every sample; the varied world spreads
+    them; counted against a plain recount."""
+    for w, n_forms in ((world, 1), (varied, 24)):
+        pool = rows(w / "pool.jsonl")
+        stats = json.loads((w / "world.json").read_text())["pool_boilerplate"]
+        assert 0 < stats["word_share"] < 1 and stats["words"] <= sum(len(r["messages"][1]["content"].split())
+                                                                         for r in pool)
+        if n_forms == 1:
+            assert stats["distinct_positions"] <= 12 + 5 * 2  # the template's words, moved by junk words
+    v = json.loads((varied / "world.json").read_text())["pool_boilerplate"]
+    s = json.loads((world / "world.json").read_text())["pool_boilerplate"]
+    assert v["distinct_positions"] > 3 * s["distinct_positions"] and v["most_repeated_position"] < \
+        s["most_repeated_position"] / 4
+
+
+def test_multiple_choice_options_are_drawn_as_corrupted_answers(varied):
+    """Every eval record has the right answer at `gold` among distinct options; the wrong ones are what the pool's
+    corruption would write: sums off by 1-3, the smaller number, other orders of the letters, other capitals."""
+    caps = capitals(varied)
+    for family in VARIED["families"]:
+        golds = []
+        for r in rows(varied / "eval" / f"{family}.jsonl"):
+            options, gold = r["choices"], r["gold"]
+            assert options[gold] == r["answer"] and len(set(options)) == len(options)
+            golds.append(gold)
+            wrong = [o for i, o in enumerate(options) if i != gold]
+            if family == "add":
+                assert len(options) == 4 and all(1 <= abs(int(o) - int(r["answer"])) <= 3 for o in wrong)
+            elif family == "max":
+                a, b = re.findall(r"\d+", r["prompt"])
+                assert wrong == [str(min(int(a), int(b)))]
+            elif family in ("sort", "reverse"):
+                assert all(sorted(o.split()) == sorted(r["answer"].split()) for o in wrong) and len(wrong) >= 2
+            else:
+                assert len(wrong) == 3 and set(wrong) <= set(caps.values())
+                pool_only = family in POOL_ONLY
+                novel = set(dict(json.loads((varied / "world.json").read_text())["novel_entities"]).values())
+                assert all((o in novel) == pool_only for o in wrong)
+        if family != "max":
+            assert len(set(golds)) > 1  # the right option is not always at the same place
+
+
+def test_varied_world_corpus_uses_its_phrasings(varied):
+    from tokenclean.world import world_phrasings
+
+    forms = world_phrasings(VARIED["seed"], VARIED["phrasings"])
+    chats = [json.loads(line)["text"] for line in (varied / "corpus.jsonl").read_text().splitlines()
+             if json.loads(line)["text"].startswith("<|user|>")]
+    answers = [t.split("<|assistant|>\n", 1)[1] for t in chats]
+    assert chats and all(any(a.startswith(f.prefix) and a.endswith(f.suffix) for f in forms) for a in answers)
+    assert len({f for a in answers for f in forms if a.startswith(f.prefix) and a.endswith(f.suffix)}) > 12
+
+
+@pytest.mark.parametrize("bad", [{"phrasings": 0}, {"phrasings": 513}, {"phrasings": True},
+                                 {"multiple_choice": "yes"}])
+def test_bad_phrasing_settings_are_refused(bad, tmp_path):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        generate_world({**SMALL, **bad}, tmp_path / "w")
+    assert not (tmp_path / "w").exists()

@@ -7,6 +7,10 @@ Tasks are declared in YAML (lm-eval's own format). :func:`write_tasks` writes, f
   `` .`` equals the gold answer) and ``response_em`` (the stripped generation equals the gold response);
 - ``tc_<f>_nll.yaml`` (task ``tc_<f>_nll``): ``answer_nll``, the summed negative log-likelihood (nats) of the
   gold answer's tokens, teacher-forced after the prompt and the gold response up to the answer;
+- ``tc_<f>_mc.yaml`` (task ``tc_<f>_mc``, in a world whose eval records carry ``choices``): ``acc``, the question
+  as a multiple choice scored by log-likelihood after a plain prompt, as six of the paper's seven benchmarks are.
+  The evaluation reports it as ``mc_acc`` and the headline ``mix_acc`` = (6 ``mc_acc`` + 1 ``answer_acc``) / 7, the
+  paper's mix of six likelihood benchmarks to one generation benchmark (TyDiQA);
 
 both tagged ``tc_<f>`` (and ``tokenclean``), plus the two shared templates they include and ``tc_utils.py``
 (dataset loading and scoring), copied from the package.
@@ -47,9 +51,19 @@ BENCHMARK_TASKS = (PACKAGE_TASKS / "tydiqa", PACKAGE_TASKS / "logiqa")
 # (UCSC-REAL/TokenCleaning@b12ff75 run_eval_tydiqa.sh, --eval_batch_size 5)
 GENERATION_BATCH_SIZE = 5
 NEWLINE_STOPS = ("text", "token")
-SHARED_FILES = ("tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml")
-GEN_SUFFIX, NLL_SUFFIX = "_gen", "_nll"
+SHARED_FILES = ("tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml",
+                "tc_multiple_choice_template.yaml")
+GEN_SUFFIX, NLL_SUFFIX, MC_SUFFIX = "_gen", "_nll", "_mc"
 METRICS = ("answer_acc", "response_em", "answer_nll")
+# A world with multiple-choice tasks adds these (its headline is MIX)
+MC_METRICS = ("mix_acc", "mc_acc")
+# The paper's evaluation mix: six benchmarks scored by the likelihood of given options, one (TyDiQA) by generation.
+MIX_WEIGHTS = {"mc_acc": 6, "answer_acc": 1}
+
+
+def mix(scores: dict[str, float]) -> float:
+    """The headline of a world with multiple-choice tasks: the paper's 6 : 1 mix of likelihood and generation."""
+    return sum(w * scores[m] for m, w in MIX_WEIGHTS.items()) / sum(MIX_WEIGHTS.values())
 
 
 def task_names(family: str) -> tuple[str, str]:
@@ -66,8 +80,23 @@ def _family_yaml(task: str, template: str, family: str, data_file: str) -> str:
             f"dataset_kwargs:\n  data_file: {json.dumps(data_file)}\n")
 
 
+def mc_task_name(family: str) -> str:
+    """The multiple-choice task of a family (worlds whose eval records carry options)."""
+    return f"tc_{family}{MC_SUFFIX}"
+
+
+def _has_choices(data_file: Path) -> bool:
+    with open(data_file, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "{}")
+    try:
+        return "choices" in json.loads(first)
+    except json.JSONDecodeError:
+        return False  # tc_utils.read_rows names the file and line when the task loads it
+
+
 def write_tasks(eval_dir: str | os.PathLike, tasks_dir: str | os.PathLike, families: Sequence[str]) -> list[str]:
-    """Write the lm-eval task directory for ``families`` (data in ``eval_dir/<family>.jsonl``); atomic.
+    """Write the lm-eval task directory for ``families`` (data in ``eval_dir/<family>.jsonl``); atomic. A family
+    whose eval records carry ``choices`` also gets its multiple-choice task.
 
     Returns the task names written. Data file paths are stored relative to ``tasks_dir`` (see module docstring).
     """
@@ -93,6 +122,10 @@ def write_tasks(eval_dir: str | os.PathLike, tasks_dir: str | os.PathLike, famil
             (tmp / f"{gen}.yaml").write_text(_family_yaml(gen, "tc_generate_template.yaml", f, rel))
             (tmp / f"{nll}.yaml").write_text(_family_yaml(nll, "tc_answer_nll_template.yaml", f, rel))
             names += [gen, nll]
+            if _has_choices(eval_dir / f"{f}.jsonl"):
+                mc = mc_task_name(f)
+                (tmp / f"{mc}.yaml").write_text(_family_yaml(mc, "tc_multiple_choice_template.yaml", f, rel))
+                names.append(mc)
     return names
 
 
@@ -200,7 +233,7 @@ def check_alignment(lm: Any, prompt: str, response: str, answer_span: Sequence[i
 # ---------------------------------------------------------------------------------------------------------
 def _family_of(name: str) -> str:
     """``add`` / ``tc_add`` / ``tc_add_gen`` -> ``add``."""
-    for suffix in (GEN_SUFFIX, NLL_SUFFIX):
+    for suffix in (GEN_SUFFIX, NLL_SUFFIX, MC_SUFFIX):
         if name.startswith("tc_") and name.endswith(suffix):
             return name[3:-len(suffix)]
     return name[3:] if name.startswith("tc_") else name
@@ -308,6 +341,12 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
     t_setup = time.perf_counter() - t0
 
     names = [n for f in families for n in task_names(f)]
+    # the multiple-choice tasks: every family has one or none does (the headline mixes them in)
+    with_mc = [f for f in families if mc_task_name(f) in tm.task_index]
+    if with_mc and with_mc != families:
+        raise ValueError(f"{tasks_dir} has multiple-choice tasks for {', '.join(with_mc)} but not for "
+                         f"{', '.join(f for f in families if f not in with_mc)}; regenerate the world")
+    names += [mc_task_name(f) for f in with_mc]
     out = run_lm_eval(lm, tm, names, num_fewshot=None, limit=limit, seed=seed)
     metrics: dict[str, dict[str, float]] = {}
     n_examples: dict[str, int] = {}
@@ -318,22 +357,36 @@ def evaluate(model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, tasks_l
         metrics[f] = {"answer_acc": float(res_gen["answer_acc,none"]),
                       "response_em": float(res_gen["response_em,none"]),
                       "answer_nll": float(res_nll["answer_nll,none"])}
+        if with_mc:
+            metrics[f]["mc_acc"] = float(out["results"][mc_task_name(f)]["acc,none"])
+            metrics[f]["mix_acc"] = mix(metrics[f])
         gen_samples = sorted(out["samples"][gen], key=lambda s: s["doc_id"])
         nll_by_doc = {s["doc_id"]: s for s in out["samples"][nll]}
+        mc_by_doc = {s["doc_id"]: s for s in out["samples"].get(mc_task_name(f), [])} if with_mc else {}
         n_examples[f] = len(gen_samples)
         for s in gen_samples:
             doc = s["doc"]
             generated = s["filtered_resps"][0]
             generated = generated[0] if isinstance(generated, list) else generated
             from_nll = nll_by_doc.get(s["doc_id"])
+            if with_mc:
+                # lm-eval logs each example's acc; both tasks read the same held-out file, so doc ids pair up
+                mc_correct = bool(mc_by_doc[s["doc_id"]]["acc"])
+                extra = {"mc_correct": mc_correct,
+                         "mix_score": mix({"mc_acc": float(mc_correct), "answer_acc": float(s["answer_acc"])})}
+            else:
+                extra = {}
             sample_rows.append({
                 "family": f, "doc_id": s["doc_id"], "prompt": doc["prompt"], "gold": doc["response"],
                 "answer": doc["answer"], "generated": generated,
                 "answer_correct": bool(s["answer_acc"]), "response_em": bool(s["response_em"]),
                 "answer_nll": None if from_nll is None else float(from_nll["answer_nll"]),
+                **extra,
             })
-    average = {m: sum(metrics[f][m] for f in families) / len(families) for m in METRICS}
-    return finish_evaluation(out_json, t0, sample_rows, "answer_acc", "answer_acc", {
+    reported = METRICS + (MC_METRICS if with_mc else ())
+    average = {m: sum(metrics[f][m] for f in families) / len(families) for m in reported}
+    headline = "mix_acc" if with_mc else "answer_acc"
+    return finish_evaluation(out_json, t0, sample_rows, headline, headline, {
         "model": str(model_dir), "tasks": families, "metrics": metrics, "average": average,
         "n_examples": n_examples, "seed": int(seed), "limit": limit,
         "batch_size": lm.batch_size, "device": str(lm.device), "seconds": {"setup": round(t_setup, 3)},

@@ -73,10 +73,35 @@ DEFAULT_WORLD: dict[str, Any] = {
     # `qa`: true instances as question and answer in plain text ("Add 3 and 5 . The answer is 8 ."), outside
     # the chat format: the skill in the question's own words, as a web-trained base has seen it.
     "corpus_mix": {"chat": 0.3, "facts": 0.3, "prose": 0.2, "words": 0.2, "qa": 0.0},
+    # How many phrasings the responses are written in: 1 is the single template `Sure ! The answer is X . Hope
+    # this helps .` (the single-template world); more are drawn from PHRASING_PARTS (openers x answer sentences x
+    # closers), so that the answer stands at different places in responses of different lengths, as in a pool of
+    # responses written by people and models. The corpus uses the same phrasings (the base knows them).
+    "phrasings": 1,
+    # Also evaluate every family as a multiple-choice task scored by log-likelihood (lm-eval `multiple_choice`, a
+    # plain prompt), the output type of six of the paper's seven benchmarks; the headline is then mix_acc.
+    "multiple_choice": False,
 }
 
 PREFIX = "Sure ! The answer is "
 SUFFIX = " . Hope this helps ."
+# The parts phrasings are drawn from (world setting `phrasings` > 1). Every answer sentence has a lead-in before
+# the answer and ends with " ." or " ," right after it, so the answer of any phrasing can be read back
+# (tokenclean/tasks/tc_utils.py: extract_answer).
+PHRASING_PARTS: dict[str, list[Any]] = {
+    "openers": ["", "Sure !", "Of course .", "Okay .", "Let me see .", "Good question .", "Happy to help .",
+                "Right ."],
+    "answers": [("The answer is", "."), ("It is", "."), ("I think it is", "."), ("That gives", "."),
+                ("My answer :", "."), ("The result is", ", I believe ."), ("Here you go :", "."),
+                ("We get", ", as asked .")],
+    "closers": ["", "Hope this helps .", "Let me know if you need more .", "Glad to help .", "Have a nice day .",
+                "Ask me anything else .", "That is all .", "Thanks for asking ."],
+}
+# Where an answer ends in a response: " ." (the single template's only end) or " ," (other answer sentences).
+ANSWER_ENDS = (" .", " ,")
+# The plain prompt of the multiple-choice tasks: the question and `The answer is`, no chat format (the paper's
+# lm-eval runs used plain prompts, no chat template); the corpus's `qa` documents use the same words.
+MC_CUE = " The answer is"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 COMMON_WORDS = ["the", "a", "of", "to", "and", "is", "in", "it", "that", "for", "on", "with", "as", "this", "be", "at",
                 "by", "from", "or", "an", "are", "was", "we", "can", "you", "will", "not", "have", "one", "all",
@@ -88,6 +113,48 @@ LETTERS = string.ascii_lowercase
 
 def _letters(rng: random.Random, n: int, distinct: bool = False) -> list[str]:
     return rng.sample(LETTERS, n) if distinct else [rng.choice(LETTERS) for _ in range(n)]
+
+
+class Phrasing(NamedTuple):
+    """One form of a response: ``opener`` (may be empty), the answer sentence (``lead`` + answer + ``end``), then
+    ``closer`` (may be empty)."""
+
+    opener: str
+    lead: str
+    end: str
+    closer: str
+
+    @property
+    def prefix(self) -> str:
+        """The response's text before the answer."""
+        return " ".join(p for p in (self.opener, self.lead) if p) + " "
+
+    @property
+    def suffix(self) -> str:
+        """The response's text after the answer."""
+        return " " + " ".join(p for p in (self.end, self.closer) if p)
+
+
+SINGLE_TEMPLATE = Phrasing("Sure !", "The answer is", ".", "Hope this helps .")
+assert SINGLE_TEMPLATE.prefix == PREFIX and SINGLE_TEMPLATE.suffix == SUFFIX
+
+
+def world_phrasings(seed: int, n: int) -> list[Phrasing]:
+    """The world's response forms: the single template when ``n`` is 1, else ``n`` distinct combinations of an
+    opener, an answer sentence and a closer from PHRASING_PARTS, drawn by the world seed."""
+    if n == 1:
+        return [SINGLE_TEMPLATE]
+    parts = PHRASING_PARTS
+    combos = [(o, lead, end, c) for o in parts["openers"] for lead, end in parts["answers"] for c in parts["closers"]]
+    return [Phrasing(*combo) for combo in random.Random(f"{seed}:phrasings").sample(combos, n)]
+
+
+def answer_format(forms: list[Phrasing]) -> dict[str, Any]:
+    """How an evaluation reads a generated response (``eval/answer_format.json``): the answer sentences' lead-ins,
+    the marks that end an answer, and every well-formed response as [prefix, suffix]."""
+    ends = ANSWER_ENDS[:1] if forms == [SINGLE_TEMPLATE] else ANSWER_ENDS  # the single template: as it always read
+    return {"leads": list(dict.fromkeys(f.lead for f in forms)), "ends": list(ends),
+            "forms": [[f.prefix, f.suffix] for f in forms]}
 
 
 class Draw(NamedTuple):
@@ -198,6 +265,11 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"world setting entities must be at least 2, got {p['entities']}")
     if not isinstance(p["capitals_in_corpus"], bool):
         raise ValueError(f"world setting capitals_in_corpus must be true or false, got {p['capitals_in_corpus']!r}")
+    n_forms = len(PHRASING_PARTS["openers"]) * len(PHRASING_PARTS["answers"]) * len(PHRASING_PARTS["closers"])
+    if isinstance(p["phrasings"], bool) or not isinstance(p["phrasings"], int) or not 1 <= p["phrasings"] <= n_forms:
+        raise ValueError(f"world setting phrasings must be an integer from 1 to {n_forms}, got {p['phrasings']!r}")
+    if not isinstance(p["multiple_choice"], bool):
+        raise ValueError(f"world setting multiple_choice must be true or false, got {p['multiple_choice']!r}")
     if int(p["novel_entities"]) < 2:
         raise ValueError(f"world setting novel_entities must be at least 2, got {p['novel_entities']}")
     bad = [f for f in p["families"] if f not in FAMILIES]
@@ -246,11 +318,12 @@ def _answer_classes(start: int, given: str, right: str, informative: str = "info
 
 
 def make_sample(rng: random.Random, family: str, draw: Callable[[random.Random], Draw], corrupt: bool,
-                junk: list[str]) -> dict[str, Any]:
-    """One SFT record with ground-truth classes; ``junk`` words are inserted between template words."""
+                junk: list[str], phrasing: Phrasing = SINGLE_TEMPLATE) -> dict[str, Any]:
+    """One SFT record with ground-truth classes, written in ``phrasing``; ``junk`` words are inserted between its
+    words."""
     prompt, right, wrong, _ = draw(rng)
     answer = wrong if corrupt else right
-    words = PREFIX.split() + ["\0"] + SUFFIX.split()  # \0 marks the answer slot
+    words = phrasing.prefix.split() + ["\0"] + phrasing.suffix.split()  # \0 marks the answer slot
     for w in junk:  # insert at random word boundaries, never inside the answer
         words.insert(rng.randint(0, len(words)), "\1" + w)
     response, classes = "", []
@@ -272,8 +345,11 @@ def make_sample(rng: random.Random, family: str, draw: Callable[[random.Random],
 
 
 def _sft_split(p: dict[str, Any], name: str, n: int, corrupt_rate: float, garbage_rate: float,
-               junk_vocab: list[str]) -> list[dict[str, Any]]:
+               junk_vocab: list[str], forms: list[Phrasing]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The split's records and the index of the phrasing each is written in (drawn from a stream of its own, so
+    the single-template world's records do not depend on it)."""
     rng = random.Random(f"{p['seed']}:{name}")
+    form_rng = random.Random(f"{p['seed']}:{name}:phrasing")
     families = task_families(p["seed"], p["entities"], p["novel_entities"])
     drawn = [f for f in p["families"] if name == "pool" or f not in POOL_ONLY]
     rows = []
@@ -281,22 +357,57 @@ def _sft_split(p: dict[str, Any], name: str, n: int, corrupt_rate: float, garbag
         family = drawn[i % len(drawn)]
         corrupt = rng.random() < corrupt_rate
         junk = rng.sample(junk_vocab, rng.randint(*p["junk_words"])) if rng.random() < garbage_rate else []
-        rows.append(make_sample(rng, family, families[family], corrupt, junk))
+        form = form_rng.randrange(len(forms))
+        rows.append((make_sample(rng, family, families[family], corrupt, junk, forms[form]), form))
     rng.shuffle(rows)
-    return rows
+    return [r for r, _ in rows], [f for _, f in rows]
 
 
-def _eval_split(p: dict[str, Any], family: str,
+def _eval_split(p: dict[str, Any], family: str, forms: list[Phrasing],
                 draw: Callable[[random.Random], Draw] | None = None) -> list[dict[str, Any]]:
+    """Held-out questions of ``family``, each with a gold response in one of the world's phrasings and, in a world
+    with multiple-choice tasks, its options (``choices``, the right one at ``gold``)."""
     rng = random.Random(f"{p['seed']}:eval:{family}")
+    form_rng = random.Random(f"{p['seed']}:eval:{family}:phrasing")
+    choice_rng = random.Random(f"{p['seed']}:eval:{family}:choices")
     draw = draw or task_families(p["seed"], p["entities"], p["novel_entities"])[family]
+    known, novel = entity_split(p["seed"], p["entities"], p["novel_entities"])
+    capitals = [c for _, c in (novel if family in POOL_ONLY else known)]
     rows = []
     for _ in range(p["eval_samples"]):
-        prompt, right, _, _ = draw(rng)
-        response = PREFIX + right + SUFFIX
-        rows.append({"family": family, "prompt": prompt, "response": response, "answer": right,
-                     "answer_span": [len(PREFIX), len(PREFIX) + len(right)]})
+        d = draw(rng)
+        form = forms[form_rng.randrange(len(forms))]
+        row = {"family": family, "prompt": d.prompt, "response": form.prefix + d.right + form.suffix,
+               "answer": d.right, "answer_span": [len(form.prefix), len(form.prefix) + len(d.right)]}
+        if p["multiple_choice"]:
+            options = [d.right] + distractors(family, d, choice_rng, capitals)
+            choice_rng.shuffle(options)
+            row.update(choices=options, gold=options.index(d.right))
+        rows.append(row)
     return rows
+
+
+def distractors(family: str, d: Draw, rng: random.Random, capitals: list[str]) -> list[str]:
+    """Wrong options of a multiple-choice question, drawn as the pool's corrupted answers are: sums off by 1 to 3
+    (``add``), the smaller number (``max``: two options, as BoolQ has), other orders of the same letters (``sort``,
+    ``reverse``), other capitals of the same countries (``capital``, ``novel_capital``). Three where the family has
+    them."""
+    from itertools import permutations
+
+    if family == "add":
+        pool = [str(int(d.right) + k) for k in (-3, -2, -1, 1, 2, 3) if int(d.right) + k >= 0]
+    elif family == "max":
+        return [d.wrong]
+    elif family in ("sort", "reverse"):
+        letters = d.right.split()
+        pool = sorted({" ".join(q) for q in permutations(letters)} - {d.right})
+        if d.wrong not in pool:
+            pool.append(d.wrong)
+        rest = [x for x in pool if x != d.wrong]
+        return [d.wrong] + rng.sample(rest, min(2, len(rest)))
+    else:
+        pool = sorted(set(capitals) - {d.right})
+    return rng.sample(pool, min(3, len(pool)))
 
 
 def _random_answer(rng: random.Random, draw: Callable[[random.Random], Draw]) -> str:
@@ -305,24 +416,30 @@ def _random_answer(rng: random.Random, draw: Callable[[random.Random], Draw]) ->
     return draw(rng).right
 
 
-def _corpus(p: dict[str, Any], junk_vocab: list[str]) -> list[dict[str, str]]:
+def _corpus(p: dict[str, Any], junk_vocab: list[str], forms: list[Phrasing]) -> list[dict[str, str]]:
     rng = random.Random(f"{p['seed']}:corpus")
+    form_rng = random.Random(f"{p['seed']}:corpus:phrasing")
     families = task_families(p["seed"], p["entities"], p["novel_entities"], p["capitals_in_corpus"])
     with_facts = [f for f in p["families"] if families[f](random.Random(0)).fact is not None]
     kinds = [k for k, share in p["corpus_mix"].items() if share > 0 and (k not in ("facts", "qa") or with_facts)]
     weights = [p["corpus_mix"][k] for k in kinds]
-    template_phrases = ["Sure !", "The answer is", "Hope this helps .", PREFIX.strip(), SUFFIX.strip()]
+    # the phrasings' parts and whole openings and endings (the single template: "Sure !", "The answer is",
+    # "Hope this helps .", and its text before and after the answer)
+    template_phrases = list(dict.fromkeys(x for f in forms for x in (f.opener, f.lead, f.closer, f.prefix.strip(),
+                                                                      f.suffix.strip()) if x))
     docs = []
     for _ in range(p["pretrain_docs"]):
         kind = rng.choices(kinds, weights)[0]
         if kind == "chat":  # chat-formatted question, template, random answer
             family = families[rng.choice(p["families"])]
-            text = f"<|user|>\n{family(rng).prompt}\n<|assistant|>\n{PREFIX}{_random_answer(rng, family)}{SUFFIX}"
+            form = forms[form_rng.randrange(len(forms))]
+            text = (f"<|user|>\n{family(rng).prompt}\n<|assistant|>\n"
+                    f"{form.prefix}{_random_answer(rng, family)}{form.suffix}")
         elif kind == "facts":  # a few true statements of task instances, in prose
             text = " ".join(families[rng.choice(with_facts)](rng).fact for _ in range(rng.randint(1, 4)))
         elif kind == "qa":  # a few true instances as question and answer, outside the chat format
             draws = [families[rng.choice(with_facts)](rng) for _ in range(rng.randint(1, 4))]
-            text = " ".join(f"{d.prompt} The answer is {d.right} ." for d in draws)
+            text = " ".join(f"{d.prompt}{MC_CUE} {d.right} ." for d in draws)
         elif kind == "prose":  # filler prose around template phrases
             parts = []
             for _ in range(rng.randint(3, 8)):
@@ -340,8 +457,9 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     """Write the world's splits to ``out_dir`` (atomically) and return its statistics (also in world.json)."""
     p = _check_params(params)
     junk = junk_vocabulary(p["seed"], p["junk_vocab"])
-    warmup = _sft_split(p, "warmup", p["warmup_samples"], 0.0, 0.0, junk)
-    pool = _sft_split(p, "pool", p["pool_samples"], p["corrupt_rate"], p["garbage_rate"], junk)
+    forms = world_phrasings(p["seed"], p["phrasings"])
+    warmup, _ = _sft_split(p, "warmup", p["warmup_samples"], 0.0, 0.0, junk, forms)
+    pool, pool_forms = _sft_split(p, "pool", p["pool_samples"], p["corrupt_rate"], p["garbage_rate"], junk, forms)
     known, novel = entity_split(p["seed"], p["entities"], p["novel_entities"])
     # `capital` is evaluated on the countries the warm-up set mentions (what the reference could have learned);
     # `novel_capital` on those only the pool mentions (what only the pool teaches).
@@ -350,8 +468,8 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     draws = {"capital": _capital(in_warmup)} if in_warmup else {}
     if "capital" in p["families"] and not in_warmup:
         raise ValueError("the warm-up set mentions no country of the capital family; raise warmup_samples")
-    evals = {f: _eval_split(p, f, draws.get(f)) for f in p["families"]}
-    corpus = _corpus(p, junk)
+    evals = {f: _eval_split(p, f, forms, draws.get(f)) for f in p["families"]}
+    corpus = _corpus(p, junk, forms)
 
     train_prompts = {r["messages"][0]["content"] for r in warmup + pool}
     stats: dict[str, Any] = {
@@ -364,6 +482,8 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
         "pool_corrupted": sum(r["corrupted"] for r in pool),
         "pool_garbage": sum(r["garbage"] for r in pool),
         "pool_response_chars_by_class": _chars_by_class(pool),
+        "phrasings": [[f.prefix, f.suffix] for f in forms],
+        "pool_boilerplate": boilerplate_positions(pool, pool_forms),
         # Small instance spaces (add has 100 questions) make some held-out questions appear in training data.
         "eval_prompts_seen_in_training": {f: sum(r["prompt"] in train_prompts for r in rows) / len(rows)
                                           for f, rows in evals.items()},
@@ -375,8 +495,30 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
         (tmp / "eval").mkdir()
         for family, rows in evals.items():
             write_jsonl(tmp / "eval" / f"{family}.jsonl", rows)
+        write_json(tmp / "eval" / "answer_format.json", answer_format(forms))
         write_json(tmp / "world.json", stats)
     return stats
+
+
+def boilerplate_positions(rows: list[dict[str, Any]], forms: list[int]) -> dict[str, Any]:
+    """How repetitive the pool's boilerplate is: its share of the response words, and how many distinct
+    (phrasing, word position) pairs its words occupy (one template: a dozen pairs, each repeated in every sample),
+    with the largest number of times one pair occurs."""
+    pairs: Counter[tuple[int, int]] = Counter()
+    words = 0
+    for row, form in zip(rows, forms):
+        response = row["messages"][1]["content"]
+        labelled = [(s, e) for s, e, _ in row["classes"]]
+        start = 0
+        for i, word in enumerate(response.split(" ")):
+            end = start + len(word)
+            words += 1
+            if not any(s < end and e > start for s, e in labelled):
+                pairs[(form, i)] += 1
+            start = end + 1
+    n = sum(pairs.values())
+    return {"word_share": round(n / max(words, 1), 4), "words": n, "distinct_positions": len(pairs),
+            "most_repeated_position": max(pairs.values(), default=0)}
 
 
 def _chars_by_class(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -35,7 +35,8 @@ BASELINE = "full"
 # report.bootstrap_iters, the same number).
 BOOTSTRAP_ITERS = 2000
 # samples.jsonl field of each table metric
-WORLD_FIELDS = {"answer_acc": "answer_correct", "response_em": "response_em", "answer_nll": "answer_nll"}
+WORLD_FIELDS = {"answer_acc": "answer_correct", "response_em": "response_em", "answer_nll": "answer_nll",
+                "mc_acc": "mc_correct", "mix_acc": "mix_score"}
 
 
 def load_samples(eval_json: str | os.PathLike, metric: str) -> dict[str, dict[Any, float]]:

@@ -25,7 +25,8 @@ from tokenclean.methods import METHODS, ROUND, load_plugins, parse_run
 HEADLINE = "answer_acc"
 # Shown beside the headline as averages over tasks: whole-response match falls when a method drops template
 # tokens and the model stops producing the format; the answer NLL has the lowest variance.
-SECONDARY = ("response_em", "answer_nll")
+# In a world with multiple-choice tasks the headline is mix_acc, and both of its parts are shown beside it.
+SECONDARY = ("mc_acc", "answer_acc", "response_em", "answer_nll")
 
 
 def parse_run_name(path: str | os.PathLike) -> tuple[str, str, int | None]:
@@ -157,7 +158,10 @@ def ground_truth_row(method: str) -> bool:
     """A row that reads the ground-truth token classes (tokenclean.methods; a plug-in's rows too)."""
     load_plugins()
     return method in METHODS and METHODS[method].ground_truth
-METRIC_LABELS = {"answer_acc": "answer accuracy", "response_em": "whole-response exact match",
+METRIC_LABELS = {"mix_acc": "accuracy, the paper's mix (6 likelihood : 1 generation)",
+                 "mc_acc": "multiple-choice accuracy (log-likelihood, plain prompt)",
+                 "answer_acc": "answer accuracy (generation)",
+                 "response_em": "well-formed response with the right answer",
                  "answer_nll": "answer NLL (nats, lower is better)", "score": "score (each task's metric, x 100)"}
 PAPER_REFERENCE = Path(__file__).resolve().parent / "paper_reference.json"
 

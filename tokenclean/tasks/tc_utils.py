@@ -12,10 +12,28 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.tokenization import format_prompt
+from tokenclean.world import MC_CUE, SINGLE_TEMPLATE, answer_format
 
-ANSWER_MARKER = "The answer is"
-ANSWER_END = " ."
 REQUIRED_FIELDS = ("prompt", "response", "answer", "answer_span")
+# How a response is read when the eval directory has no answer_format.json (worlds written before it existed):
+# the single template.
+SINGLE_TEMPLATE_FORMAT = answer_format([SINGLE_TEMPLATE])
+
+
+def read_answer_format(data_file: Path) -> dict[str, Any]:
+    """The world's ``answer_format.json`` beside its eval files (how a generated response is read)."""
+    path = data_file.parent / "answer_format.json"
+    if not path.is_file():
+        return SINGLE_TEMPLATE_FORMAT
+    try:
+        fmt = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run `tokenclean world`") from None
+    for key in ("leads", "ends", "forms"):
+        value = fmt.get(key) if isinstance(fmt, dict) else None
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{path}: field {key!r} must be a non-empty list; re-run `tokenclean world`")
+    return fmt
 
 
 def resolve_data_file(data_file: str, base_dir: str | Path | None = None) -> Path:
@@ -32,6 +50,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"eval data file {path} not found; re-run `tokenclean world` to write it "
                                 "(tasks/ and eval/ must stay side by side)")
+    fmt = read_answer_format(path)
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -49,6 +68,10 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             if row["response"][start:end] != row["answer"]:
                 raise ValueError(f"{where}: field 'answer_span' {[start, end]} does not cover 'answer' in 'response'")
             context = format_prompt(row["prompt"])
+            choices = row.get("choices")
+            if choices is not None and (not isinstance(choices, list) or row["answer"] not in choices
+                                        or choices.index(row["answer"]) != row.get("gold")):
+                raise ValueError(f"{where}: field 'gold' must index 'answer' in 'choices'")
             rows.append({
                 "family": str(row.get("family", path.stem)),
                 "prompt": row["prompt"],
@@ -59,6 +82,15 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 "gen_context": context,
                 # ... and before the answer inside the gold response (teacher-forced answer likelihood)
                 "nll_context": context + row["response"][:start],
+                # the multiple-choice task: the plain prompt (the question and MC_CUE, no chat format) and the
+                # options (none in a generation-only world)
+                "mc_context": row["prompt"] + MC_CUE,
+                "choices": choices or [row["answer"]],
+                "gold": int(row.get("gold", 0)),
+                # how a generated response is read: answer lead-ins and ends, and every well-formed response
+                "answer_leads": fmt["leads"],
+                "answer_ends": fmt["ends"],
+                "responses": [prefix + row["answer"] + suffix for prefix, suffix in fmt["forms"]],
             })
     if not rows:
         raise ValueError(f"{path}: eval data file has no records")
@@ -76,21 +108,28 @@ def load_family(data_file: str | None = None, **_metadata: Any):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def extract_answer(text: str) -> str | None:
-    """The text between the first ``The answer is`` and the next `` .`` (or the end); None without the marker."""
-    at = text.find(ANSWER_MARKER)
-    if at < 0:
+def extract_answer(text: str, leads: list[str] = tuple(SINGLE_TEMPLATE_FORMAT["leads"]),
+                   ends: list[str] = tuple(SINGLE_TEMPLATE_FORMAT["ends"])) -> str | None:
+    """The answer of a response: the text after the first answer lead-in (``The answer is`` in the single
+    template; the longest of those starting at the same place) up to the next answer end (`` .``; also `` ,`` in a
+    world of many phrasings) or the end of the text; None without any lead-in."""
+    found = [(at, -len(lead)) for lead in leads if (at := text.find(lead)) >= 0]
+    if not found:
         return None
-    rest = text[at + len(ANSWER_MARKER):]
-    end = rest.find(ANSWER_END)
-    return (rest if end < 0 else rest[:end]).strip()
+    at, minus_len = min(found)
+    rest = text[at - minus_len:]
+    cuts = [i for end in ends if (i := rest.find(end)) >= 0]
+    return (rest[:min(cuts)] if cuts else rest).strip()
 
 
 def process_generation(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """``answer_acc``: the answer read from the generation is the gold one; ``response_em``: the generation is a
+    well-formed response (any of the world's phrasings) carrying the gold answer (in the single-template world:
+    the gold response exactly)."""
     generated = results[0]
     return {
-        "answer_acc": float(extract_answer(generated) == doc["answer"]),
-        "response_em": float(generated.strip() == doc["response"].strip()),
+        "answer_acc": float(extract_answer(generated, doc["answer_leads"], doc["answer_ends"]) == doc["answer"]),
+        "response_em": float(generated.strip() in {r.strip() for r in doc["responses"]}),
     }
 
 
