@@ -270,7 +270,7 @@ def markdown(worlds: list[World]) -> str:
     keys = row_order(worlds)
     metrics = list(dict.fromkeys(w.metric for w in worlds))
     what = METRIC_LABELS.get(metrics[0], metrics[0]) if len(metrics) == 1 else "each world's headline metric"
-    out = [f"### {what[0].upper() + what[1:]} per world, mean ± std over seeds; Δ = row − full-token SFT "
+    out = [f"### {what[0].upper() + what[1:]}, mean ± std over seeds; Δ = row − full-token SFT "
            "[95% paired-bootstrap interval]", "",
            "| method | ratio | " + " | ".join(f"{w.name}: {w.metric} | {w.name}: Δ" for w in worlds) + " |",
            "|---|---" + "|---|---" * len(worlds) + "|"]
@@ -298,10 +298,10 @@ def markdown(worlds: list[World]) -> str:
                 row = w.rows.get(key)
                 label = f"{_label(key[0])} | {key[1] or '–'}" if i == 0 else " | "
                 out.append(f"| {label} | {w.name} | {' | '.join(_kept(row, c) for c in CLASSES)} |")
-        out += ["", "An online row (rho1, sstoken, dft, eaft) counts each token by the weight it received, averaged "
-                "over its passes. – : the world has no selection for this row; n/a: its pool holds no token of the "
-                "class. Rows without a selection over the pool (base, warmup, full+warmup, self_evolving) are not "
-                "shown."]
+        none = [" ".join(k).strip() for k in keys if k not in kept_keys]
+        out += ["", "An online row counts each token by the weight it received, averaged over its passes. – : the "
+                "world has no selection for this row; n/a: its pool holds no token of the class."
+                + (f" Rows without a selection over the pool: {', '.join(none)}." if none else "")]
     return "\n".join(out) + "\n"
 
 
