@@ -307,6 +307,15 @@ def test_a_row_without_its_significance_row_is_refused(worlds, tmp_path, capsys)
     assert not (tmp_path / "out" / "worlds.csv").exists()
 
 
+def test_an_output_it_cannot_write_is_refused_before_reading_the_worlds(tmp_path, capsys):
+    (tmp_path / "out" / "worlds.csv").mkdir(parents=True)
+    assert run_compare(tmp_path, f"a={tmp_path / 'nowhere'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tokenclean compare: error: {tmp_path / 'out' / 'worlds.csv'}: is a directory, expected a file "
+                   "path to write")
+    assert all_files(tmp_path) == ["out", "out/worlds.csv"]
+
+
 def test_the_documented_command_is_the_make_target_and_parses():
     """docs/results.md shows the command a user types; `make compare-worlds` runs exactly it."""
     assert DOCUMENTED in (ROOT / "docs" / "results.md").read_text().splitlines()
