@@ -191,8 +191,9 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
             raise ArtifactError(f"{sig_path}:{line}: row {' '.join(key).strip()} is not in {table_path} (files of "
                                 "two different runs?)")
         lo, hi = number(sig_path, line, r, "ci_low"), number(sig_path, line, r, "ci_high")
-        world.rows[key].update(diff=number(sig_path, line, r, "diff"), ci_low=lo, ci_high=hi,
-                               significant=bool(lo > 0 or hi < 0))
+        # the file's own verdict (made before its values were rounded to 4 decimals), else read off the interval
+        significant = {"True": True, "False": False}.get(r.get("significant", ""), lo > 0 or hi < 0)
+        world.rows[key].update(diff=number(sig_path, line, r, "diff"), ci_low=lo, ci_high=hi, significant=significant)
     for key, row in world.rows.items():
         if key[0] == BASELINE:
             row["diff"] = 0.0  # the reference: no interval
