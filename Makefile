@@ -1,5 +1,5 @@
 # Single entry point. `make run` = the embedded default experiment; `make test` = the test suite (`make test-fast`:
-# without the slow tests).
+# without the slow tests); `make compare-worlds` = the finished worlds' comparisons in one table.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -16,7 +16,7 @@ test test-fast: export HF_HUB_OFFLINE := 1
 test test-fast: export HF_DATASETS_OFFLINE := 1
 test test-fast: export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run smoke test test-fast lint dry-run gpu-check clean
+.PHONY: install run smoke test test-fast lint dry-run gpu-check compare-worlds clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -66,6 +66,12 @@ gpu-check: export HF_DATASETS_OFFLINE := 1
 gpu-check: export TRANSFORMERS_OFFLINE := 1
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The default world and the single-template stress-case world side by side (docs/results.md, "Comparing worlds"):
+# results/worlds.csv and results/worlds.md from the results of the two finished experiments (methods and
+# single-template-methods). It runs neither experiment: finish them first.
+compare-worlds: $(STAMP)
+	$(BIN)/tokenclean compare --world paper-setting=results/methods --world single-template=results/single-template-methods --out-csv results/worlds.csv --out-md results/worlds.md
 
 clean:
 	rm -rf results .snakemake

@@ -196,6 +196,12 @@ def cmd_significance(a: argparse.Namespace) -> None:
     write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=iters, seed=a.seed)
 
 
+def cmd_compare(a: argparse.Namespace) -> None:
+    from tokenclean.report.compare import write_compare
+
+    write_compare(a.world, a.out_csv, a.out_md, metric=a.metric)
+
+
 def cmd_figure(a: argparse.Namespace) -> None:
     from tokenclean.report import figures
 
@@ -409,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
+
+    p = add("compare", cmd_compare, "Worlds x methods: finished experiments side by side, one row per world, method "
+                                    "and ratio: the headline metric (mean ± std over seeds), the difference from "
+                                    "full-token SFT with its 95% paired interval, and the kept fraction of each "
+                                    "ground-truth token class (from each results directory's table.csv, "
+                                    "significance.csv and cleaning_quality.csv).")
+    p.add_argument("--world", action="append", required=True, metavar="NAME=RESULTS_DIR",
+                   help="an experiment's name in the table and its results directory (e.g. "
+                        "paper-setting=results/methods); repeat it, in the order of the table's columns")
+    p.add_argument("--metric", default=None, help="the metric to compare (default: each world's headline, the "
+                                                  "metric of its table.csv)")
+    p.add_argument("--out-csv", required=True, help="one row per world, method and ratio")
+    p.add_argument("--out-md", required=True, help="Markdown: the worlds side by side")
 
     p = add("figure", cmd_figure, "Draw one of the experiment's figures as a PNG: ratios (average score against "
                                   "the keep ratio, from table.csv), scores (score histogram per ground-truth class), "
