@@ -49,6 +49,9 @@ PROG = "calibrate_world"
 
 # Issue 13's targets, from the relations of the paper's baseline rows.
 BASE_GAP = 0.2          # "base far below the rest": at least this far below every other row's mean
+# ... on the paper's likelihood-heavy mix (mix_acc): far below as in the paper, whose base is 4.7 to 8.6 points of
+# 100 below its SFT rows (44.2 against 48.9-52.8), neither at the ceiling nor at chance
+BASE_GAP_MIX = 0.05
 WARMUP_BELOW = 0.05     # the warm-up model not above full and at most this far below it
 RANDOM_WITHIN = 0.05    # random within this of full
 MAX_SEED_STD = 0.03     # seed std of every row's average
@@ -244,9 +247,10 @@ def per_seed(results: Path, label: str, seeds: list[int], metric: str = "answer_
     return values
 
 
-def targets(rows: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
-    """Issue 13's targets on the rows that use no token score; None where a row it needs is missing or the
-    figure is not measured (a seed std needs two seeds). Bounds are inclusive (up to float rounding)."""
+def targets(rows: dict[str, dict[str, Any]], base_gap: float = BASE_GAP) -> dict[str, bool | None]:
+    """Issue 13's targets on the rows that use no token score and issue 23's on the ground-truth rows; None where
+    a row it needs is missing or the figure is not measured (a seed std needs two seeds). Bounds are inclusive (up
+    to float rounding). ``base_gap``: how far below every other row the base must be."""
     mean = {label: row["mean"] for label, row in rows.items()}
     full, warmup, base = mean.get("full"), mean.get("warmup"), mean.get("base")
     randoms = [m for label, m in mean.items() if label.split("@")[0] == "random"]
@@ -257,7 +261,7 @@ def targets(rows: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
         return a <= b + EPS
 
     return {
-        "base_far_below": None if base is None or not others else all(at_most(base, m - BASE_GAP) for m in others),
+        "base_far_below": None if base is None or not others else all(at_most(base, m - base_gap) for m in others),
         "warmup_not_above_full": None if full is None or warmup is None else at_most(warmup, full),
         "warmup_at_most_0.05_below_full": None if full is None or warmup is None
         else at_most(full - WARMUP_BELOW, warmup) and at_most(warmup, full),
@@ -278,7 +282,8 @@ def summarise(results: Path, config: dict[str, Any]) -> dict[str, Any]:
     rows = read_rows(results / "table.csv")
     for label, row in rows.items():
         row["per_seed"] = per_seed(results, label, config["seeds"], headline(config))
-    return {"rows": rows, "passes": measured_passes(results, config), "targets": targets(rows)}
+    gap = BASE_GAP_MIX if headline(config) == "mix_acc" else BASE_GAP
+    return {"rows": rows, "passes": measured_passes(results, config), "targets": targets(rows, gap)}
 
 
 # ---------------------------------------------------------------------------------------------------------

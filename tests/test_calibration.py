@@ -64,7 +64,9 @@ def test_summary_rows_passes_and_targets(tmp_path):
     assert figures["passes"]["random"]["samples"] == 300
     assert figures["targets"] == {"base_far_below": True, "warmup_not_above_full": True,
                                   "warmup_at_most_0.05_below_full": True, "random_within_0.05_of_full": False,
-                                  "full+warmup_at_least_full": False, "seed_std_at_most_0.03": False}
+                                  "full+warmup_at_least_full": False, "seed_std_at_most_0.03": False,
+                                  "truth_keep_informative_at_least_full-0.02": None,
+                                  "truth_drop_noisy_at_least_full": None}
 
 
 @pytest.mark.parametrize("change, target, expected", [
@@ -76,13 +78,30 @@ def test_summary_rows_passes_and_targets(tmp_path):
     ({"random@0.6": 0.48}, "random_within_0.05_of_full", True),
     ({"random@0.6": 0.4799}, "random_within_0.05_of_full", False),
     ({"full+warmup": 0.53}, "full+warmup_at_least_full", True),
+    ({"truth_keep_informative": 0.51}, "truth_keep_informative_at_least_full-0.02", True),  # full 0.53 - 0.02
+    ({"truth_keep_informative": 0.5099}, "truth_keep_informative_at_least_full-0.02", False),
+    ({"truth_drop_noisy": 0.53}, "truth_drop_noisy_at_least_full", True),
+    ({"truth_drop_noisy": 0.5299}, "truth_drop_noisy_at_least_full", False),
 ])
 def test_target_bounds(change, target, expected):
-    rows = {"base": 0.0, "warmup": 0.5, "full": 0.53, "random@0.6": 0.53, "full+warmup": 0.6}
+    rows = {"base": 0.0, "warmup": 0.5, "full": 0.53, "random@0.6": 0.53, "full+warmup": 0.6,
+            "truth_keep_informative": 0.6, "truth_drop_noisy": 0.6}
     rows.update(change)
     table = {label: {"mean": m, "std": 0.0, "n_seeds": 3 if label not in ("base", "warmup") else 1}
              for label, m in rows.items()}
     assert cw.targets(table)[target] is expected
+
+
+@pytest.mark.parametrize("base, gap, expected", [(0.45, cw.BASE_GAP_MIX, True), (0.4501, cw.BASE_GAP_MIX, False),
+                                                 (0.45, cw.BASE_GAP, False)])
+def test_base_gap_of_the_paper_mix(base, gap, expected):
+    """On the paper's likelihood-heavy mix the base must be 0.05 below every row (the paper: 4.7-8.6 points of
+    100), on answer accuracy 0.2; the headline decides which."""
+    table = {"base": {"mean": base, "std": 0.0, "n_seeds": 1}, "warmup": {"mean": 0.5, "std": 0.0, "n_seeds": 1},
+             "full": {"mean": 0.53, "std": 0.0, "n_seeds": 3}}
+    assert cw.targets(table, gap)["base_far_below"] is expected
+    assert cw.headline({"world": {"multiple_choice": True}}) == "mix_acc"
+    assert cw.headline({"world": {"families": ["add"]}}) == "answer_acc"
 
 
 def test_targets_unmeasured_without_rows_or_seeds():

@@ -78,6 +78,9 @@ DEFAULT_WORLD: dict[str, Any] = {
     # closers), so that the answer stands at different places in responses of different lengths, as in a pool of
     # responses written by people and models. The corpus uses the same phrasings (the base knows them).
     "phrasings": 1,
+    # The parts those phrasings are drawn from (null: PHRASING_PARTS): {openers: [...], answers: [[lead, end], ...],
+    # closers: [...]}; an empty opener or closer is a phrasing without one.
+    "phrasing_parts": None,
     # Also evaluate every family as a multiple-choice task scored by log-likelihood (lm-eval `multiple_choice`, a
     # plain prompt), the output type of six of the paper's seven benchmarks; the headline is then mix_acc.
     "multiple_choice": False,
@@ -139,12 +142,12 @@ SINGLE_TEMPLATE = Phrasing("Sure !", "The answer is", ".", "Hope this helps .")
 assert SINGLE_TEMPLATE.prefix == PREFIX and SINGLE_TEMPLATE.suffix == SUFFIX
 
 
-def world_phrasings(seed: int, n: int) -> list[Phrasing]:
+def world_phrasings(seed: int, n: int, parts: dict[str, list[Any]] | None = None) -> list[Phrasing]:
     """The world's response forms: the single template when ``n`` is 1, else ``n`` distinct combinations of an
-    opener, an answer sentence and a closer from PHRASING_PARTS, drawn by the world seed."""
+    opener, an answer sentence and a closer from ``parts`` (default PHRASING_PARTS), drawn by the world seed."""
     if n == 1:
         return [SINGLE_TEMPLATE]
-    parts = PHRASING_PARTS
+    parts = parts or PHRASING_PARTS
     combos = [(o, lead, end, c) for o in parts["openers"] for lead, end in parts["answers"] for c in parts["closers"]]
     return [Phrasing(*combo) for combo in random.Random(f"{seed}:phrasings").sample(combos, n)]
 
@@ -265,7 +268,8 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"world setting entities must be at least 2, got {p['entities']}")
     if not isinstance(p["capitals_in_corpus"], bool):
         raise ValueError(f"world setting capitals_in_corpus must be true or false, got {p['capitals_in_corpus']!r}")
-    n_forms = len(PHRASING_PARTS["openers"]) * len(PHRASING_PARTS["answers"]) * len(PHRASING_PARTS["closers"])
+    parts = _check_parts(p["phrasing_parts"])
+    n_forms = len(parts["openers"]) * len(parts["answers"]) * len(parts["closers"])
     if isinstance(p["phrasings"], bool) or not isinstance(p["phrasings"], int) or not 1 <= p["phrasings"] <= n_forms:
         raise ValueError(f"world setting phrasings must be an integer from 1 to {n_forms}, got {p['phrasings']!r}")
     if not isinstance(p["multiple_choice"], bool):
@@ -288,6 +292,29 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
     if not 1 <= lo <= hi:
         raise ValueError(f"world setting junk_words must be [min, max] with 1 <= min <= max, got {p['junk_words']}")
     return p
+
+
+def _check_parts(parts: Any) -> dict[str, list[Any]]:
+    """The phrasing parts a world setting gives (or PHRASING_PARTS): openers and closers are distinct strings (one
+    may be empty), answers distinct [lead, end] pairs whose end starts with '.' or ',' (where answers are read
+    back to end)."""
+    if parts is None:
+        return PHRASING_PARTS
+    what = ("world setting phrasing_parts must map openers and closers to lists of distinct strings and answers "
+            f"to a list of distinct [lead, end] pairs (end starting with '.' or ','), got {parts!r}")
+    if not isinstance(parts, dict) or set(parts) != {"openers", "answers", "closers"}:
+        raise ValueError(what)
+    for key in ("openers", "closers"):
+        items = parts[key]
+        if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items) \
+                or len(set(items)) != len(items):
+            raise ValueError(what)
+    answers = parts["answers"]
+    if not isinstance(answers, list) or not answers or len({tuple(a) for a in answers if isinstance(a, list)}) != \
+            len(answers) or not all(isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)
+                                    and a[0].strip() and a[1][:1] in (".", ",") for a in answers):
+        raise ValueError(what)
+    return {"openers": parts["openers"], "answers": [tuple(a) for a in answers], "closers": parts["closers"]}
 
 
 def junk_vocabulary(seed: int, size: int) -> list[str]:
@@ -457,7 +484,7 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     """Write the world's splits to ``out_dir`` (atomically) and return its statistics (also in world.json)."""
     p = _check_params(params)
     junk = junk_vocabulary(p["seed"], p["junk_vocab"])
-    forms = world_phrasings(p["seed"], p["phrasings"])
+    forms = world_phrasings(p["seed"], p["phrasings"], p["phrasing_parts"])
     warmup, _ = _sft_split(p, "warmup", p["warmup_samples"], 0.0, 0.0, junk, forms)
     pool, pool_forms = _sft_split(p, "pool", p["pool_samples"], p["corrupt_rate"], p["garbage_rate"], junk, forms)
     known, novel = entity_split(p["seed"], p["entities"], p["novel_entities"])
