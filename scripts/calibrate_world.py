@@ -43,7 +43,10 @@ from tokenclean.report.table import passes, training_record
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "calibration.yaml"
-RECORD = ROOT / "docs" / "world-calibration.md"
+SINGLE_TEMPLATE_CONFIG = ROOT / "configs" / "single-template" / "calibration.yaml"
+# Each world's calibration record, by its calibration config (--record for any other config)
+RECORDS = {BASE_CONFIG: ROOT / "docs" / "world-calibration-v2.md",
+           SINGLE_TEMPLATE_CONFIG: ROOT / "docs" / "world-calibration.md"}
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # an experiment name's characters (the schema's pattern)
 PROG = "calibrate_world"
 
@@ -470,7 +473,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", default=[], help="run only these variants of --variants")
     parser.add_argument("--seeds", help="comma-separated seeds for every variant (e.g. 1 for a scouting pass)")
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--record", type=Path, default=RECORD, help="the calibration record to append to")
+    parser.add_argument("--record", type=Path, help="the calibration record to append to (default: the world's own, "
+                        "docs/world-calibration-v2.md or, for the single-template world, docs/world-calibration.md)")
     parser.add_argument("--config", type=Path, default=BASE_CONFIG,
                         help="the calibration config the variants modify (default: the default world's, "
                              "configs/calibration.yaml; the single-template world's: "
@@ -506,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         variants = chosen_variants(a)
+        if a.record is None:
+            a.record = RECORDS.get(a.config.resolve())
+            if a.record is None:
+                raise CalibrationError(f"--config {a.config}: give --record FILE (the calibration record to append to)")
         try:
             base = yaml.safe_load(a.config.read_text())
         except OSError as e:

@@ -230,7 +230,7 @@ def test_another_metric_and_a_class_no_pool_holds(worlds, tmp_path):
     assert rows[("a", "truth_drop_noisy", "")]["kept_novel"] == "nan"
     md = (tmp_path / "out" / "worlds.md").read_text()
     assert "| truth_drop_noisy† | – | a | 1.000 | n/a |" in md
-    assert md.startswith("### Answer accuracy, mean ± std over seeds; Δ = row − full-token SFT")
+    assert md.startswith("### Answer accuracy (generation), mean ± std over seeds; Δ = row − full-token SFT")
 
 
 def bad(results: Path, name: str, old: str, new: str, count: int = 1) -> Path:

@@ -190,3 +190,27 @@ def test_the_documented_calibration_is_the_single_template_world():
     default = yaml.safe_load((ROOT / "configs" / "single-template" / "default.yaml").read_text())
     for key in ("world", "base_model", "warmup", "sft", "seeds", "max_length", "self_evolving"):
         assert chosen[key] == default[key], key
+
+
+def test_the_default_world_is_its_chosen_calibration_variant_and_the_record_reruns_each_variant():
+    """docs/worlds.md names v2-cap0-lr1e-3-pre3000 as the default world: config.yaml's world, base model and
+    recipes. Every section of the v2 record shows the command that reruns what ran: the variant's overrides as
+    scripts/calibration-variants-v2.yaml holds them."""
+    spec = importlib.util.spec_from_file_location("calibrate_world", ROOT / "scripts" / "calibrate_world.py")
+    cw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cw)
+    variants = cw.load_variants(ROOT / "scripts" / "calibration-variants-v2.yaml")
+    base = yaml.safe_load((ROOT / "configs" / "calibration.yaml").read_text())
+    chosen = cw.variant_config(base, "v2-cap0-lr1e-3-pre3000", variants["v2-cap0-lr1e-3-pre3000"])
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for key in ("world", "base_model", "warmup", "sft", "seeds", "max_length", "self_evolving"):
+        assert chosen[key] == default[key], key
+    assert "v2-cap0-lr1e-3-pre3000" in (ROOT / "docs" / "worlds.md").read_text()
+    record = (ROOT / "docs" / "world-calibration-v2.md").read_text()
+    sections = re.findall(r"^### (\S+)\n\n(?:\(.*?\)\n\n)?`(\.venv/bin/python scripts/calibrate_world\.py [^`]*)`",
+                          record, re.M | re.S)
+    assert {name for name, _ in sections} == set(variants)
+    for name, command in sections:
+        args = shlex.split(command)
+        assert args[args.index("--variant") + 1] == name
+        assert cw.nest(cw.parse_pairs(args[args.index("--variant") + 2:])) == variants[name], name

@@ -155,7 +155,8 @@ def test_write_tasks_is_self_contained_and_movable(tmp_path, monkeypatch):
     names = write_tasks(world / "eval", world / "tasks", ["add", "max"])
     assert names == ["tc_add_gen", "tc_add_nll", "tc_max_gen", "tc_max_nll"]
     assert sorted(p.name for p in (world / "tasks").iterdir()) == sorted(
-        [f"{n}.yaml" for n in names] + ["tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml"])
+        [f"{n}.yaml" for n in names] + ["tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_template.yaml",
+                                        "tc_multiple_choice_template.yaml"])
     assert not [p for p in world.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     assert "../eval/add.jsonl" in (world / "tasks" / "tc_add_gen.yaml").read_text()
 

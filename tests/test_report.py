@@ -81,7 +81,7 @@ def test_table_means_stds_and_best_marks(evals, tmp_path):
     assert (tmp_path / "table_response_em.csv").exists()
 
     md = (tmp_path / "table.md").read_text()
-    assert md.index("answer accuracy") < md.index("whole-response") < md.index("answer NLL")  # headline first
+    assert md.index("answer accuracy") < md.index("well-formed response") < md.index("answer NLL")  # headline first
     # accuracy: fixed is best on add, max and average; the ground-truth rows (higher still) are marked apart, not
     # bold, and nothing calls them a ceiling
     assert md_row(md, 0, "fixed")[4:7] == ["**0.900 ± 0.100**", "**0.700 ± 0.100**", "**0.800 ± 0.087**"]
