@@ -43,7 +43,9 @@ LONG = {
     ".venv/bin/snakemake --cores all --use-conda",
     f".venv/bin/snakemake --profile profiles/workstation {PAPER}",
     f".venv/bin/snakemake --profile profiles/slurm {PAPER}",
-    ".venv/bin/snakemake --cores all --configfile configs/methods.yaml",  # docs/methods.md
+    ".venv/bin/snakemake --cores all --configfile configs/methods.yaml",  # docs/worlds.md
+    ".venv/bin/snakemake --cores all --configfile configs/single-template/methods.yaml",  # docs/methods.md, worlds.md
+    "make compare-worlds",  # docs/worlds.md; tests/test_compare.py checks its command
     "make gpu-check",  # docs/gpu-check.md; tests/test_gpu_check.py runs it
 }
 # Make targets quick enough to run verbatim (besides the dry runs).

@@ -424,4 +424,7 @@ def test_the_chunked_loss_gives_the_same_update(tiny_model_dir, table, tok, monk
         if chunk_rows:
             assert max(rows) == 3  # the head never saw more than a chunk
         rows.clear()
-    assert torch.allclose(results[0], results[1], atol=1e-5)
+    # Adam divides each gradient by its own running scale, so the chunked head's other summation order moves a
+    # weight by a few 1e-5 after two steps at lr 1e-2 on some CPUs (3.1e-5 measured on an AMD EPYC); a wrong
+    # chunking (a row lost or counted twice) moves weights by the order of the learning rate
+    assert torch.allclose(results[0], results[1], atol=1e-4)
