@@ -64,6 +64,8 @@ def documented_commands(text: str = README) -> list[str]:
             if line:
                 commands.append(" ".join(line.split()))
     commands += [" ".join(c.split()) for c in re.findall(r"`(\.venv/bin/snakemake [^`]+)`", text)]
+    # `.venv/bin/tokenclean ...` is the same command typed outside the activated environment
+    commands = [c.removeprefix(".venv/bin/") if c.startswith(".venv/bin/tokenclean ") else c for c in commands]
     return [c for c in commands if c.split()[0] in CHECKED]
 
 

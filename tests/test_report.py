@@ -282,6 +282,27 @@ def test_significance_pairs_examples_and_averages_seeds(tmp_path):
         compare_with_full(full + [tmp_path / "fixed_r0.6_s1.json"], "answer_acc", iters=100)
 
 
+def test_significance_against_another_baseline(tmp_path, capsys):
+    """--baseline full+warmup: every row minus that row (full itself included), the same pairing; a baseline that
+    is not among the evaluations is one line, exit 2."""
+    from tokenclean.cli import main
+
+    n = 40
+    full = write_world_samples(tmp_path / "full_s1.json", {"add": [0] * n})
+    fw = write_world_samples(tmp_path / "full+warmup_s1.json", {"add": [i % 2 for i in range(n)]})
+    rho = write_world_samples(tmp_path / "rho_r0.6_s1.json", {"add": [1] * n})
+    rows = {r["method"]: r for r in compare_with_full([full, fw, rho], "answer_acc", iters=200, baseline="full+warmup")
+            if r["task"] == "average"}
+    assert set(rows) == {"full", "rho"}
+    assert rows["rho"]["diff"] == pytest.approx(0.5) and rows["full"]["diff"] == pytest.approx(-0.5)
+    out = tmp_path / "vs.csv"
+    assert main(["significance", str(full), str(rho), "--baseline", "full+warmup", "--out-csv", str(out)]) == 2
+    assert "no full+warmup*.json among the evaluations" in capsys.readouterr().err and not out.exists()
+    assert main(["significance", str(full), str(fw), str(rho), "--baseline", "full+warmup", "--iters", "100",
+                 "--out-csv", str(out), "--out-md", str(tmp_path / "vs.md")]) == 0
+    assert "Difference from full+warmup (method − full+warmup)" in (tmp_path / "vs.md").read_text()
+
+
 def test_significance_of_benchmark_groups_pools_subtasks(tmp_path):
     def bench(name: str, values: dict[str, list[float]]) -> Path:
         path = tmp_path / name

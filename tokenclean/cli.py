@@ -193,7 +193,8 @@ def cmd_significance(a: argparse.Namespace) -> None:
     from tokenclean.report.significance import BOOTSTRAP_ITERS, write_significance
 
     iters = BOOTSTRAP_ITERS if a.iters is None else a.iters
-    write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=iters, seed=a.seed)
+    write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=iters, seed=a.seed,
+                       baseline=a.baseline)
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="answer_acc", help="comma-separated metrics (benchmark suites: score)")
     p.add_argument("--iters", type=int, help="bootstrap resamples (default: significance.BOOTSTRAP_ITERS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    p.add_argument("--baseline", default="full",
+                   help="the row every other is compared with (default full; full+warmup: the fair baseline of the "
+                        "rows whose reference saw the warm-up set)")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
 

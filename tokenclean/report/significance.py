@@ -103,16 +103,17 @@ def _summary(diff: float, reps: np.ndarray, n: int) -> dict[str, float]:
             "significant": bool(lo > 0 or hi < 0)}
 
 
-def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: int = BOOTSTRAP_ITERS, seed: int = 0
-                      ) -> list[dict[str, Any]]:
-    """One row per (method, ratio, task|average): difference from full SFT with its 95% interval."""
+def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: int = BOOTSTRAP_ITERS, seed: int = 0,
+                      baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """One row per (method, ratio, task|average): difference from full SFT (or the row ``baseline``, e.g.
+    ``full+warmup``, the fair baseline of the scored rows) with its 95% interval."""
     groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for f in eval_files:
         method, ratio, _ = parse_run_name(f)
         groups[(method, ratio)].append(Path(f))
-    base_key = next((k for k in groups if k[0] == BASELINE), None)
+    base_key = next((k for k in groups if k[0] == baseline), None)
     if base_key is None:
-        raise ValueError(f"no {BASELINE}*.json among the evaluations: nothing to compare with")
+        raise ValueError(f"no {baseline}*.json among the evaluations: nothing to compare with")
 
     def seed_mean(files: list[Path]) -> dict[str, dict[Any, float]]:
         per_seed = [load_samples(f, metric) for f in files]
@@ -146,13 +147,15 @@ def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: i
 
 
 def write_significance(eval_files: list[str | os.PathLike], metrics: list[str], out_csv: str | os.PathLike,
-                       out_md: str | os.PathLike | None = None, iters: int = BOOTSTRAP_ITERS, seed: int = 0
-                       ) -> list[dict[str, Any]]:
-    """``significance.csv`` (every metric, task and the average) and a Markdown table per metric."""
-    rows = [r for m in metrics for r in compare_with_full(eval_files, m, iters, seed)]
+                       out_md: str | os.PathLike | None = None, iters: int = BOOTSTRAP_ITERS, seed: int = 0,
+                       baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """``significance.csv`` (every metric, task and the average) and a Markdown table per metric; every row
+    against ``baseline`` (full SFT; column ``n_seeds_full`` counts the baseline's seeds)."""
+    rows = [r for m in metrics for r in compare_with_full(eval_files, m, iters, seed, baseline)]
     columns = ["method", "ratio", "metric", "task", "n_examples", "n_seeds", "n_seeds_full", "diff", "ci_low",
                "ci_high", "p_boot", "significant"]
-    md = [f"Difference from full-token SFT (method − full), paired bootstrap over evaluation examples "
+    against = "full-token SFT (method − full)" if baseline == BASELINE else f"{baseline} (method − {baseline})"
+    md = [f"Difference from {against}, paired bootstrap over evaluation examples "
           f"({iters} resamples, seed {seed}); per example, each side is averaged over its seeds. "
           "[95% interval]; * = the interval excludes 0. The interval covers the choice of test examples, "
           "not the training seed (see the table's std)."]
