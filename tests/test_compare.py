@@ -321,7 +321,8 @@ def test_the_documented_command_is_the_make_target_and_parses():
     assert DOCUMENTED in (ROOT / "docs" / "results.md").read_text().splitlines()
     args = build_parser().parse_args(shlex.split(DOCUMENTED)[1:])
     assert args.world == ["paper-setting=results/methods", "single-template=results/single-template-methods"]
-    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "compare-worlds"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "compare-worlds"], cwd=ROOT,
+                          capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0 and proc.stdout.splitlines() == [DOCUMENTED], proc.stdout + proc.stderr
 

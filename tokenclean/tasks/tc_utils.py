@@ -88,9 +88,10 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 "choices": choices or [row["answer"]],
                 "gold": int(row.get("gold", 0)),
                 # how a generated response is read: answer lead-ins and ends, and every well-formed response
+                # (the gold one and the answer in each of the world's phrasings)
                 "answer_leads": fmt["leads"],
                 "answer_ends": fmt["ends"],
-                "responses": [prefix + row["answer"] + suffix for prefix, suffix in fmt["forms"]],
+                "responses": [row["response"]] + [prefix + row["answer"] + suffix for prefix, suffix in fmt["forms"]],
             })
     if not rows:
         raise ValueError(f"{path}: eval data file has no records")
@@ -123,9 +124,9 @@ def extract_answer(text: str, leads: list[str] = tuple(SINGLE_TEMPLATE_FORMAT["l
 
 
 def process_generation(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """``answer_acc``: the answer read from the generation is the gold one; ``response_em``: the generation is a
-    well-formed response (any of the world's phrasings) carrying the gold answer (in the single-template world:
-    the gold response exactly)."""
+    """``answer_acc``: the answer read from the generation is the gold one; ``response_em``: the generation is the
+    gold response or another well-formed one (the gold answer in any of the world's phrasings; in the
+    single-template world that is the gold response exactly)."""
     generated = results[0]
     return {
         "answer_acc": float(extract_answer(generated, doc["answer_leads"], doc["answer_ends"]) == doc["answer"]),
