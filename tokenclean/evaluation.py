@@ -3,8 +3,10 @@
 Tasks are declared in YAML (lm-eval's own format). :func:`write_tasks` writes, for each family ``f``:
 
 - ``tc_<f>_gen.yaml`` (task ``tc_<f>_gen``): greedy generation after the chat-formatted prompt, until ``</s>`` or
-  ``<|user|>`` (48 new tokens at most); metrics ``answer_acc`` (the text between ``The answer is`` and the next
-  `` .`` equals the gold answer) and ``response_em`` (the stripped generation equals the gold response);
+  ``<|user|>`` (48 new tokens at most); metrics ``answer_acc`` (the text after the first answer lead-in, ``The
+  answer is`` in the single template, up to the next `` .`` (or `` ,``) equals the gold answer; the world's
+  ``eval/answer_format.json`` lists its lead-ins) and ``response_em`` (the stripped generation is the gold response
+  or another well-formed one);
 - ``tc_<f>_nll.yaml`` (task ``tc_<f>_nll``): ``answer_nll``, the summed negative log-likelihood (nats) of the
   gold answer's tokens, teacher-forced after the prompt and the gold response up to the answer;
 - ``tc_<f>_mc.yaml`` (task ``tc_<f>_mc``, in a world whose eval records carry ``choices``): ``acc``, the question
@@ -12,7 +14,7 @@ Tasks are declared in YAML (lm-eval's own format). :func:`write_tasks` writes, f
   The evaluation reports it as ``mc_acc`` and the headline ``mix_acc`` = (6 ``mc_acc`` + 1 ``answer_acc``) / 7, the
   paper's mix of six likelihood benchmarks to one generation benchmark (TyDiQA);
 
-both tagged ``tc_<f>`` (and ``tokenclean``), plus the two shared templates they include and ``tc_utils.py``
+each tagged ``tc_<f>`` (and ``tokenclean``), plus the shared templates they include and ``tc_utils.py``
 (dataset loading and scoring), copied from the package.
 
 Paths: each task YAML names its data file *relative to the tasks directory* (``../eval/<f>.jsonl`` in a world
@@ -55,7 +57,7 @@ SHARED_FILES = ("tc_utils.py", "tc_generate_template.yaml", "tc_answer_nll_templ
                 "tc_multiple_choice_template.yaml")
 GEN_SUFFIX, NLL_SUFFIX, MC_SUFFIX = "_gen", "_nll", "_mc"
 METRICS = ("answer_acc", "response_em", "answer_nll")
-# A world with multiple-choice tasks adds these (its headline is MIX)
+# A world with multiple-choice tasks adds these (its headline is mix_acc)
 MC_METRICS = ("mix_acc", "mc_acc")
 # The paper's evaluation mix: six benchmarks scored by the likelihood of given options, one (TyDiQA) by generation.
 MIX_WEIGHTS = {"mc_acc": 6, "answer_acc": 1}
