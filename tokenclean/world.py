@@ -45,6 +45,7 @@ import random
 import string
 from collections import Counter
 from collections.abc import Callable
+from itertools import permutations
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -419,8 +420,6 @@ def distractors(family: str, d: Draw, rng: random.Random, capitals: list[str]) -
     (``add``), the smaller number (``max``: two options, as BoolQ has), other orders of the same letters (``sort``,
     ``reverse``), other capitals of the same countries (``capital``, ``novel_capital``). Three where the family has
     them."""
-    from itertools import permutations
-
     if family == "add":
         pool = [str(int(d.right) + k) for k in (-3, -2, -1, 1, 2, 3) if int(d.right) + k >= 0]
     elif family == "max":
@@ -484,7 +483,7 @@ def generate_world(params: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     """Write the world's splits to ``out_dir`` (atomically) and return its statistics (also in world.json)."""
     p = _check_params(params)
     junk = junk_vocabulary(p["seed"], p["junk_vocab"])
-    forms = world_phrasings(p["seed"], p["phrasings"], p["phrasing_parts"])
+    forms = world_phrasings(p["seed"], p["phrasings"], _check_parts(p["phrasing_parts"]))
     warmup, _ = _sft_split(p, "warmup", p["warmup_samples"], 0.0, 0.0, junk, forms)
     pool, pool_forms = _sft_split(p, "pool", p["pool_samples"], p["corrupt_rate"], p["garbage_rate"], junk, forms)
     known, novel = entity_split(p["seed"], p["entities"], p["novel_entities"])
