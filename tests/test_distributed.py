@@ -138,8 +138,8 @@ def test_two_processes_train_an_online_method_like_one_with_the_same_record(tmp_
     if "rho1" in online:
         flags += ["--ref-loss", str(tmp_path / "ref.loss.npy")]
     train_on_one_and_two_processes(tmp_path, flags)
-    w1, _ = load_array(tmp_path / "one" / "weights.npy", "weights", made_on=(tokens, tmeta))
-    w2, meta = load_array(tmp_path / "two" / "weights.npy", "weights", made_on=(tokens, tmeta))
+    w1, _ = load_array(tmp_path / "one" / "weights.npy", "weights", made_on=(tokens, tmeta, table))
+    w2, meta = load_array(tmp_path / "two" / "weights.npy", "weights", made_on=(tokens, tmeta, table))
     assert np.array_equal(np.isnan(w1), np.isnan(w2)) and meta["tokens_trained"] == int(np.isfinite(w1).sum())
     assert np.allclose(w1[np.isfinite(w1)], w2[np.isfinite(w2)], atol=1e-4)
     assert np.isfinite(w1).sum() > 0 and (w1[np.isfinite(w1)] < 1).any()  # it weighted, and not every token by 1

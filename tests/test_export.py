@@ -36,7 +36,7 @@ def files(tok, tmp_path):
         mask[a + np.flatnonzero(table.loss_mask[a:b])[0]] = i != 1
     made_on = {"tokens": str(tokens), "tokens_fingerprint": tmeta["fingerprint"]}
     save_array(tmp_path / "pool.mask.npy", mask, {"kind": "mask", **made_on})
-    weights = rng.random(table.n_tokens).astype(np.float32)
+    weights = np.where(table.loss_mask, rng.random(table.n_tokens), np.nan).astype(np.float32)  # NaN: no response
     save_array(tmp_path / "pool.weights.npy", weights, {"kind": "weights", **made_on})
     return table, tokens, tmp_path / "pool.mask.npy", tmp_path / "pool.weights.npy", mask, weights
 
@@ -144,8 +144,8 @@ def _other_table(tmp_path: Path) -> Path:
     ("mask of another table", "pool.mask.npy: made on"),
     ("loss array as mask", "pool.loss.npy: is a loss array (X.loss.npy), expected a selection mask"),
     ("mask as weights", "pool.mask.npy: is a selection mask (X.mask.npy), expected"),
-    ("mask outside loss_mask", "wide.mask.npy: selects tokens outside the loss_mask"),
-    ("negative weights", "negative.weights.npy: 1 trained tokens have a negative or non-finite weight"),
+    ("mask outside loss_mask", "wide.mask.npy: selects a token outside the response tokens (loss_mask)"),
+    ("negative weights", "negative.weights.npy: holds a negative or infinite weight on a response token"),
     ("empty selection", "none.mask.npy: selects no token at all"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, case, expected):

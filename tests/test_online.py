@@ -227,7 +227,7 @@ def test_the_weights_artifact_averages_each_tokens_weights_over_two_epochs(monke
                  str(tmp_path / "m.mask.npy"), "--online", "echo", "--ref-loss", str(tmp_path / "r.loss.npy"),
                  "--steps", "0", "--epochs", "2",
                  "--batch-size", "3", "--micro-batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
-    weights, meta = load_array(out / "weights.npy", "weights", made_on=(tokens, tmeta))
+    weights, meta = load_array(out / "weights.npy", "weights", made_on=(tokens, tmeta, table))
     assert weights.shape == (table.n_tokens,) and meta["method"] == "echo" and meta["tokens_trained"] == mask.sum()
     assert np.all(np.isnan(weights[~mask])) and np.all(np.isfinite(weights[mask]))
     usable = np.flatnonzero(np.add.reduceat(mask.astype(int), table.offsets[:-1]) > 0)

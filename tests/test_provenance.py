@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.listing import all_files
+from tokenclean.artifacts import TokenTable, save_array
 from tokenclean.cli import main
 
 MAIN = "1" * 40  # the commit the default branch points to
@@ -105,19 +106,20 @@ def experiment_files(tmp_path, tokenizer_commit=MAIN, model_commit=MAIN):
         described[name] = {"source": {"hub": "org/data", "revision": "r1"}, "records": rows,
                            "sha256": hashlib.sha256(text.encode()).hexdigest()}
     (data / "data.json").write_text(json.dumps(described))
-    tokens = []
-    for name in ("pool", "warmup"):
-        side = tmp_path / f"{name}.tokens.json"
-        side.write_text(json.dumps({"data": str(data / f"{name}.jsonl"),
-                                    "data_fingerprint": described[name]["sha256"][:16], "tokenizer": "org/tiny",
-                                    "tokenizer_revision": "v1", "tokenizer_commit": tokenizer_commit,
-                                    "tokenizer_fingerprint": "abc", "n_samples": 3}))
+    tokens, metas = [], {}
+    for name, rows in (("pool", 3), ("warmup", 2)):
+        table = TokenTable(np.arange(4 * rows) % 7, np.arange(0, 4 * rows + 1, 4), np.tile([0, 1, 1, 0], rows) > 0)
         tokens.append(tmp_path / f"{name}.tokens.npz")
-        tokens[-1].touch()  # the command reads the sidecars; the arrays only have to exist
-    (tmp_path / "pool.loss.json").write_text(json.dumps({
-        "model": "org/tiny", "model_revision": "v1", "model_commit": model_commit,
-        "model_fingerprint": f"hub:org/tiny@{model_commit}"}))
-    (tmp_path / "pool.loss.npy").touch()
+        metas[name] = table.save(tokens[-1], {
+            "data": str(data / f"{name}.jsonl"), "data_fingerprint": described[name]["sha256"][:16],
+            "tokenizer": "org/tiny", "tokenizer_revision": "v1", "tokenizer_commit": tokenizer_commit,
+            "tokenizer_fingerprint": "abc"})
+        if name == "pool":
+            losses = np.where(table.loss_mask, 1.5, np.nan).astype(np.float32)
+    save_array(tmp_path / "pool.loss.npy", losses, {
+        "kind": "loss", "model": "org/tiny", "model_revision": "v1", "model_commit": model_commit,
+        "model_fingerprint": f"hub:org/tiny@{model_commit}", "tokens": str(tokens[0]),
+        "tokens_fingerprint": metas["pool"]["fingerprint"]})
     return data, tokens, [tmp_path / "pool.loss.npy"], described
 
 

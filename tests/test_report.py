@@ -247,7 +247,11 @@ def test_bootstrap_recovers_a_planted_difference_and_none_where_there_is_none():
 
 
 def write_world_samples(path: Path, per_family: dict[str, list[float]], nll: float = 1.0) -> Path:
-    path.write_text(json.dumps({"metrics": {}, "average": {}}))
+    """An evaluation JSON (the per-family means) and its per-example file, as the evaluation writes them."""
+    metrics = {f: {"answer_acc": float(np.mean(v)), "response_em": float(np.mean(v)),
+                   "answer_nll": nll + float(np.mean(v))} for f, v in per_family.items()}
+    path.write_text(json.dumps({"metrics": metrics, "average": {
+        m: float(np.mean([x[m] for x in metrics.values()])) for m in ("answer_acc", "response_em", "answer_nll")}}))
     with open(path.with_name(path.name.removesuffix(".json") + ".samples.jsonl"), "w") as fh:
         for f, values in per_family.items():
             for i, v in enumerate(values):
@@ -306,7 +310,8 @@ def test_significance_against_another_baseline(tmp_path, capsys):
 def test_significance_of_benchmark_groups_pools_subtasks(tmp_path):
     def bench(name: str, values: dict[str, list[float]]) -> Path:
         path = tmp_path / name
-        path.write_text("{}")
+        score = float(np.mean([v for vals in values.values() for v in vals]))
+        path.write_text(json.dumps({"metrics": {"mmlu": {"score": score}}, "average": {"score": score}}))
         with open(path.with_name(path.stem + ".samples.jsonl"), "w") as fh:
             for sub, vals in values.items():
                 for i, v in enumerate(vals):

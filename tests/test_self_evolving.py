@@ -128,12 +128,12 @@ def test_a_chunk_of_the_pools_losses_is_the_chunks_rows_and_passes_as_made_on_th
             out = tmp_path / f"{name}.c{index}of3.loss.npy"
             assert main(["chunk", "--tokens", str(pool), "--loss", str(tmp_path / f"{name}.loss.npy"), "--chunks", "3",
                          "--index", str(index), "--out", str(out)]) == 0
-            part, _ = load_array(out, "loss", made_on=(chunk, cmeta))  # refused if made on another table
+            part, _ = load_array(out, "loss", made_on=(chunk, cmeta, ctable))  # refused if made on another table
             whole, _ = load_array(tmp_path / f"{name}.loss.npy", "loss")
             expected = [whole[p] for s in ctable.extras["source_sample"]  # brute force: sample by sample
                         for p in range(table.offsets[s], table.offsets[s + 1])]
             np.testing.assert_array_equal(part, np.asarray(expected, dtype=np.float32))
-        select_file("fixed", chunk, tmp_path / f"round{index}.mask.npy", 0.5,
+        select_file("fixed", chunk, tmp_path / f"round{index}.mask.npy", 1.0,  # a chunk may hold 1 response token
                     base_loss=str(tmp_path / f"base.c{index}of3.loss.npy"),
                     ref_loss=str(tmp_path / f"ref.c{index}of3.loss.npy"))
     # a loss array made on another table is refused: one line, exit 2

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tokenclean import __version__
+from tokenclean.data import TOKEN_CLASSES
 
 
 class ArtifactError(RuntimeError):
@@ -191,7 +193,7 @@ def write_texts(files: dict[str | os.PathLike, str]) -> None:
 def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """The project's one CSV dialect: a header of ``columns`` (default: the first row's keys), ``\\n`` line ends,
     floats with four decimals, a blank where a row lacks a column. Every CSV tokenclean writes goes through here,
-    so they all read back alike (:func:`tokenclean.report.figures.read_csv`)."""
+    so they all read back alike (:func:`read_csv_rows`)."""
     columns = list(rows[0]) if columns is None else columns
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
@@ -214,6 +216,62 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+# The number columns of tokenclean's CSVs (per-task means and stds, counts, differences, kept fractions, score
+# statistics); other columns hold words (method, mask, task, ...) or are not ours and not read. The measures that
+# may not apply (a class the pool lacks) hold "nan" there.
+NUMBER_COLUMN = re.compile(r"^(ratio|round|passes|diff|ci_low|ci_high|p_boot|n_seeds_full|n_[a-z_]+|.+_mean|.+_std"
+                           r"|kept_[a-z]+|precision_[a-z]+|recall_[a-z]+|mean_[a-z_]+|p[0-9]+_score|median_score"
+                           r"|auroc_[a-z_]+)$")
+NOT_APPLICABLE_COLUMN = re.compile(r"^(kept_|precision_|recall_|auroc_)")
+
+
+def read_csv_rows(path: str | os.PathLike, columns: list[str] = ()
+                  ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the rows (each with its line number) of a CSV that tokenclean wrote (:func:`csv_text`): the one
+    reader of them. Checked: ``columns`` present, at least one row, every row as long as the header, and every cell
+    of a number column (:data:`NUMBER_COLUMN`) empty or a finite number, or "nan" where a measure may not apply."""
+    path = require_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = list(reader.fieldnames or [])
+        if not header:
+            raise ArtifactError(f"{path}: empty, expected a CSV table with a header (written by tokenclean)")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise ArtifactError(f"{path}: column {missing[0]!r} missing (not the table this command reads?)")
+        for row in reader:
+            if None in row or None in row.values():
+                raise ArtifactError(f"{path}:{reader.line_num}: expected {len(header)} fields")
+            for column in header:
+                if NUMBER_COLUMN.match(column) and row[column].strip():
+                    csv_number(path, reader.line_num, row, column,
+                               finite=not NOT_APPLICABLE_COLUMN.match(column))
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise ArtifactError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
+    if not rows:
+        raise ArtifactError(f"{path}: no rows")
+    return header, rows
+
+
+def csv_number(path: str | os.PathLike, line: int, row: dict[str, str], column: str, finite: bool = True) -> float:
+    """A field as a float, or a one-line error naming the file, the line and the field (``finite``: NaN refused;
+    an infinity always is)."""
+    text = row[column].strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ArtifactError(f"{path}:{line}: field {column}: expected a number, got {text!r}") from None
+    if math.isinf(value) or (finite and math.isnan(value)):
+        raise ArtifactError(f"{path}:{line}: field {column}: expected a finite number, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,12 +367,14 @@ def save_array(path: str | os.PathLike, array: np.ndarray, meta: dict[str, Any])
 
 
 def load_array(path: str | os.PathLike, kind: str | None = None,
-               made_on: tuple[str | os.PathLike, dict[str, Any]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+               made_on: tuple[str | os.PathLike, dict[str, Any], TokenTable] | None = None
+               ) -> tuple[np.ndarray, dict[str, Any]]:
     """A per-token array and its sidecar; the one place where an array is checked before use.
 
     ``kind`` (``loss``, ``mask`` or ``weights``): the sidecar's recorded kind and the array's dtype must be that kind's.
-    ``made_on`` (the token table's path and sidecar): the array must have been computed on that table (its
-    recorded ``tokens_fingerprint``) and hold one entry per token of it.
+    ``made_on`` (the token table's path, sidecar and table): the array must have been computed on that table (its
+    recorded ``tokens_fingerprint``), hold one entry per token of it, and hold values its kind can have there
+    (:func:`check_values`).
     """
     path = require_file(path)
     meta = read_sidecar(path)
@@ -330,19 +390,74 @@ def load_array(path: str | os.PathLike, kind: str | None = None,
     if kind is not None and not np.issubdtype(array.dtype, KIND_DTYPES[kind]):
         raise ArtifactError(f"{path}: holds {array.dtype} values, expected a {KINDS[kind]}")
     if made_on is not None:
-        tokens, tmeta = made_on
-        if meta.get("tokens_fingerprint") != tmeta.get("fingerprint"):
+        tokens, tmeta, table = made_on
+        if "tokens_fingerprint" not in meta:
+            raise ArtifactError(f"{sidecar_path(path)}: field 'tokens_fingerprint' missing, so nothing says which "
+                                f"token table {path} was made on; re-create it from {tokens}")
+        if meta["tokens_fingerprint"] != tmeta.get("fingerprint"):
             raise ArtifactError(f"{path}: made on {meta.get('tokens')} (fingerprint {meta.get('tokens_fingerprint')}),"
                                 f" not on {tokens} ({tmeta.get('fingerprint')}); re-create it from {tokens}")
-        if array.shape != (tmeta.get("n_tokens"),):
+        if array.shape != (table.n_tokens,):
             raise ArtifactError(f"{path}: holds shape {array.shape}, expected one entry per token of {tokens} "
-                                f"({tmeta.get('n_tokens')})")
+                                f"({table.n_tokens})")
+        if kind is not None:
+            check_values(path, kind, array, table, tokens)
     return array, meta
+
+
+# A loss is -log p >= 0; kernels that fuse the softmax may round a near-certain token's loss a little below zero.
+LOSS_ROUNDING = 1e-4
+
+
+def check_values(path: str | os.PathLike, kind: str, array: np.ndarray, table: TokenTable,
+                 tokens: str | os.PathLike) -> None:
+    """Refuse values an array of ``kind`` cannot hold on ``table``, naming the first such token: a loss finite and
+    at least 0 on every response token (``loss_mask``) and NaN elsewhere; a mask inside ``loss_mask``; a weight
+    finite and at least 0, or NaN (never trained), on response tokens and NaN elsewhere."""
+    response = table.loss_mask
+    if kind == "mask":
+        bad, what = array & ~response, "selects a token outside the response tokens (loss_mask)"
+    elif kind == "loss":
+        inside = ~(np.isfinite(array) & (array >= -LOSS_ROUNDING))
+        bad = (response & inside) | (~response & ~np.isnan(array))
+        what = "holds a non-finite or negative loss on a response token, or a value outside them (NaN expected)"
+    else:
+        bad = (response & ~(np.isnan(array) | (np.isfinite(array) & (array >= 0)))) | (~response & ~np.isnan(array))
+        what = "holds a negative or infinite weight on a response token, or a value outside them (NaN expected)"
+    if np.any(bad):
+        first = int(np.argmax(bad))
+        sample = int(np.searchsorted(table.offsets, first, side="right")) - 1
+        raise ArtifactError(f"{path}: {what}: token {first} (sample {sample}) holds {array[first].item()!r}; "
+                            f"re-create it from {tokens}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # token table
 # ---------------------------------------------------------------------------------------------------------
+def _table_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What makes the members of a token table file wrong before they are converted (a cast would hide it:
+    float token ids truncated, a 0/2 mask read as bool), or None."""
+    ids, offsets, loss_mask = arrays["input_ids"], arrays["offsets"], arrays["loss_mask"]
+    for key, value, ok in (("input_ids", ids, ids.dtype.kind in "iu"), ("offsets", offsets, offsets.dtype.kind in "iu"),
+                           ("loss_mask", loss_mask, loss_mask.dtype == np.bool_)):
+        if value.ndim != 1 or not ok:
+            want = "bool" if key == "loss_mask" else "integer"
+            return f"member '{key}' holds {value.ndim}-d {value.dtype} values, expected 1-d {want}"
+    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        return f"member 'input_ids' holds token id {int(ids.min() if ids.min() < 0 else ids.max())}"
+    n_tokens, n_samples = len(ids), len(offsets) - 1
+    for key, value in arrays.items():
+        if key not in ("input_ids", "offsets", "loss_mask") and (value.ndim != 1 or len(value) not in (n_tokens,
+                                                                                                      n_samples)):
+            return (f"member '{key}' holds shape {value.shape}, expected one entry per token ({n_tokens}) or per "
+                    f"sample ({n_samples})")
+    token_class = arrays.get("token_class")
+    if token_class is not None and len(token_class) and (
+            token_class.dtype.kind not in "iu" or token_class.min() < -1 or token_class.max() >= len(TOKEN_CLASSES)):
+        return f"member 'token_class' holds values outside -1..{len(TOKEN_CLASSES) - 1} (-1: no class)"
+    return None
+
+
 @dataclass
 class TokenTable:
     """Flat ragged token table: sample i is ``input_ids[offsets[i]:offsets[i+1]]``.
@@ -462,10 +577,23 @@ class TokenTable:
         for key in ("input_ids", "offsets", "loss_mask"):
             if key not in arrays:
                 raise ArtifactError(f"{path}: member '{key}' is missing")
+        problem = _table_problem(arrays)
+        if problem:
+            raise ArtifactError(f"{path}: not a valid token table ({problem})")
         try:
             table = cls(arrays.pop("input_ids"), arrays.pop("offsets"), arrays.pop("loss_mask"), arrays)
         except (ArtifactError, ValueError, TypeError) as e:
             raise ArtifactError(f"{path}: not a valid token table ({e})") from None
-        if meta.get("fingerprint") != table.fingerprint():
+        if "fingerprint" not in meta:
+            raise ArtifactError(f"{sidecar_path(path)}: field 'fingerprint' missing; re-create {path} with tokenclean")
+        if meta["fingerprint"] != table.fingerprint():
             raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}")
+        for key, value in (("n_samples", table.n_samples), ("n_tokens", table.n_tokens),
+                           ("n_response_tokens", int(table.loss_mask.sum()))):
+            if key in meta and meta[key] != value:
+                raise ArtifactError(f"{sidecar_path(path)}: field '{key}' says {meta[key]!r}, but {path} holds "
+                                    f"{value}; re-create it with tokenclean")
+        if table.n_samples == 0 or not table.loss_mask.any():
+            raise ArtifactError(f"{path}: holds no {'sample' if table.n_samples == 0 else 'response token'}, so "
+                                "nothing to score or train on; check the data it was made from")
         return table, meta

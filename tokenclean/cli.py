@@ -5,11 +5,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tokenclean import __version__
 from tokenclean.export import FORMATS as EXPORT_FORMATS
@@ -35,10 +36,61 @@ _json_list_arg = _json_of(list, "list")
 
 
 def _limit_arg(text: str) -> int | float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("limit must be positive")
-    return int(value) if value >= 1 and value == int(value) else value
+    """An argparse type: examples per task (an integer of at least 1; more than a task has = all of them) or a
+    fraction of each task below 1."""
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0) or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"must be a whole number of examples or a fraction below 1, got {text!r}")
+    return min(int(value), sys.maxsize) if value >= 1 else value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _ratio_arg(text: str) -> float:
+    """An argparse type: a keep ratio in (0, 1]."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _int_at_most(high: int, parse: Callable[[str], int]) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        value = parse(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+    return check
+
+
+_positive = _int_at_least(1)
+_seed = _int_at_least(0)
+_numpy_seed = _int_at_most(2**32 - 1, _seed)  # lm-eval seeds numpy's legacy generator
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -243,7 +295,7 @@ def cmd_rounds(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenclean", description=__doc__)
+    parser = _Parser(prog="tokenclean", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tokenclean {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, Callable[[argparse.Namespace], None]] = {}
@@ -251,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
         # argparse %-formats help strings (not descriptions): a literal % must be doubled there only
         p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
-        p.add_argument("--threads", type=int, default=None,
+        p.add_argument("--threads", type=_positive, default=None,
                        help="torch threads (the workflow passes the rule's threads)")
         p.set_defaults(func=fn)
         commands[name] = fn
@@ -270,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tokenize", cmd_tokenize, "Tokenize JSON-lines SFT data into a flat token table with loss_mask.")
     p.add_argument("--data", required=True, help="JSON lines with 'messages' or 'prompt'/'completion'")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
-    p.add_argument("--max-length", type=int, required=True, help="truncate samples to this many tokens")
+    p.add_argument("--max-length", type=_int_at_least(2), required=True, help="truncate samples to this many tokens")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
     p.add_argument("--trust-remote-code", action="store_true")
     _add_revision_flag(p)
@@ -280,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
     p.add_argument("--out", required=True, help="output X.loss.npy")
     # the default lives in tokenclean.loss (imported by the command, not here: torch is slow to import)
-    p.add_argument("--token-budget", type=int, help="max padded tokens per batch (default: loss.TOKEN_BUDGET)")
+    p.add_argument("--token-budget", type=_positive, help="max padded tokens per batch (default: loss.TOKEN_BUDGET)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -293,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("chunk", cmd_chunk, "One of N contiguous, near-equal chunks of a token table, or of a loss array made "
                                "on it (self-evolving rounds).")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
-    p.add_argument("--chunks", type=int, required=True, help="how many chunks the table is cut into")
-    p.add_argument("--index", type=int, required=True, help="which chunk, 1-based")
+    p.add_argument("--chunks", type=_positive, required=True, help="how many chunks the table is cut into")
+    p.add_argument("--index", type=_positive, required=True, help="which chunk, 1-based")
     p.add_argument("--loss", default=None, help="a loss array made on --tokens: write the chunk's rows of it "
                                                 "(X.loss.npy) instead of the chunk's token table")
     p.add_argument("--out", required=True, help="output X.tokens.npz (X.loss.npy with --loss)")
@@ -306,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="a mask method of tokenclean.methods (full, random, rho, fixed, "
                                                    "truth_drop_noisy, truth_keep_informative) or of a plug-in "
                                                    "(TOKENCLEAN_PLUGINS)")
-    p.add_argument("--ratio", type=float, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--ratio", type=_ratio_arg, default=1.0, help="fraction of response tokens to keep, in (0, 1]")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random method")
     p.add_argument("--tokens", required=True, help="X.tokens.npz")
     p.add_argument("--base-loss", help="loss file of the base model (rho, fixed)")
     p.add_argument("--ref-loss", help="loss file of the reference model (rho, fixed)")
@@ -319,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="X.mask.npy (default: every response token)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--round", type=int, default=1, help="self-evolving round (1-based) of --rounds")
-    p.add_argument("--rounds", type=int, default=0, help="> 0: train round --round's share of --steps")
+    p.add_argument("--round", type=_positive, default=1, help="self-evolving round (1-based) of --rounds")
+    p.add_argument("--rounds", type=_int_at_least(0), default=0, help="> 0: train round --round's share of --steps")
     p.add_argument("--online", default=None, metavar="METHOD",
                    help="weight the selected tokens during training by an online method: rho1, sstoken, dft, eaft "
                         "(tokenclean/online.py); its per-token record is saved as <out>/weights.npy")
@@ -370,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=_limit_arg, default=None,
                    help="examples per task (an integer), or a fraction of each task below 1 (the paper: 0.99)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_numpy_seed, default=0)
 
     p = add("data", cmd_data, "Bring SFT data into an experiment: pool and warm-up set as validated JSON lines.")
     p.add_argument("--spec", type=_json_arg, required=True,
@@ -412,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
             "with a 95% interval (reads the <eval>.samples.jsonl beside each evaluation JSON).")
     p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files, full_s<seed>.json among them")
     p.add_argument("--metrics", default="answer_acc", help="comma-separated metrics (benchmark suites: score)")
-    p.add_argument("--iters", type=int, help="bootstrap resamples (default: significance.BOOTSTRAP_ITERS)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    p.add_argument("--iters", type=_positive, help="bootstrap resamples (default: significance.BOOTSTRAP_ITERS)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the resampling")
     p.add_argument("--baseline", default="full",
                    help="the row every other is compared with (default full; full+warmup: the fair baseline of the "
                         "rows whose reference saw the warm-up set)")
@@ -442,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", help="pool token table (scores)")
     p.add_argument("--base-loss", help="base model's pool losses (scores)")
     p.add_argument("--ref-loss", help="reference model's pool losses (scores)")
-    p.add_argument("--ratios", type=float, nargs="*", default=[], help="draw the global cut of these keep ratios")
+    p.add_argument("--ratios", type=_ratio_arg, nargs="*", default=[], help="draw the global cut of these keep ratios")
     p.add_argument("--quality", help="cleaning_quality.csv (kept)")
     p.add_argument("--rounds-csv", help="rounds.csv (rounds)")
     p.add_argument("--metric", default="answer_acc", help="the metric of table.csv / rounds.csv (axis label)")
@@ -457,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", nargs="*", default=[], help="<name>.mask.npy files and online runs' "
                    "<model>/weights.npy files made on --tokens (a weight of at least 0.5 counts as kept)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id (to show the tokens' text)")
-    p.add_argument("--samples", type=int, default=12, help="how many samples to show")
+    p.add_argument("--samples", type=_positive, default=12, help="how many samples to show")
     p.add_argument("--trust-remote-code", action="store_true")
     _add_revision_flag(p)
     p.add_argument("--out", required=True, help="output HTML")
@@ -476,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("rounds", cmd_rounds, "The self-evolving curve: average score per round, mean and std over seeds.")
     p.add_argument("evals", nargs="+", help="warmup.json (round 0), <row>_t<t>.json and <row>.json (last round)")
-    p.add_argument("--rounds", type=int, required=True, help="number of rounds (a row's own file is the last)")
+    p.add_argument("--rounds", type=_positive, required=True, help="number of rounds (a row's own file is the last)")
     p.add_argument("--metric", default="answer_acc", help="headline metric (benchmark suites: score)")
     p.add_argument("--models", nargs="*", default=[],
                    help="the warm-up model and the rounds' directories (<row>_t<t>): each round's passes over its "
@@ -544,6 +596,8 @@ def limit_threads(threads: int | None) -> None:
     importing torch: torch takes its thread count from OMP_NUM_THREADS when it starts, so a command that never
     needs it (select, report, ...) starts in a fraction of a second instead of about two."""
     if threads:
+        if threads > (os.cpu_count() or 1):
+            raise ValueError(f"--threads {threads}: more than the {os.cpu_count()} CPUs of this machine")
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:  # already started (a test, or a caller that imported it)
             sys.modules["torch"].set_num_threads(threads)
@@ -561,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     from tokenclean.artifacts import ArtifactError
     from tokenclean.data import DataError
 
-    limit_threads(args.threads)
     try:
+        limit_threads(args.threads)
         check_paths(args)
         args.func(args)
     except (DataError, ArtifactError, ValueError, OSError, FloatingPointError) as e:

@@ -186,7 +186,7 @@ def make_lm(model_dir: str | os.PathLike, device: str | None = None, batch_size:
     ``batch_size`` defaults to 32 (generation with a tiny model is overhead-bound); lm-eval left-pads batched
     generation (the tests check that the generations equal unbatched greedy decoding with plain transformers).
     """
-    from tokenclean.models import pick_device
+    from tokenclean.models import loading, pick_device, require_finite_weights
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
@@ -196,8 +196,12 @@ def make_lm(model_dir: str | os.PathLike, device: str | None = None, batch_size:
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if batch_size is None:
         batch_size = 32
-    return _hflm_class()(pretrained=str(model_dir), tokenizer=load_eval_tokenizer(model_dir), device=str(dev),
-                         dtype=dtype, batch_size=batch_size, add_bos_token=True)
+    tokenizer = load_eval_tokenizer(model_dir)
+    with loading(str(model_dir)):
+        lm = _hflm_class()(pretrained=str(model_dir), tokenizer=tokenizer, device=str(dev), dtype=dtype,
+                           batch_size=batch_size, add_bos_token=True)
+    require_finite_weights(lm.model, str(model_dir))
+    return lm
 
 
 def check_alignment(lm: Any, prompt: str, response: str, answer_span: Sequence[int]) -> None:
@@ -446,7 +450,7 @@ def _benchmark_hflm_class() -> type:
 def make_hf_lm(model: str, **kwargs: Any) -> Any:
     """lm-eval's ``HFLM`` (with :func:`_benchmark_hflm_class`'s two generation settings) for a directory or hub
     id; a model that cannot be loaded is one clear error."""
-    from tokenclean.models import not_loadable
+    from tokenclean.models import loading, require_finite_weights
 
     local = Path(model)
     if model.startswith((".", "/")) and not local.is_dir():
@@ -458,10 +462,10 @@ def make_hf_lm(model: str, **kwargs: Any) -> Any:
     size = kwargs.get("generation_batch_size", GENERATION_BATCH_SIZE)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"model argument generation_batch_size must be a positive integer, got {size!r}")
-    try:
-        return _benchmark_hflm_class()(pretrained=model, **kwargs)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(not_loadable(model, e)) from None
+    with loading(model):
+        lm = _benchmark_hflm_class()(pretrained=model, **kwargs)
+    require_finite_weights(lm.model, model)
+    return lm
 
 
 def check_benchmarks(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

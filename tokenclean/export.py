@@ -83,12 +83,10 @@ def export_file(tokens: str | os.PathLike, out: str | os.PathLike, mask_path: st
     table, tmeta = TokenTable.load(tokens)
     mask, mmeta = None, {}
     if mask_path is not None:
-        mask, mmeta = load_array(mask_path, "mask", made_on=(tokens, tmeta))
-        if np.any(mask & ~table.loss_mask):  # as the trainer: a selection is a subset of the response tokens
-            raise ArtifactError(f"{mask_path}: selects tokens outside the loss_mask of {tokens}")
+        mask, mmeta = load_array(mask_path, "mask", made_on=(tokens, tmeta, table))
     weights, wmeta = None, {}
     if weights_path is not None:
-        weights, wmeta = load_array(weights_path, "weights", made_on=(tokens, tmeta))
+        weights, wmeta = load_array(weights_path, "weights", made_on=(tokens, tmeta, table))
     offsets, columns, counts = export_columns(table, mask, weights, keep_empty)
     if weights is not None:
         trained = columns["labels"] != IGNORE_INDEX

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from tokenclean.artifacts import ArtifactError, TokenTable, save_array
+from tokenclean.artifacts import TokenTable, save_array
 from tokenclean.batching import budget_batches, collate
 
 log = logging.getLogger(__name__)
@@ -200,17 +200,16 @@ def loss_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLike
               revision: str | None = None) -> dict:
     """CLI entry: per-token losses of ``model_name`` on a token table, written with their provenance
     (``revision`` pins a hub model; the commit loaded is recorded either way)."""
-    from tokenclean.models import hub_commit, load_model, model_fingerprint, peak_memory, pick_device
-    from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
+    from tokenclean.models import hub_commit, load_model, model_fingerprint, peak_memory, pick_device, require_ids_fit
+    from tokenclean.tokenization import load_tokenizer, require_tokenizer_of
 
     table, tmeta = TokenTable.load(tokens)
     commit = hub_commit(model_name, revision)
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
-    if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
-        raise ArtifactError(f"{tokens}: tokenized with {tmeta.get('tokenizer')!r}, whose vocabulary differs "
-                            f"from the tokenizer of {model_name!r}; scores would be misaligned")
+    require_tokenizer_of(tokens, tmeta, tokenizer, model_name)
     dev = pick_device(device)
     model = load_model(model_name, dev, dtype, trust_remote_code, commit)
+    require_ids_fit(model, model_name, table.input_ids, tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
     losses = token_losses(model, table, token_budget, pad_id)

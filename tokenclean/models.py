@@ -1,7 +1,9 @@
 """Model loading, saving and the tiny Llama of the embedded world."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +97,47 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
     # a GPU process loads the weights straight onto its GPU, not first into host memory (eight processes of an
     # 8B model would otherwise hold eight copies in RAM at once)
     placed = {"device_map": {"": device}} if device.type == "cuda" else {}
-    try:
+    with loading(name_or_path):
         # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code, use_safetensors=True,
                                                      **pinned, **placed)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(not_loadable(name_or_path, e)) from None
+    require_finite_weights(model, name_or_path)
     return model.to(device)
+
+
+@contextlib.contextmanager
+def loading(name_or_path: str) -> Iterator[None]:
+    """A model that cannot be loaded (missing or unreadable files, a truncated weight file, weights whose shapes do
+    not fit its config, no hub access) is one line naming it; other errors (out of memory, ...) pass through."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        raise FileNotFoundError(not_loadable(name_or_path, e)) from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise FileNotFoundError(not_loadable(name_or_path, e)) from None
+
+
+def require_finite_weights(model: Any, name_or_path: str) -> None:
+    """Refuse a model with a NaN or infinite weight: every loss and generation it gives would be garbage, and a
+    training run on it ends with NaN weights (one pass over the weights, on the device they were loaded to)."""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise ValueError(f"{name_or_path}: weight {name} holds NaN or infinite values; the model is broken "
+                             "(re-create it, or lower the learning rate that made it)")
+
+
+def require_ids_fit(model: Any, name_or_path: str, input_ids: Any, tokens: str | os.PathLike) -> None:
+    """Every token id of a table must have a row in the model's embedding (a table of another tokenizer may not)."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = int(input_ids.max()) if len(input_ids) else -1
+    if largest >= rows:
+        raise ValueError(f"{tokens}: holds token id {largest}, but {name_or_path} embeds only {rows} ids; tokenize "
+                         "the data with this model's tokenizer")
 
 
 def model_fingerprint(name_or_path: str, commit: str | None = None) -> str:

@@ -20,14 +20,26 @@ DEFAULT_MODEL = {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 512, "m
                  "vocab_size": 512, "max_length": 256}
 
 
+def check_model_settings(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model settings over :data:`DEFAULT_MODEL`, each a whole number that makes a model (named when not)."""
+    unknown = set(model_cfg) - set(DEFAULT_MODEL)
+    if unknown:
+        raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_MODEL)})")
+    mc = {**DEFAULT_MODEL, **model_cfg}
+    for key, value in mc.items():
+        low = 2 if key in ("max_length", "max_positions") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"model setting {key} must be a whole number of at least {low}, got {value!r}")
+    if mc["hidden"] % mc["heads"]:
+        raise ValueError(f"model setting hidden ({mc['hidden']}) must be a multiple of heads ({mc['heads']})")
+    return mc
+
+
 def pretrain_base(corpus: str | os.PathLike, out: str | os.PathLike, model_cfg: dict[str, Any],
                   train_cfg: TrainConfig) -> dict[str, Any]:
     from tokenclean.world import build_tokenizer
 
-    unknown = set(model_cfg) - set(DEFAULT_MODEL)
-    if unknown:
-        raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
-    mc = {**DEFAULT_MODEL, **model_cfg}
+    mc = check_model_settings(model_cfg)
     records = read_jsonl(corpus)
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer = build_tokenizer((r.messages[0].content for r in records), tok_dir, mc["vocab_size"])

@@ -1,9 +1,10 @@
 """What made an experiment's results, in one file: the data's sha256, the token tables' tokenizer and data
 fingerprints, the base model's id, pinned revision and the commit actually loaded, and the package versions.
 
-Everything is read from what the jobs recorded (the data files and the artifacts' sidecars), never resolved
-again: a hub branch may have moved since, and the point is to name what was used. Commits that disagree
-between artifacts (an unpinned ``main`` that moved between jobs) are listed as a warning.
+Everything is read from what the jobs recorded (the data files and the artifacts' sidecars, each checked against
+the file it describes), never resolved again: a hub branch may have moved since, and the point is to name what
+was used. Commits that disagree between artifacts (an unpinned ``main`` that moved between jobs) are listed as a
+warning.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tokenclean.artifacts import ArtifactError, atomic_file, read_json, sha256_file, sidecar_path
+from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array, read_json, sha256_file
 
 # distribution names of the packages whose versions change results
 PACKAGES = ("tokenclean", "torch", "transformers", "peft", "lm_eval", "datasets", "tokenizers")
@@ -35,13 +36,6 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    side = sidecar_path(path)
-    if not side.exists():
-        raise ArtifactError(f"{side}: file not found (the sidecar of {path})")
-    return read_json(side)
-
-
 def gather(data_dir: str | os.PathLike, tokens: list[str | os.PathLike], losses: list[str | os.PathLike],
            base_model: str, revision: str | None = None) -> dict[str, Any]:
     """The provenance record of one experiment (see the module docstring)."""
@@ -59,8 +53,19 @@ def gather(data_dir: str | os.PathLike, tokens: list[str | os.PathLike], losses:
             if described[name].get("sha256") not in (None, entry["sha256"]):
                 raise ArtifactError(f"{path}: its sha256 differs from the one in {data_dir / 'data.json'}")
         data[name] = entry
-    token_tables = {str(p): {k: _sidecar(p).get(k) for k in TOKEN_KEYS} for p in tokens}
-    loss_files = {str(p): {k: _sidecar(p).get(k) for k in LOSS_KEYS} for p in losses}
+    loaded = {str(p): TokenTable.load(p) for p in tokens}  # each checked against its sidecar: what it describes
+    token_tables = {p: {k: meta.get(k) for k in TOKEN_KEYS} for p, (_, meta) in loaded.items()}
+    by_fingerprint = {meta["fingerprint"]: (p, table, meta) for p, (table, meta) in loaded.items()}
+    loss_files = {}
+    for p in losses:
+        _, meta = load_array(p, "loss")
+        if meta.get("tokens_fingerprint") not in by_fingerprint:
+            raise ArtifactError(f"{p}: made on a token table ({meta.get('tokens')}, fingerprint "
+                                f"{meta.get('tokens_fingerprint')}) that is none of --tokens ({', '.join(loaded)}); "
+                                "give the tables its losses were made on")
+        table_path, table, table_meta = by_fingerprint[meta["tokens_fingerprint"]]
+        load_array(p, "loss", made_on=(table_path, table_meta, table))
+        loss_files[str(p)] = {k: meta.get(k) for k in LOSS_KEYS}
     commits = sorted({t["tokenizer_commit"] for t in token_tables.values() if t["tokenizer_commit"]}
                      | {m["model_commit"] for m in loss_files.values() if m["model_commit"]})
     by_sha = {entry["sha256"][:16]: name for name, entry in data.items()}

@@ -150,7 +150,8 @@ def select_rho(score: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray, ra
     """
     r = _ratio_fraction(ratio)
     counts = response_counts(loss_mask, offsets)
-    quota = (r.numerator * counts) // r.denominator
+    lengths, where = np.unique(counts, return_inverse=True)  # Python ints: a tiny ratio's denominator is huge
+    quota = np.array([(r.numerator * int(n)) // r.denominator for n in lengths], dtype=np.int64)[where]
     first = np.cumsum(counts) - counts  # each sample's first index among the response tokens
     values = score[loss_mask]
     keep = np.zeros(len(values), dtype=bool)
@@ -194,11 +195,31 @@ def select(method: str, table: TokenTable, ratio: float = 1.0, seed: int = 0,
     return mask
 
 
-def load_losses(tmeta: dict[str, Any], tokens: str | os.PathLike, base_loss: str | os.PathLike,
+def require_some_dropped_and_kept(mask: np.ndarray, table: TokenTable, tokens: str | os.PathLike, method: str,
+                                  ratio: float) -> None:
+    """A selection that keeps no token, or every token where a ratio below 1 asked for fewer, is no selection: a
+    table row trained on it would silently be no training, or full SFT under another name."""
+    from tokenclean.methods import get
+
+    n, kept = int(table.loss_mask.sum()), int(mask.sum())
+    if kept == 0:
+        if not get(method).takes_ratio:
+            raise ValueError(f"{tokens}: method {method!r} keeps none of its {n} response tokens")
+        per_sample = (f"; rho keeps floor(ratio x n_i) of each sample, whose largest n_i is "
+                      f"{int(response_counts(table.loss_mask, table.offsets).max())}" if method == "rho" else "")
+        raise ValueError(f"--ratio {ratio}: method {method!r} keeps none of the {n} response tokens of {tokens}"
+                         f"{per_sample}; raise --ratio")
+    if get(method).takes_ratio and ratio < 1 and kept == n:
+        raise ValueError(f"--ratio {ratio}: method {method!r} keeps all {n} response tokens of {tokens}, though the "
+                         "ratio asks for fewer")
+
+
+def load_losses(tokens: str | os.PathLike, tmeta: dict[str, Any], table: TokenTable, base_loss: str | os.PathLike,
                 ref_loss: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The base and reference loss arrays, checked to be computed on ``tokens``; and their provenance."""
-    base, bmeta = load_array(base_loss, "loss", made_on=(tokens, tmeta))
-    ref, rmeta = load_array(ref_loss, "loss", made_on=(tokens, tmeta))
+    """The base and reference loss arrays, checked to be computed on ``tokens`` (``table``, sidecar ``tmeta``);
+    and their provenance."""
+    base, bmeta = load_array(base_loss, "loss", made_on=(tokens, tmeta, table))
+    ref, rmeta = load_array(ref_loss, "loss", made_on=(tokens, tmeta, table))
     provenance = {"base_model": bmeta.get("model"), "base_model_fingerprint": bmeta.get("model_fingerprint"),
                   "ref_model": rmeta.get("model"), "ref_model_fingerprint": rmeta.get("model_fingerprint")}
     return base, ref, provenance
@@ -217,7 +238,7 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
     if {"base_loss", "ref_loss"} & set(get(method).needs):
         if base_loss is None or ref_loss is None:
             raise ValueError(f"method {method!r} needs --base-loss and --ref-loss")
-        base, ref, provenance = load_losses(tmeta, tokens, base_loss, ref_loss)
+        base, ref, provenance = load_losses(tokens, tmeta, table, base_loss, ref_loss)
         score = scores(base, ref, table.loss_mask)
         meta.update(provenance)
     try:
@@ -226,6 +247,7 @@ def select_file(method: str, tokens: str | os.PathLike, out: str | os.PathLike, 
         if get(method).ground_truth:  # the token table lacks what the method reads: name it
             raise ValueError(f"{tokens}: {e}") from None
         raise
+    require_some_dropped_and_kept(mask, table, tokens, method, ratio)
     meta.update(n_response_tokens=int(table.loss_mask.sum()), n_selected=int(mask.sum()),
                 n_samples_without_selected=int(np.count_nonzero(np.add.reduceat(mask, table.offsets[:-1]) == 0))
                 if table.n_samples else 0)

@@ -65,7 +65,14 @@ def _from_hub(name: str, split: str, revision: str | None, limit: int | None,
 def load_source(spec: dict[str, Any], key: str = "data.pool") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The records of one source (validated) and a description of where they came from; ``key`` names the
     source's place in the config for error messages."""
+    if not isinstance(spec, dict):
+        raise DataError(f"{key} must be an object with 'path' or 'hub', got {spec!r}")
+    unknown = sorted(set(spec) - {"path", "hub", "split", "revision", "limit", "first_of_pool"})
+    if unknown:
+        raise DataError(f"{key} has an unknown key {unknown[0]!r} (path, hub, split, revision, limit)")
     limit = spec.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"{key}.limit must be a whole number of records, at least 1, or null; got {limit!r}")
     if "path" in spec:
         return _from_file(spec["path"], limit), {"path": str(spec["path"]), "limit": limit}
     if "hub" in spec:
@@ -91,11 +98,16 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
     """Write ``pool.jsonl``, ``warmup.jsonl`` and ``data.json`` (sources, record counts, sha256) into ``out_dir``."""
     if "pool" not in spec or "warmup" not in spec:
         raise DataError("the data section needs a 'pool' and a 'warmup' source")
+    unknown = sorted(set(spec) - {"pool", "warmup"})
+    if unknown:
+        raise DataError(f"the data section has an unknown key {unknown[0]!r} (it holds 'pool' and 'warmup')")
     pool, pool_from = load_source(spec["pool"], "data.pool")
     if not pool:
         raise DataError(f"the pool source {pool_from} holds no records")
-    if "first_of_pool" in spec["warmup"]:
-        n = int(spec["warmup"]["first_of_pool"])
+    if isinstance(spec["warmup"], dict) and "first_of_pool" in spec["warmup"]:
+        n = spec["warmup"]["first_of_pool"]
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise DataError(f"data.warmup.first_of_pool must be a whole number of records, got {n!r}")
         if not 0 < n <= len(pool):
             raise DataError(f"data.warmup.first_of_pool = {n}, but the pool holds {len(pool)} records")
         warmup, warmup_from = pool[:n], {"first_of_pool": n}

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import TokenTable, fingerprint_bytes, fingerprint_file, sha256_file
+from tokenclean.artifacts import ArtifactError, TokenTable, fingerprint_bytes, fingerprint_file, sha256_file
 from tokenclean.data import TOKEN_CLASSES, DataError, Record, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no eos token; set one before tokenizing SFT data")
     return tok
+
+
+def require_tokenizer_of(tokens: str | os.PathLike, tmeta: dict[str, Any], tokenizer: Any, model_name: str) -> None:
+    """A token table is used with a model only if it was made with that model's tokenizer (else scores and
+    training would read every id as another token)."""
+    if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
+        raise ArtifactError(f"{tokens}: tokenized with {tmeta.get('tokenizer')!r}, whose vocabulary differs from the "
+                            f"tokenizer of {model_name!r}; re-tokenize the data with the model's tokenizer")
 
 
 @dataclass(frozen=True)
@@ -341,7 +349,7 @@ def chunk_file(tokens: str | os.PathLike, chunks: int, index: int, out: str | os
     where = {"source": str(tokens), "source_fingerprint": meta["fingerprint"], "chunk": index, "chunks": chunks}
     if loss is None:
         return chunk.save(Path(out), {**meta, **where})
-    losses, lmeta = load_array(loss, "loss", made_on=(tokens, meta))
+    losses, lmeta = load_array(loss, "loss", made_on=(tokens, meta, table))
     first, last = chunk.extras["source_sample"][[0, -1]]  # a chunk is contiguous
     part = losses[table.offsets[first]:table.offsets[last + 1]]
     kept = {k: v for k, v in lmeta.items() if k not in ("dtype", "shape", "fingerprint", "tokenclean_version")}

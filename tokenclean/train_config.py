@@ -5,6 +5,8 @@ torch: the light jobs (select, report, ...) then start in a fraction of a second
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 # How a LoRA adapter is merged and saved: float32 (the official runs' merge script loads the base in float32,
@@ -47,21 +49,42 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
-            raise ValueError("set steps > 0, or steps = 0 and epochs > 0")
+        """Refuse, naming the field, any value no run can mean (a NaN learning rate trains to NaN weights without
+        an error; a negative one ascends the loss)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(f.type)]
+            if not isinstance(value, kind) or (str(f.type) != "bool" and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {KIND_WORDS[str(f.type)]}, got {value!r}")
+        if (self.steps < 0 or not math.isfinite(self.epochs) or self.epochs < 0
+                or (self.steps == 0 and self.epochs == 0)):
+            raise ValueError(f"set steps > 0, or steps = 0 and epochs > 0 (got steps {self.steps}, epochs "
+                             f"{self.epochs})")
         if self.loss_normalization not in ("step", "micro_batch"):
             raise ValueError(f"unknown loss_normalization {self.loss_normalization!r} (step, micro_batch)")
-        if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be >= 0 (0 = no checkpoints)")
-        if self.pack_length < 0:
-            raise ValueError("pack_length must be >= 0 (0 = no packing)")
-        if self.batch_size < 1 or self.micro_batch_size < 0:
-            raise ValueError("batch_size must be >= 1 and micro_batch_size >= 0")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_epsilon <= 0:
-            raise ValueError("adam_beta1 and adam_beta2 must be in [0, 1) and adam_epsilon > 0")
         if self.merge_dtype not in MERGE_DTYPES:
             raise ValueError(f"unknown merge_dtype {self.merge_dtype!r} ({', '.join(MERGE_DTYPES)})")
+        for name, low, what in (("batch_size", 1, "1"), ("log_every", 1, "1"), ("micro_batch_size", 0, "0"),
+                                ("pack_length", 0, "0 (0 = no packing)"), ("seed", 0, "0"), ("lora_r", 0, "0"),
+                                ("checkpoint_every", 0, "0 (0 = no checkpoints)")):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {what}, got {getattr(self, name)}")
+        for name, low, high, what in (("lr", 0, None, "a finite number above 0"),
+                                      ("adam_epsilon", 0, None, "a finite number above 0"),
+                                      ("lora_alpha", 0, None, "a finite number above 0"),
+                                      ("weight_decay", None, None, "a finite number of at least 0"),
+                                      ("max_grad_norm", None, None, "a finite number of at least 0 (0 = no clipping)"),
+                                      ("warmup_ratio", None, 1, "in [0, 1)"), ("adam_beta1", None, 1, "in [0, 1)"),
+                                      ("adam_beta2", None, 1, "in [0, 1)"), ("lora_dropout", None, 1, "in [0, 1)")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0 and (low is None or value > low)
+                    and (high is None or value < high)):
+                raise ValueError(f"{name} must be {what}, got {value}")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales every weight by 1 - lr * weight_decay each step
+            raise ValueError(f"weight_decay x lr must be below 1 (AdamW multiplies the weights by 1 - lr x "
+                             f"weight_decay every step), got weight_decay {self.weight_decay:g} at lr {self.lr:g}")
+
+
+KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}

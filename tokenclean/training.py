@@ -121,6 +121,10 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     targets = [t for t in targets if t in present]
     if not targets:
         raise ValueError(f"none of the LoRA targets {cfg.lora_targets!r} exist in this model")
+    widths = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+              if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")]
+    if widths and cfg.lora_r > max(widths):  # an adapter wider than its layer is a full-rank update, at more cost
+        raise ValueError(f"lora_r {cfg.lora_r} exceeds the width of every LoRA target layer (at most {max(widths)})")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -438,7 +442,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         if log_file:
             log_file.close()
     if not math.isfinite(last_loss):
-        raise FloatingPointError("training loss is not finite; lower the learning rate")
+        raise FloatingPointError(f"training loss is not finite after {total_steps} steps at lr {cfg.lr:g}; lower lr")
     if sharded:  # process 0 saves a plain copy with the full weights
         model = distributed.full_model(forward, model) or model
     if cfg.lora_r > 0 and merge:
@@ -525,19 +529,17 @@ def _global_record(online: Online, world: int, device: torch.device) -> dict[str
 
 
 def load_online(name: str, params: dict[str, Any] | None, tokens: str | os.PathLike, tmeta: dict[str, Any],
-                mask: np.ndarray, arrays: dict[str, str | os.PathLike | None]) -> Online:
+                table: TokenTable, arrays: dict[str, str | os.PathLike | None]) -> Online:
     """An online method ready to train: parameters checked (:func:`tokenclean.online.resolve`), and the
     per-token arrays it needs (``arrays``: name -> path, e.g. ``ref_loss``) loaded as loss arrays made on
-    ``tokens`` and finite on every token of ``mask``. One-line errors name the flag or the file."""
+    ``tokens`` (``table``; finite on every response token). One-line errors name the flag or the file."""
     from tokenclean.online import ONLINE_METHODS, require_arrays, resolve
 
     resolved = resolve(name, params)
     require_arrays(name, arrays)
     loaded = {}
     for key in ONLINE_METHODS[name].arrays:
-        values, _ = load_array(arrays[key], "loss", made_on=(tokens, tmeta))
-        if not np.all(np.isfinite(values[mask])):
-            raise ArtifactError(f"{arrays[key]}: not finite on every selected token")
+        values, _ = load_array(arrays[key], "loss", made_on=(tokens, tmeta, table))  # finite on every response token
         loaded[key] = values.astype(np.float32, copy=False)
     return Online(name, resolved, loaded)
 
@@ -563,21 +565,30 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     (:mod:`tokenclean.online`) with ``online_params`` and its per-token ``arrays`` (name -> path); its record
     of what each token received is saved as ``<out>/weights.npy`` (kind ``weights``, see :func:`weights_meta`)."""
     from tokenclean.artifacts import atomic_dir
-    from tokenclean.models import hub_commit, load_model, model_fingerprint, pick_device, write_model_dir
-    from tokenclean.tokenization import load_tokenizer, tokenizer_fingerprint
+    from tokenclean.models import (
+        hub_commit,
+        load_model,
+        model_fingerprint,
+        pick_device,
+        require_ids_fit,
+        write_model_dir,
+    )
+    from tokenclean.tokenization import load_tokenizer, require_tokenizer_of
 
     table, tmeta = TokenTable.load(tokens)
     mask, mmeta = ((table.loss_mask.copy(), {}) if mask_path is None
-                   else load_array(mask_path, "mask", made_on=(tokens, tmeta)))
+                   else load_array(mask_path, "mask", made_on=(tokens, tmeta, table)))
+    if not mask.any():
+        raise ValueError(f"{mask_path}: selects no token at all; nothing to train on")
     arrays = arrays or {}
-    method = load_online(online, online_params, tokens, tmeta, mask, arrays) if online else None
+    method = load_online(online, online_params, tokens, tmeta, table, arrays) if online else None
     commit = hub_commit(model_name, revision)
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
-    if tokenizer_fingerprint(tokenizer) != tmeta.get("tokenizer_fingerprint"):
-        raise ArtifactError(f"{tokens}: tokenized with a different tokenizer than that of {model_name!r}")
+    require_tokenizer_of(tokens, tmeta, tokenizer, model_name)
     distributed.check_sharding(cfg.lora_r)  # before the model loads
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
+    require_ids_fit(model, model_name, table.input_ids, tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     resume_dir = Path(f"{out}.resume")  # survives a killed job (not an output of the rule)
     start = model_fingerprint(model_name, commit)

@@ -40,6 +40,7 @@ Splits (each drawn from its own seeded stream, so resizing one leaves the others
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import string
@@ -260,13 +261,19 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown world settings: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_WORLD)})")
     p = {**DEFAULT_WORLD, **params}
+    for key, low in (("seed", 0), ("pretrain_docs", 1), ("warmup_samples", 1), ("pool_samples", 1),
+                     ("eval_samples", 1), ("junk_vocab", 1), ("entities", 2), ("novel_entities", 2)):
+        if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < low:
+            raise ValueError(f"world setting {key} must be a whole number of at least {low}, got {p[key]!r}")
+    for key in ("corrupt_rate", "garbage_rate"):
+        if isinstance(p[key], bool) or not isinstance(p[key], (int, float)) or not 0.0 <= p[key] <= 1.0:
+            raise ValueError(f"world setting {key} must be a number in [0, 1], got {p[key]!r}")
     mix = p["corpus_mix"]
     if (not isinstance(mix, dict) or set(mix) - set(DEFAULT_WORLD["corpus_mix"])
-            or any(float(v) < 0 for v in mix.values()) or sum(map(float, mix.values())) <= 0):
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                   for v in mix.values()) or sum(mix.values()) <= 0):
         raise ValueError(f"world setting corpus_mix must map some of {', '.join(DEFAULT_WORLD['corpus_mix'])} "
                          f"to non-negative shares with a positive sum, got {mix}")
-    if int(p["entities"]) < 2:
-        raise ValueError(f"world setting entities must be at least 2, got {p['entities']}")
     if not isinstance(p["capitals_in_corpus"], bool):
         raise ValueError(f"world setting capitals_in_corpus must be true or false, got {p['capitals_in_corpus']!r}")
     parts = _check_parts(p["phrasing_parts"])
@@ -275,22 +282,15 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"world setting phrasings must be an integer from 1 to {n_forms}, got {p['phrasings']!r}")
     if not isinstance(p["multiple_choice"], bool):
         raise ValueError(f"world setting multiple_choice must be true or false, got {p['multiple_choice']!r}")
-    if int(p["novel_entities"]) < 2:
-        raise ValueError(f"world setting novel_entities must be at least 2, got {p['novel_entities']}")
     bad = [f for f in p["families"] if f not in FAMILIES]
     if bad or not p["families"]:
         raise ValueError(f"world families must be a non-empty subset of {', '.join(FAMILIES)}; got {p['families']}")
     if all(f in POOL_ONLY for f in p["families"]):
         raise ValueError(f"world families must include one the warm-up set can hold (not only {', '.join(POOL_ONLY)}); "
                          f"got {p['families']}")
-    for key in ("corrupt_rate", "garbage_rate"):
-        if not 0.0 <= float(p[key]) <= 1.0:
-            raise ValueError(f"world setting {key} must be in [0, 1], got {p[key]}")
-    for key in ("pretrain_docs", "warmup_samples", "pool_samples", "eval_samples", "junk_vocab"):
-        if int(p[key]) < 1:
-            raise ValueError(f"world setting {key} must be at least 1, got {p[key]}")
-    lo, hi = p["junk_words"]
-    if not 1 <= lo <= hi:
+    words = p["junk_words"]
+    if (not isinstance(words, list) or len(words) != 2 or any(isinstance(w, bool) or not isinstance(w, int)
+                                                              for w in words) or not 1 <= words[0] <= words[1]):
         raise ValueError(f"world setting junk_words must be [min, max] with 1 <= min <= max, got {p['junk_words']}")
     return p
 

@@ -23,8 +23,6 @@ side by side (methods as rows, a column pair per world, "–" where a world lack
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections import Counter
@@ -32,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenclean.artifacts import ArtifactError, csv_text, require_file, write_texts
+from tokenclean.artifacts import ArtifactError, csv_number, csv_text, read_csv_rows, require_file, write_texts
 from tokenclean.data import INFORMATIVE_CLASSES, TOKEN_CLASSES
 from tokenclean.methods import parse_run
 from tokenclean.report.table import LOWER_IS_BETTER, METRIC_LABELS, ground_truth_row, metric_csv, metric_format
@@ -71,46 +69,6 @@ def parse_world(text: str) -> tuple[str, Path]:
 # ---------------------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------------------
-def read_rows(path: str | os.PathLike, columns: list[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """The header and the rows (each with its line number) of a CSV that tokenclean wrote, checked to have
-    ``columns`` and a value for every header field on every line."""
-    path = require_file(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
-    try:
-        header = list(reader.fieldnames or [])
-        if not header:
-            raise ArtifactError(f"{path}: empty, expected a CSV with a header ({WRITER.get(path.name, 'tokenclean')})")
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ArtifactError(f"{path}: column {missing[0]!r} missing (not a {path.name} of "
-                                f"{WRITER.get(path.name, 'tokenclean')}?)")
-        for row in reader:
-            if None in row or None in row.values():
-                raise ArtifactError(f"{path}:{reader.line_num}: expected {len(header)} fields")
-            rows.append((reader.line_num, row))
-    except csv.Error as e:
-        raise ArtifactError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
-    return header, rows
-
-
-def number(path: Path, line: int, row: dict[str, str], column: str, finite: bool = True) -> float:
-    """A field as a float, or a one-line error naming the file, the line and the field (``finite``: NaN and
-    infinities refused; else "nan" passes, as cleaning_quality.csv writes it for a class the pool lacks)."""
-    text = row[column].strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise ArtifactError(f"{path}:{line}: field {column}: expected a number, got {text!r}") from None
-    if finite and not math.isfinite(value):
-        raise ArtifactError(f"{path}:{line}: field {column}: expected a finite number, got {text!r}")
-    return value
-
-
 def row_key(path: Path, line: int, name: str, ratio: str = "") -> tuple[str, str]:
     """(method, ratio) of a row; ``name`` a method (with ``ratio`` beside it) or a run / mask name."""
     try:
@@ -152,13 +110,13 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
     table_path, sig_path, quality_path = results / TABLE, results / SIGNIFICANCE, results / QUALITY
     for path in (table_path, sig_path, quality_path):
         require_file(path)
-    header, table_rows = read_rows(table_path, ["method", "ratio", "n_seeds", "average_mean", "average_std"])
-    _, sig_rows = read_rows(sig_path, ["method", "ratio", "metric", "task", "diff", "ci_low", "ci_high"])
+    header, table_rows = read_csv_rows(table_path, ["method", "ratio", "n_seeds", "average_mean", "average_std"])
+    _, sig_rows = read_csv_rows(sig_path, ["method", "ratio", "metric", "task", "diff", "ci_low", "ci_high"])
     if metric is None:
         metric = headline_metric(results, header, sig_rows)
     elif metric in other_metrics(results, header):  # not the headline: its own table
         table_path = metric_csv(table_path, metric)
-        _, table_rows = read_rows(table_path, ["method", "ratio", "n_seeds", "average_mean", "average_std"])
+        _, table_rows = read_csv_rows(table_path, ["method", "ratio", "n_seeds", "average_mean", "average_std"])
     world = World(name, results, metric)
 
     for line, r in table_rows:
@@ -171,8 +129,8 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
             raise ArtifactError(f"{table_path}:{line}: field n_seeds: expected a whole number, got "
                                 f"{r['n_seeds']!r}") from None
         world.rows[key] = {"world": name, "method": key[0], "ratio": key[1], "ground_truth": ground_truth_row(key[0]),
-                           "metric": world.metric, "mean": number(table_path, line, r, "average_mean"),
-                           "std": number(table_path, line, r, "average_std"), "n_seeds": n_seeds}
+                           "metric": world.metric, "mean": csv_number(table_path, line, r, "average_mean"),
+                           "std": csv_number(table_path, line, r, "average_std"), "n_seeds": n_seeds}
     if not world.rows:
         raise ArtifactError(f"{table_path}: no rows")
 
@@ -190,10 +148,11 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
         if key not in world.rows:
             raise ArtifactError(f"{sig_path}:{line}: row {' '.join(key).strip()} is not in {table_path} (files of "
                                 "two different runs?)")
-        lo, hi = number(sig_path, line, r, "ci_low"), number(sig_path, line, r, "ci_high")
+        lo, hi = csv_number(sig_path, line, r, "ci_low"), csv_number(sig_path, line, r, "ci_high")
         # the file's own verdict (made before its values were rounded to 4 decimals), else read off the interval
         significant = {"True": True, "False": False}.get(r.get("significant", ""), lo > 0 or hi < 0)
-        world.rows[key].update(diff=number(sig_path, line, r, "diff"), ci_low=lo, ci_high=hi, significant=significant)
+        world.rows[key].update(diff=csv_number(sig_path, line, r, "diff"), ci_low=lo, ci_high=hi,
+                               significant=significant)
     for key, row in world.rows.items():
         if key[0] == BASELINE:
             row["diff"] = 0.0  # the reference: no interval
@@ -201,7 +160,7 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
             raise ArtifactError(f"{sig_path}: no row for {' '.join(key).strip()} ({world.metric}, task average), "
                                 f"which {table_path} has (files of two different runs?)")
 
-    _, quality_rows = read_rows(quality_path, ["mask"] + [f"kept_{c}" for c in CLASSES])
+    _, quality_rows = read_csv_rows(quality_path, ["mask"] + [f"kept_{c}" for c in CLASSES])
     kept: dict[tuple[str, str], list[dict[str, float]]] = {}
     names: set[str] = set()
     for line, r in quality_rows:
@@ -212,7 +171,7 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
         if key not in world.rows:
             raise ArtifactError(f"{quality_path}:{line}: selection {r['mask']!r} belongs to no row of {table_path} "
                                 "(files of two different runs?)")
-        kept.setdefault(key, []).append({c: number(quality_path, line, r, f"kept_{c}", finite=False)
+        kept.setdefault(key, []).append({c: csv_number(quality_path, line, r, f"kept_{c}", finite=False)
                                          for c in CLASSES})
     for key, selections in kept.items():
         world.rows[key]["n_selections"] = len(selections)

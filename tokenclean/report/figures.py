@@ -10,15 +10,13 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from typing import Any
 
 import numpy as np
 
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, reading, require_file
+from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, read_csv_rows, reading
 from tokenclean.data import TOKEN_CLASSES
 from tokenclean.report.table import LOWER_IS_BETTER, METRIC_LABELS
 
@@ -48,18 +46,8 @@ def _save(fig: Any, out_png: str | os.PathLike) -> None:
 
 
 def read_csv(path: str | os.PathLike, columns: list[str] = ()) -> list[dict[str, str]]:
-    """The rows of a CSV this package wrote, checked to have ``columns``."""
-    try:
-        text = require_file(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    if not rows:
-        raise ArtifactError(f"{path}: no rows")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise ArtifactError(f"{path}: column {missing[0]!r} missing")
-    return rows
+    """The rows of a CSV this package wrote, checked to have ``columns`` (artifacts.read_csv_rows)."""
+    return [row for _, row in read_csv_rows(path, columns)[1]]
 
 
 def _metric_label(metric: str) -> str:
@@ -96,7 +84,7 @@ def plot_scores(tokens: str | os.PathLike, base_loss: str | os.PathLike, ref_los
     from tokenclean.selection import keep_count, kth_largest, load_losses, scores
 
     table, meta = TokenTable.load(tokens)
-    base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
+    base, ref, _ = load_losses(tokens, meta, table, base_loss, ref_loss)
     score = scores(base, ref, table.loss_mask)
     resp = table.loss_mask
     values = score[resp].astype(np.float64)

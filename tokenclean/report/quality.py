@@ -37,7 +37,7 @@ def _in_classes(token_class: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
 KEPT_THRESHOLD = 0.5
 
 
-def load_kept(path: str | os.PathLike, tokens: str | os.PathLike, tmeta: dict[str, Any]
+def load_kept(path: str | os.PathLike, tokens: str | os.PathLike, tmeta: dict[str, Any], table: TokenTable
               ) -> tuple[str, np.ndarray, str]:
     """A selection over the token table ``tokens`` as a kept fraction per token in [0, 1]: (its name, float64[N],
     ``mask`` or ``weights``).
@@ -46,13 +46,14 @@ def load_kept(path: str | os.PathLike, tokens: str | os.PathLike, tmeta: dict[st
     by its run): each token's weight averaged over the passes that trained it, 0 where it was never trained
     (NaN in the file). A weight outside [0, 1] is refused: it cannot be read as a kept fraction.
     """
-    if read_sidecar(require_file(path)).get("kind") == "weights":
-        weights, _ = load_array(path, "weights", made_on=(tokens, tmeta))
+    meta = read_sidecar(require_file(path))  # older sidecars record no kind: their dtype says which
+    if meta.get("kind", "weights" if str(meta.get("dtype", "")).startswith("float") else "mask") == "weights":
+        weights, _ = load_array(path, "weights", made_on=(tokens, tmeta, table))
         trained = np.isfinite(weights)
         if np.any(trained & ((weights < 0) | (weights > 1))):
             raise ArtifactError(f"{path}: holds weights outside [0, 1], which cannot be read as a kept fraction")
         return Path(path).parent.name, np.where(trained, weights, 0.0).astype(np.float64), "weights"
-    keep, _ = load_array(path, "mask", made_on=(tokens, tmeta))
+    keep, _ = load_array(path, "mask", made_on=(tokens, tmeta, table))
     return Path(path).name.removesuffix(".mask.npy"), keep.astype(np.float64), "mask"
 
 
@@ -92,7 +93,7 @@ def quality_table(tokens: str | os.PathLike, selections: list[str | os.PathLike]
     table, meta, token_class = labelled_table(tokens)
     rows = []
     for path in selections:
-        name, kept, record = load_kept(path, tokens, meta)
+        name, kept, record = load_kept(path, tokens, meta, table)
         try:
             counts = class_counts(token_class, table.loss_mask, kept if record == "weights" else kept > 0)
         except ArtifactError as e:
@@ -140,7 +141,7 @@ def separation_table(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     from tokenclean.selection import load_losses, scores
 
     table, meta, token_class = labelled_table(tokens)
-    base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
+    base, ref, _ = load_losses(tokens, meta, table, base_loss, ref_loss)
     scores(base, ref, table.loss_mask)  # every response token has finite losses
     return separation_rows(token_class, table.loss_mask, base, ref)
 

@@ -19,6 +19,7 @@ keyed by subtask and doc id; a group pools its subtasks, which is lm-eval's size
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 from tokenclean.artifacts import ArtifactError, csv_text, reading, require_file, write_texts
 from tokenclean.evaluation import samples_path
-from tokenclean.report.table import LOWER_IS_BETTER, metric_format, parse_run_name
+from tokenclean.report.table import LOWER_IS_BETTER, metric_format, parse_run_name, read_eval
 
 BASELINE = "full"
 # Bootstrap resamples (`tokenclean significance --iters`; the workflow's is the config schema's
@@ -47,6 +48,8 @@ def load_samples(eval_json: str | os.PathLike, metric: str) -> dict[str, dict[An
     require_file(path)
     out: dict[str, dict[Any, float]] = defaultdict(dict)
     for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
         with reading(f"{path}:{n}"):
             try:
                 row = json.loads(line.decode("utf-8"))
@@ -69,7 +72,15 @@ def load_samples(eval_json: str | os.PathLike, metric: str) -> dict[str, dict[An
                 raise ArtifactError(f"{path}:{n}: field 'family' or 'task' missing")
             if value is None:
                 raise ArtifactError(f"{path}:{n}: field {metric!r} missing")
+            if isinstance(key, list) or (isinstance(key, tuple) and any(isinstance(k, list) for k in key)):
+                raise ArtifactError(f"{path}:{n}: field doc_id: expected a number or text, got {key!r}")
+            if key in out[task]:
+                raise ArtifactError(f"{path}:{n}: example {key!r} of task {task} appears twice")
+            if isinstance(value, str) or not math.isfinite(float(value)):
+                raise ArtifactError(f"{path}:{n}: field {metric!r}: expected a finite number, got {value!r}")
             out[task][key] = float(value)
+    if not out:
+        raise ArtifactError(f"{path}: holds no examples; re-run the evaluation of {eval_json}")
     return dict(out)
 
 
@@ -114,6 +125,10 @@ def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: i
     base_key = next((k for k in groups if k[0] == baseline), None)
     if base_key is None:
         raise ValueError(f"no {baseline}*.json among the evaluations: nothing to compare with")
+    if len(groups) == 1:
+        raise ValueError(f"only {baseline}'s evaluations were given: nothing to compare with it; add the other rows'")
+    for f in eval_files:  # each a finished evaluation that reports the metric (its samples are read below)
+        read_eval(f, metric)
 
     def seed_mean(files: list[Path]) -> dict[str, dict[Any, float]]:
         per_seed = [load_samples(f, metric) for f in files]

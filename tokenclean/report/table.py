@@ -45,19 +45,57 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+# Metrics that are fractions (accuracies and rates): a value outside [0, 1] cannot be one of them.
+FRACTION_METRICS = ("answer_acc", "mc_acc", "mix_acc", "response_em")
+
+
+def metric_value(path: str | os.PathLike, field: str, metric: str, value: Any) -> float:
+    """One metric of an evaluation file as a float: a finite number, within [0, 1] for a fraction and at least 0
+    for a negative log-likelihood; else a one-line error naming the file and the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{path}: field {field}: expected a finite number, got {value!r}")
+    if (metric in FRACTION_METRICS and not 0 <= value <= 1) or (metric.endswith("_nll") and value < 0):
+        raise ValueError(f"{path}: field {field}: {value!r} cannot be a {metric} "
+                         f"({'a fraction in [0, 1]' if metric in FRACTION_METRICS else 'a loss, at least 0'})")
+    return float(value)
+
+
+def check_metrics(path: str | os.PathLike, field: str, values: dict[str, Any]) -> None:
+    """Every metric of an evaluation's task (or average) a number it can be (:func:`metric_value`); a benchmark's
+    ``subtasks`` likewise, and its ``n_examples`` a count."""
+    for name, value in values.items():
+        if name == "subtasks" and isinstance(value, dict):
+            for sub, v in value.items():
+                metric_value(path, f"{field}.subtasks.{sub}", "score", v)
+        elif name == "n_examples":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{path}: field {field}.n_examples: expected a count, got {value!r}")
+        else:
+            metric_value(path, f"{field}.{name}", name, value)
+
+
 def read_eval(path: str | os.PathLike, metric: str) -> tuple[dict[str, Any], dict[str, float]]:
     """An evaluation JSON and its ``metric`` per task and on average (key ``average``), checked to hold ``metric``
-    for every task and on average."""
+    for at least one task, every task and on average, each value a number it can be (:func:`metric_value`)."""
     result = read_json(path)
     with reading(path):
-        if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+        if (not isinstance(result, dict) or not isinstance(result.get("metrics"), dict)
+                or not isinstance(result.get("average", {}), dict)):
             raise ValueError(f"{path}: expected an evaluation result with a 'metrics' object")
+        if not result["metrics"]:
+            raise ValueError(f"{path}: field metrics holds no task (an evaluation of nothing); re-run the evaluation")
+        bad = [task for task, m in result["metrics"].items() if not isinstance(m, dict)]
+        if bad:
+            raise ValueError(f"{path}: field metrics.{bad[0]}: expected an object of metrics")
+        for task, values in [*result["metrics"].items(), ("", result.get("average", {}))]:
+            check_metrics(path, f"metrics.{task}" if task else "average", values)
         missing = [task for task, m in result["metrics"].items() if metric not in m]
         if missing or metric not in result.get("average", {}):
             field = f"metrics.{missing[0]}.{metric}" if missing else f"average.{metric}"
             raise ValueError(f"{path}: field {field} missing (this evaluation does not report {metric!r})")
-        scores = {task: float(m[metric]) for task, m in result["metrics"].items()}
-        scores["average"] = float(result["average"][metric])
+        scores = {task: metric_value(path, f"metrics.{task}.{metric}", metric, m[metric])
+                  for task, m in result["metrics"].items()}
+        scores["average"] = metric_value(path, f"average.{metric}", metric, result["average"][metric])
     return result, scores
 
 
@@ -74,7 +112,7 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
         with reading(f):
             for extra in SECONDARY:
                 if extra != metric and extra in result["average"]:
-                    scores[f"average_{extra}"] = float(result["average"][extra])
+                    scores[f"average_{extra}"] = metric_value(f, f"average.{extra}", extra, result["average"][extra])
         runs[(method, ratio)].append(scores)
     rows = []
     for (method, ratio), seeds in runs.items():
@@ -108,11 +146,20 @@ def training_record(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / "tokenclean.json"
     meta = read_json(path)
     with reading(path):
-        record = {"steps": int(meta["steps"]), "batch_size": int(meta["train_config"]["batch_size"]),
-                  "samples": int(meta["samples_used"]) + int(meta["samples_without_selected_tokens"]),
-                  "seconds": float(meta["seconds"])}
+        record = {"steps": meta["steps"], "batch_size": meta["train_config"]["batch_size"],
+                  "samples": meta["samples_used"] + meta["samples_without_selected_tokens"],
+                  "seconds": meta["seconds"]}
+        for key in ("steps", "batch_size", "samples"):
+            if isinstance(record[key], bool) or not isinstance(record[key], int):
+                raise ValueError(f"{path}: field {key}: expected a whole number, got {record[key]!r}")
         if record["samples"] < 1:
             raise ValueError(f"{path}: trained on no samples")
+        if record["steps"] < 1 or record["batch_size"] < 1:
+            raise ValueError(f"{path}: fields steps and train_config.batch_size must be at least 1, got "
+                             f"{record['steps']} and {record['batch_size']}")
+        seconds = record["seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+            raise ValueError(f"{path}: field seconds: expected a number of at least 0, got {seconds!r}")
     return {**record, "passes": passes(record["steps"], record["batch_size"], record["samples"])}
 
 

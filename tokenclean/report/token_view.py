@@ -129,11 +129,11 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
     if n_samples < 1:
         raise ValueError(f"samples must be at least 1, got {n_samples}")
     table, meta = TokenTable.load(tokens)
-    base, ref, _ = load_losses(meta, tokens, base_loss, ref_loss)
+    base, ref, _ = load_losses(tokens, meta, table, base_loss, ref_loss)
     score = scores(base, ref, table.loss_mask)
     keeps, names, online = [], [], []
     for path in masks:
-        name, kept, record = load_kept(path, tokens, meta)
+        name, kept, record = load_kept(path, tokens, meta, table)
         keeps.append(kept)
         names.append(name)
         online.append(record == "weights")
