@@ -1092,7 +1092,7 @@ def outcome(case: Case, inputs: dict[str, Path], table: TokenTable, tmp: Path) -
     if code == 2:
         if case.expect == "accept":
             return f"refused a harmless input: {errors}"
-        if len(errors) != 1 or "Traceback" in err:
+        if len(errors) != 1 or "Traceback" in err or any(line.startswith("usage:") for line in err.splitlines()):
             return f"not one error line: {err.strip()[-600:]}"
         line = errors[0]
         command = argv[0]
@@ -1114,3 +1114,21 @@ def outcome(case: Case, inputs: dict[str, Path], table: TokenTable, tmp: Path) -
     except (Wrong, ArtifactError, KeyError, ValueError, OSError) as e:
         return f"accepted, but the output is wrong: {type(e).__name__}: {e}"
     return None
+
+
+def count_table(all_cases: list[Case]) -> str:
+    """The Markdown table of generated cases per command that docs/guarantees.md shows (a test keeps them equal)."""
+    rows = ["| command | cases | inputs mutated | option values | must refuse | must accept | either |",
+            "|---|---|---|---|---|---|---|"]
+    for c in COMMANDS:
+        mine = [x for x in all_cases if x.command is c]
+        inputs = sum(1 for x in mine if x.target and not x.is_option)
+        options = sum(1 for x in mine if x.is_option)
+        expect = {e: sum(1 for x in mine if x.expect == e) for e in ("refuse", "accept", "either")}
+        rows.append(f"| {c.name} | {len(mine)} | {inputs} | {options} | {expect['refuse']} | {expect['accept']} "
+                    f"| {expect['either']} |")
+    total = {e: sum(1 for x in all_cases if x.expect == e) for e in ("refuse", "accept", "either")}
+    rows.append(f"| **all** | **{len(all_cases)}** | {sum(1 for x in all_cases if x.target and not x.is_option)} "
+                f"| {sum(1 for x in all_cases if x.is_option)} | {total['refuse']} | {total['accept']} "
+                f"| {total['either']} |")
+    return "\n".join(rows)
