@@ -871,7 +871,8 @@ TRAIN_OPTIONS = (Option("steps", "int", "2", at_least(0), long_when_huge=True),
                  Option("adam_beta2", "float", "0.999", in_range(0, 1, closed_high=False)),
                  Option("adam_epsilon", "float", "1e-8", finite_at_least(0, strict=True)),
                  Option("micro_batch_size", "int", "0", at_least(0)), Option("pack_length", "int", "0", at_least(0)),
-                 Option("checkpoint_every", "int", "0", at_least(0)), Option("lora_r", "int", "0", at_least(0)),
+                 Option("checkpoint_every", "int", "0", at_least(0)),
+                 Option("lora_r", "int", "0", at_least(0), long_when_huge=True),  # a huge adapter: a huge run
                  Option("log_every", "int", "1", at_least(1)), Option("seed", "int", "0", at_least(0)),
                  Option("threads", "int", "1", at_least(1)))
 

@@ -19,6 +19,7 @@ def captured(monkeypatch) -> list[dict]:
     class FakeLM:
         def __init__(self, **kwargs):
             made.append(kwargs)
+            self.model = torch.nn.Linear(2, 2)  # HFLM's loaded model, whose weights the loader checks
 
     def fake_run(lm, tm, tasks, **_):
         return {"results": {t: {"acc,none": 0.5} for t in tasks}, "samples": {}, "n-samples": {}}

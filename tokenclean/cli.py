@@ -596,8 +596,9 @@ def limit_threads(threads: int | None) -> None:
     importing torch: torch takes its thread count from OMP_NUM_THREADS when it starts, so a command that never
     needs it (select, report, ...) starts in a fraction of a second instead of about two."""
     if threads:
-        if threads > (os.cpu_count() or 1):
-            raise ValueError(f"--threads {threads}: more than the {os.cpu_count()} CPUs of this machine")
+        if threads > (os.cpu_count() or 1):  # more would only oversubscribe (e.g. snakemake --cores above the CPUs)
+            log.warning("--threads %d: this machine has %d CPUs; using %d", threads, os.cpu_count(), os.cpu_count())
+            threads = os.cpu_count() or 1
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:  # already started (a test, or a caller that imported it)
             sys.modules["torch"].set_num_threads(threads)
