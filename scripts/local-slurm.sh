@@ -10,8 +10,8 @@
 # Everything lives under $TOKENCLEAN_SLURM_DIR (default .cache/local-slurm/ of the repository, git-ignored): the
 # munge key it creates, slurm.conf, state, spool, logs, pid files and bin/ (the Slurm commands, each with
 # SLURM_CONF set to this cluster's slurm.conf); `stop` removes that folder. It runs as the
-# invoking user (root or not): SlurmUser is that user, and jobs run as that user. Partition `local`, node
-# `localnode`. No accounting daemon (slurmdbd): job status comes from squeue, which knows finished jobs for
+# invoking user (root or not): SlurmUser is that user, and jobs run as that user. Partition `local` (MaxTime one
+# day), node `localnode`. No accounting daemon (slurmdbd): job status comes from squeue, which knows finished jobs for
 # MinJobAge (300 s) after they end. Ports: 6817/6818 unless TOKENCLEAN_SLURM_PORTS="CTLD SLURMD" names others.
 set -euo pipefail
 
@@ -29,8 +29,7 @@ pid_alive() { local pid; pid="$(cat "$1" 2>/dev/null)" && [ -n "$pid" ] && kill 
 # Wait (at most $2 seconds) for the process of pid file $1 to end.
 wait_gone() {
     local pid i
-    [ -f "$1" ] || return 0
-    pid="$(cat "$1")"
+    pid="$(cat "$1" 2>/dev/null)" || return 0
     for ((i = 0; i < $2 * 10; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
     return 1
 }
@@ -38,9 +37,8 @@ wait_gone() {
 # Stop the daemon of pid file $1 (TERM, then KILL after 10 s): only the process this script started.
 stop_daemon() {
     local pid
-    [ -f "$1" ] || return 0
-    pid="$(cat "$1")"
-    if kill -0 "$pid" 2>/dev/null; then
+    pid="$(cat "$1" 2>/dev/null)" || return 0
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
         wait_gone "$1" 10 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$1" 5 || true; }
     fi
@@ -128,11 +126,11 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 MailProg=/bin/true
-# cores and memory are what jobs are scheduled by; a request beyond the node is refused at sbatch
+# cores and memory are what jobs are scheduled by: sbatch refuses a request beyond the node (memory, CPUs, GPUs)
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-# a partition limit (MaxTime) is refused at sbatch too, instead of queueing the job forever
-EnforcePartLimits=ALL
+# Slurm's default EnforcePartLimits=NO, as on many clusters: a job beyond the partition's MaxTime is accepted and
+# waits forever (PENDING, PartitionTimeLimit); the workflow's own check (tokenclean/slurm.py) stops it first
 # finished jobs stay visible to squeue this long (the executor plugin reads their state there)
 MinJobAge=300
 # a cancelled or requeued job gets SIGTERM, then SIGKILL 5 s later
@@ -142,7 +140,7 @@ SlurmdTimeout=60
 InactiveLimit=0
 JobRequeue=1
 $node_line State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=1-00:00:00 State=UP
 EOF
     # The Slurm commands with this cluster's config: the jobstep executor plugin runs each job's command with
     # `srun` after removing every SLURM_* variable from its environment (SLURM_CONF included), so inside a job
