@@ -26,11 +26,10 @@ die() { echo "local-slurm: error: $*" >&2; exit 2; }
 
 pid_alive() { local pid; pid="$(cat "$1" 2>/dev/null)" && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
-# Wait (at most $2 seconds) for the process of pid file $1 to end.
+# Wait (at most $2 seconds) for process $1 to end.
 wait_gone() {
-    local pid i
-    pid="$(cat "$1" 2>/dev/null)" || return 0
-    for ((i = 0; i < $2 * 10; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
     return 1
 }
 
@@ -40,7 +39,7 @@ stop_daemon() {
     pid="$(cat "$1" 2>/dev/null)" || return 0
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
-        wait_gone "$1" 10 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$1" 5 || true; }
+        wait_gone "$pid" 10 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
     fi
     rm -f "$1"
 }
@@ -111,7 +110,8 @@ SlurmUser=$user
 SlurmdUser=$slurmd_user
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+# cred_expire: how long a requeued job waits before it starts again (Slurm's default 120 s)
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid

@@ -1,0 +1,223 @@
+"""profiles/slurm against a real Slurm: the one-node cluster of scripts/local-slurm.sh (docs/slurm.md).
+
+Every job goes through sbatch, the executor plugin polls squeue, jobs run under slurmd with srun: the smoke
+experiment gives the local run's table, and the faults a cluster brings are tested, each against the real
+controller: a training job cancelled mid-run (scancel) resumes from its checkpoint, a job Slurm requeues leaves no
+half-written output, and a job beyond the cluster stops the run before anything is submitted.
+
+Skipped when no local cluster runs (start one: `scripts/local-slurm.sh start`); under CI, which starts one
+(.ci/run sets TOKENCLEAN_REQUIRE_SLURM=1), a missing cluster is a failure. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.snakemake_plan import plan, to_run
+from tests.test_workflow import snakemake
+
+pytestmark = pytest.mark.slow  # each test runs Snakemake through Slurm: the smoke run takes minutes
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+CLUSTER = Path(os.environ.get("TOKENCLEAN_SLURM_DIR", ROOT / ".cache" / "local-slurm"))
+PROFILES = ["--profile", str(ROOT / "profiles" / "slurm"), "--profile", str(ROOT / "profiles" / "local-slurm")]
+LOCAL_RULES = {"all", "report", "rounds_report", "provenance"}  # rules/report.smk: on the submitting machine
+TARGET = "results/smoke/models/sft/full_s1"
+# one SFT job long enough to be interrupted, with checkpoints (as tests/test_workflow.py's local resume test)
+LONGER = "sft:\n  train: {steps: 120, batch_size: 8, lr: 0.001, checkpoint_every: 20}\n"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, str]:
+    """The environment that reaches the local cluster (its Slurm commands first on PATH)."""
+    script = ROOT / "scripts" / "local-slurm.sh"
+    proc = subprocess.run([str(script), "status"], capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        reason = f"no local Slurm cluster is running ({proc.stdout.strip()}; docs/slurm.md)"
+        if os.environ.get("TOKENCLEAN_REQUIRE_SLURM") == "1":
+            pytest.fail(reason + ", and TOKENCLEAN_REQUIRE_SLURM=1 (CI starts one: .ci/run)")
+        pytest.skip(reason)
+    return {**os.environ, "PATH": f"{CLUSTER / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
+def slurm(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=30, check=True)
+    return proc.stdout
+
+
+def start(work: Path, env: dict[str, str], *args: str, overrides: Path | None = None) -> subprocess.Popen:
+    """Snakemake through profiles/slurm (+ profiles/local-slurm) on the smoke config, in its own session."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+           *PROFILES, "--configfile", str(SMOKE), *([str(overrides)] if overrides else []), *args]
+    log = open(work.parent / f"{work.name}.snakemake.log", "w")  # noqa: SIM115  (closed by finish)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, work: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Wait at most `timeout` s; past it, stop Snakemake (SIGTERM: it cancels its Slurm jobs) and whatever of its
+    run is still in the queue, and fail."""
+    log = work.parent / f"{work.name}.snakemake.log"
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        run = re.search(r"SLURM run ID: (\S+)", log.read_text())
+        if run:
+            subprocess.run(["scancel", "--name", run.group(1)], env=env, timeout=30, check=False)
+        pytest.fail(f"snakemake through Slurm did not end within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    return proc.returncode, log.read_text()
+
+
+def sbatch_logs(work: Path) -> dict[str, list[Path]]:
+    """The executor plugin's log of every sbatch job (profiles/local-slurm keeps them), by rule."""
+    logs: dict[str, list[Path]] = {}
+    for path in sorted((work / ".snakemake" / "slurm_logs").rglob("*.log")):
+        rule = path.relative_to(work / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_")
+        logs.setdefault(rule, []).append(path)
+    return logs
+
+
+def test_the_smoke_experiment_through_slurm_gives_the_local_table(cluster, smoke_run, tmp_path):
+    """`snakemake --profile profiles/slurm --profile profiles/local-slurm --configfile configs/smoke.yaml`: every
+    job but the report's local rules is its own sbatch job, and the tables are the local run's, byte for byte."""
+    work = tmp_path / "work"
+    work.mkdir()
+    began = time.monotonic()
+    rc, out = finish(start(work, cluster), work, cluster, timeout=1500)
+    assert rc == 0, out[-4000:]
+    print(f"smoke through Slurm: {time.monotonic() - began:.0f} s")
+    planned = to_run(plan(tmp_path / "plan", SMOKE))
+    logs = sbatch_logs(work)
+    assert {rule: len(paths) for rule, paths in logs.items()} == \
+        {rule: n for rule, n in planned.items() if rule not in LOCAL_RULES}
+    job_ids = [p.stem for paths in logs.values() for p in paths]
+    assert len(set(job_ids)) == len(job_ids) == sum(planned.values()) - len(LOCAL_RULES & set(planned))
+    results = work / "results" / "smoke"
+    for name in ("table.csv", "table.md", "table.tex", "significance.csv", "rounds.csv"):
+        assert (results / name).read_bytes() == (smoke_run / name).read_bytes(), f"{name} differs from the local run"
+
+
+@pytest.fixture(scope="module")
+def straight(smoke_run, tmp_path_factory) -> Path:
+    """The longer SFT job run locally without interruption: the weights every interrupted run must end with."""
+    work = with_inputs(smoke_run, tmp_path_factory.mktemp("straight"))
+    proc = snakemake(work, TARGET, overrides=work.parent / "longer.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / TARGET
+
+
+def with_inputs(smoke_run: Path, where: Path) -> Path:
+    """A workdir holding the SFT job's inputs, copied from the smoke run (mtimes kept: they count as done)."""
+    work = where / "work"
+    for rel in ("world", "models/base", "tokens/pool.tokens.npz", "tokens/pool.tokens.json", "masks/full.mask.npy",
+                "masks/full.mask.json"):
+        dst = work / "results" / "smoke" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (smoke_run / rel).is_dir() else shutil.copy2)(smoke_run / rel, dst)
+    (where / "longer.yaml").write_text(LONGER)
+    return work
+
+
+def running_sft_job(work: Path, env: dict[str, str], proc: subprocess.Popen) -> str:
+    """The Slurm id of the SFT job, once it has written its first checkpoint (at most 600 s)."""
+    state = work / f"{TARGET}.resume" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not state.exists():
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("the SFT job ended (or never started) before its first checkpoint; raise the steps in LONGER")
+    jobs = [line.split("|") for line in slurm(env, "squeue", "-h", "-t", "running", "-o", "%i|%k").split()]
+    ids = [i for i, comment in jobs if comment == "rule_sft_wildcards_full_s1"]
+    assert len(ids) == 1, jobs
+    return ids[0]
+
+
+def assert_resumed_to_the_straight_weights(work: Path, straight: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    log = (work / "results" / "smoke" / "logs" / "sft" / "full_s1.log").read_text()
+    resumed = re.findall(r"resuming from \S+ at step (\d+)", log)
+    assert resumed and int(resumed[-1]) > 0, f"the job started over instead of resuming:\n{log[-2000:]}"
+    target = work / TARGET
+    assert not (work / f"{TARGET}.resume").exists()
+    assert [p.name for p in target.parent.iterdir()] == ["full_s1"]  # no temporary of the killed job left
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(target / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_job_cancelled_on_slurm_resumes_to_the_uninterrupted_weights(cluster, smoke_run, straight,
+                                                                                  tmp_path):
+    """scancel the SFT job after its first checkpoint: Snakemake sees it CANCELLED (squeue), submits it again
+    (profiles/slurm: retries 1), and the new job resumes from the checkpoint and saves exactly the weights of the
+    uninterrupted run."""
+    work = with_inputs(smoke_run, tmp_path)
+    proc = start(work, cluster, TARGET, overrides=tmp_path / "longer.yaml")
+    job = running_sft_job(work, cluster, proc)
+    slurm(cluster, "scancel", job)
+    rc, out = finish(proc, work, cluster, timeout=900)
+    assert rc == 0, out[-4000:]
+    assert re.search(rf"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'", out), out[-3000:]
+    assert len(sbatch_logs(work)["sft"]) == 2  # the cancelled job and its second submission
+    assert_resumed_to_the_straight_weights(work, straight)
+
+
+def test_a_requeued_training_job_leaves_no_half_written_output(cluster, smoke_run, straight, tmp_path):
+    """scontrol requeue the SFT job mid-run: Slurm kills it and later starts the same job again. While it waits
+    in the queue nothing is at the output path (the trainer writes a temporary beside it and renames it when
+    done); the rerun resumes from the checkpoint and saves the uninterrupted run's weights, with no temporary
+    left."""
+    work = with_inputs(smoke_run, tmp_path)
+    proc = start(work, cluster, TARGET, overrides=tmp_path / "longer.yaml")
+    job = running_sft_job(work, cluster, proc)
+    slurm(cluster, "scontrol", "requeue", job)
+    deadline = time.monotonic() + 120
+    state = ""
+    while time.monotonic() < deadline:  # killed, back in the queue
+        state = slurm(cluster, "squeue", "-h", "-j", job, "-o", "%T").strip()
+        if state == "PENDING":
+            break
+        time.sleep(0.2)
+    assert state == "PENDING", state
+    assert not (work / TARGET).exists()  # nothing half-written where the rule's output goes
+    rc, out = finish(proc, work, cluster, timeout=900)
+    assert rc == 0, out[-4000:]
+    assert [p.stem for p in sbatch_logs(work)["sft"]] == [job]  # one sbatch job: Slurm ran it again itself
+    assert_resumed_to_the_straight_weights(work, straight)
+
+
+def node_memory_mb(env: dict[str, str]) -> int:
+    return max(int(m) for m in slurm(env, "sinfo", "-h", "-N", "-p", "local", "-o", "%m").split())
+
+
+@pytest.mark.parametrize("resource", ["mem_mb", "runtime"])
+def test_a_job_beyond_the_cluster_stops_the_run_before_anything_is_submitted(cluster, resource, tmp_path):
+    """A training job asking for more memory than the node has (sbatch would refuse it, but only when submitted,
+    after the jobs it waits for), or for more time than the partition allows (Slurm would accept it and keep it
+    PENDING forever, reason PartitionTimeLimit): the run stops while planning, one line naming the rule, the
+    resource and the limit, exit 2, no job in the queue."""
+    value = node_memory_mb(cluster) + 1 if resource == "mem_mb" else 1441  # the partition's MaxTime: one day
+    work = tmp_path / "work"
+    work.mkdir()
+    rc, out = finish(start(work, cluster, "--set-resources", f"sft:{resource}={value}"), work, cluster, timeout=180)
+    errors = [line for line in out.splitlines() if line.startswith("slurm error:")]
+    assert rc == 2, out[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"slurm error: rule sft asks for {resource}={value} "), out
+    assert ("MaxTime" if resource == "runtime" else "MB of memory") in errors[0]
+    assert "set-resources: sft:" in errors[0]
+    assert "has been submitted" not in out and not (work / ".snakemake" / "slurm_logs").exists()
