@@ -57,7 +57,7 @@ def slurm(env: dict[str, str], *args: str) -> str:
 def start(work: Path, env: dict[str, str], *args: str, overrides: Path | None = None) -> subprocess.Popen:
     """Snakemake through profiles/slurm (+ profiles/local-slurm) on the smoke config, in its own session."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
-           *PROFILES, "--configfile", str(SMOKE), *([str(overrides)] if overrides else []), *args]
+           *args, *PROFILES, "--configfile", str(SMOKE), *([str(overrides)] if overrides else [])]
     log = open(work.parent / f"{work.name}.snakemake.log", "w")  # noqa: SIM115  (closed by finish)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
@@ -139,7 +139,8 @@ def running_sft_job(work: Path, env: dict[str, str], proc: subprocess.Popen) -> 
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if not state.exists():
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail("the SFT job ended (or never started) before its first checkpoint; raise the steps in LONGER")
     jobs = [line.split("|") for line in slurm(env, "squeue", "-h", "-t", "running", "-o", "%i|%k").split()]
     ids = [i for i, comment in jobs if comment == "rule_sft_wildcards_full_s1"]
