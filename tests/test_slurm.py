@@ -10,6 +10,7 @@ Skipped when no local cluster runs (start one: `scripts/local-slurm.sh start`); 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -32,8 +33,8 @@ CLUSTER = Path(os.environ.get("TOKENCLEAN_SLURM_DIR", ROOT / ".cache" / "local-s
 PROFILES = ["--profile", str(ROOT / "profiles" / "slurm"), "--profile", str(ROOT / "profiles" / "local-slurm")]
 LOCAL_RULES = {"all", "report", "rounds_report", "provenance"}  # rules/report.smk: on the submitting machine
 TARGET = "results/smoke/models/sft/full_s1"
-# one SFT job long enough to be interrupted, with checkpoints (as tests/test_workflow.py's local resume test)
-LONGER = "sft:\n  train: {steps: 120, batch_size: 8, lr: 0.001, checkpoint_every: 20}\n"
+# one SFT job long enough to be interrupted mid-run (about 4 s of training here), with checkpoints
+LONGER = "sft:\n  train: {steps: 600, batch_size: 8, lr: 0.001, checkpoint_every: 20}\n"
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +55,47 @@ def slurm(env: dict[str, str], *args: str) -> str:
     return proc.stdout
 
 
-def start(work: Path, env: dict[str, str], *args: str, overrides: Path | None = None) -> subprocess.Popen:
-    """Snakemake through profiles/slurm (+ profiles/local-slurm) on the smoke config, in its own session."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
-           *args, *PROFILES, "--configfile", str(SMOKE), *([str(overrides)] if overrides else [])]
-    log = open(work.parent / f"{work.name}.snakemake.log", "w")  # noqa: SIM115  (closed by finish)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+class Workflow:
+    """Snakemake through profiles/slurm (+ profiles/local-slurm) on the smoke config, in its own session; as a
+    context manager, it never outlives the test: whatever of it still runs is stopped, its jobs cancelled."""
 
+    def __init__(self, work: Path, env: dict[str, str], *args: str, overrides: Path | None = None):
+        self.work, self.env, self.log = work, env, work.parent / f"{work.name}.snakemake.log"
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+               *args, *PROFILES, "--configfile", str(SMOKE), *([str(overrides)] if overrides else [])]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.pid = self.proc.pid
 
-def finish(proc: subprocess.Popen, work: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Wait at most `timeout` s; past it, stop Snakemake (SIGTERM: it cancels its Slurm jobs) and whatever of its
-    run is still in the queue, and fail."""
-    log = work.parent / f"{work.name}.snakemake.log"
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
+    def __enter__(self) -> Workflow:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM (Snakemake cancels its jobs), SIGKILL 60 s later; then whatever of its run is still queued."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGCONT)
+            os.killpg(self.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        run = re.search(r"SLURM run ID: (\S+)", log.read_text())
+            os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+        run = re.search(r"SLURM run ID: (\S+)", self.log.read_text())
         if run:
-            subprocess.run(["scancel", "--name", run.group(1)], env=env, timeout=30, check=False)
-        pytest.fail(f"snakemake through Slurm did not end within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-    return proc.returncode, log.read_text()
+            subprocess.run(["scancel", "--name", run.group(1)], env=self.env, timeout=30, check=False)
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        """Its exit status and output, waiting at most `timeout` s (then it is stopped and the test fails)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"snakemake through Slurm did not end within {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+        return self.proc.returncode, self.log.read_text()
 
 
 def sbatch_logs(work: Path) -> dict[str, list[Path]]:
@@ -97,7 +113,8 @@ def test_the_smoke_experiment_through_slurm_gives_the_local_table(cluster, smoke
     work = tmp_path / "work"
     work.mkdir()
     began = time.monotonic()
-    rc, out = finish(start(work, cluster), work, cluster, timeout=1500)
+    with Workflow(work, cluster) as run:
+        rc, out = run.finish(timeout=1500)
     assert rc == 0, out[-4000:]
     print(f"smoke through Slurm: {time.monotonic() - began:.0f} s")
     planned = to_run(plan(tmp_path / "plan", SMOKE))
@@ -139,8 +156,6 @@ def running_sft_job(work: Path, env: dict[str, str], proc: subprocess.Popen) -> 
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if not state.exists():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail("the SFT job ended (or never started) before its first checkpoint; raise the steps in LONGER")
     jobs = [line.split("|") for line in slurm(env, "squeue", "-h", "-t", "running", "-o", "%i|%k").split()]
     ids = [i for i, comment in jobs if comment == "rule_sft_wildcards_full_s1"]
@@ -168,10 +183,10 @@ def test_a_training_job_cancelled_on_slurm_resumes_to_the_uninterrupted_weights(
     (profiles/slurm: retries 1), and the new job resumes from the checkpoint and saves exactly the weights of the
     uninterrupted run."""
     work = with_inputs(smoke_run, tmp_path)
-    proc = start(work, cluster, TARGET, overrides=tmp_path / "longer.yaml")
-    job = running_sft_job(work, cluster, proc)
-    slurm(cluster, "scancel", job)
-    rc, out = finish(proc, work, cluster, timeout=900)
+    with Workflow(work, cluster, TARGET, overrides=tmp_path / "longer.yaml") as run:
+        job = running_sft_job(work, cluster, run.proc)
+        slurm(cluster, "scancel", job)
+        rc, out = run.finish(timeout=900)
     assert rc == 0, out[-4000:]
     assert re.search(rf"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'", out), out[-3000:]
     assert len(sbatch_logs(work)["sft"]) == 2  # the cancelled job and its second submission
@@ -179,27 +194,41 @@ def test_a_training_job_cancelled_on_slurm_resumes_to_the_uninterrupted_weights(
 
 
 def test_a_requeued_training_job_leaves_no_half_written_output(cluster, smoke_run, straight, tmp_path):
-    """scontrol requeue the SFT job mid-run: Slurm kills it and later starts the same job again. While it waits
-    in the queue nothing is at the output path (the trainer writes a temporary beside it and renames it when
-    done); the rerun resumes from the checkpoint and saves the uninterrupted run's weights, with no temporary
-    left."""
+    """The SFT job dies at once mid-run (SIGKILL to every process of the job: a node lost, an out-of-memory kill;
+    nothing can clean up) and Slurm requeues it (scontrol requeue: as with --requeue after a node failure). While
+    it waits in the queue nothing is at the output path (the trainer writes a temporary beside it and renames it
+    when done); Slurm starts the same job again, which resumes from the checkpoint and saves the uninterrupted
+    run's weights, with no temporary left."""
     work = with_inputs(smoke_run, tmp_path)
-    proc = start(work, cluster, TARGET, overrides=tmp_path / "longer.yaml")
-    job = running_sft_job(work, cluster, proc)
-    slurm(cluster, "scontrol", "requeue", job)
-    deadline = time.monotonic() + 120
-    state = ""
-    while time.monotonic() < deadline:  # killed, back in the queue
-        state = slurm(cluster, "squeue", "-h", "-j", job, "-o", "%T").strip()
-        if state == "PENDING":
-            break
-        time.sleep(0.2)
-    assert state == "PENDING", state
-    assert not (work / TARGET).exists()  # nothing half-written where the rule's output goes
-    rc, out = finish(proc, work, cluster, timeout=900)
+    with Workflow(work, cluster, TARGET, overrides=tmp_path / "longer.yaml") as run:
+        job = running_sft_job(work, cluster, run.proc)
+        os.kill(run.pid, signal.SIGSTOP)  # Snakemake does not look while the job dies and is requeued
+        try:
+            for line in slurm(cluster, "scontrol", "listpids", job).splitlines()[1:]:  # the job's processes
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[0]), signal.SIGKILL)
+            wait_for_state(cluster, job, lambda s: s not in ("RUNNING", "COMPLETING"))
+            slurm(cluster, "scontrol", "requeue", job)
+            wait_for_state(cluster, job, lambda s: s == "PENDING")
+        finally:
+            os.kill(run.pid, signal.SIGCONT)
+        assert not (work / TARGET).exists()  # nothing half-written where the rule's output goes
+        rc, out = run.finish(timeout=900)
     assert rc == 0, out[-4000:]
     assert [p.stem for p in sbatch_logs(work)["sft"]] == [job]  # one sbatch job: Slurm ran it again itself
     assert_resumed_to_the_straight_weights(work, straight)
+
+
+def wait_for_state(env: dict[str, str], job: str, done, timeout: float = 120) -> str:
+    """The job's state (squeue), once `done(state)` holds (at most `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = slurm(env, "squeue", "-h", "--states=all", "-j", job, "-o", "%T").strip()
+        if done(state):
+            return state
+        time.sleep(0.05)
+    pytest.fail(f"Slurm job {job} is still {state} after {timeout:.0f} s")
 
 
 def node_memory_mb(env: dict[str, str]) -> int:
@@ -215,7 +244,8 @@ def test_a_job_beyond_the_cluster_stops_the_run_before_anything_is_submitted(clu
     value = node_memory_mb(cluster) + 1 if resource == "mem_mb" else 1441  # the partition's MaxTime: one day
     work = tmp_path / "work"
     work.mkdir()
-    rc, out = finish(start(work, cluster, "--set-resources", f"sft:{resource}={value}"), work, cluster, timeout=180)
+    with Workflow(work, cluster, "--set-resources", f"sft:{resource}={value}") as run:
+        rc, out = run.finish(timeout=180)
     errors = [line for line in out.splitlines() if line.startswith("slurm error:")]
     assert rc == 2, out[-3000:]
     assert len(errors) == 1 and errors[0].startswith(f"slurm error: rule sft asks for {resource}={value} "), out
