@@ -12,7 +12,8 @@
 # SLURM_CONF set to this cluster's slurm.conf); `stop` removes that folder. It runs as the
 # invoking user (root or not): SlurmUser is that user, and jobs run as that user. Partition `local` (MaxTime one
 # day), node `localnode`. No accounting daemon (slurmdbd): job status comes from squeue, which knows finished jobs for
-# MinJobAge (300 s) after they end. Ports: 6817/6818 unless TOKENCLEAN_SLURM_PORTS="CTLD SLURMD" names others.
+# MinJobAge (300 s) after they end. Ports: 6817/6818 if free, else a free pair from 6900 on, unless
+# TOKENCLEAN_SLURM_PORTS="CTLD SLURMD" names them.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +43,23 @@ stop_daemon() {
         wait_gone "$pid" 10 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
     fi
     rm -f "$1"
+}
+
+# Two TCP ports free on this machine: Slurm's own 6817/6818 if no other cluster holds them, else the first free
+# pair from 6900 on.
+free_ports() {
+    python3 - 2>/dev/null <<'EOF' || echo "6817 6818"
+import socket
+def free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+pairs = [(6817, 6818)] + [(p, p + 1) for p in range(6900, 7100, 2)]
+print(*next(pair for pair in pairs if all(map(free, pair))))
+EOF
 }
 
 answers() { SLURM_CONF="$CONF" timeout 10 sinfo -h -p "$PARTITION" -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
@@ -84,7 +102,7 @@ start() {
     user="$(id -un)"; uid="$(id -u)"
     # slurmd starts jobs as their user: as root it can serve anyone, as another user only that user
     slurmd_user="$user"
-    read -r ctld_port slurmd_port <<<"${TOKENCLEAN_SLURM_PORTS:-6817 6818}"
+    read -r ctld_port slurmd_port <<<"${TOKENCLEAN_SLURM_PORTS:-$(free_ports)}"
     mkdir -p "$DIR"/{munge,state,spool,log,run}
     chmod 700 "$DIR" "$DIR/munge"
 
