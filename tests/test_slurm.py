@@ -25,8 +25,6 @@ import pytest
 from tests.snakemake_plan import plan, to_run
 from tests.test_workflow import snakemake
 
-pytestmark = pytest.mark.slow  # each test runs Snakemake through Slurm: the smoke run takes minutes
-
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 CLUSTER = Path(os.environ.get("TOKENCLEAN_SLURM_DIR", ROOT / ".cache" / "local-slurm"))
@@ -107,6 +105,7 @@ def sbatch_logs(work: Path) -> dict[str, list[Path]]:
     return logs
 
 
+@pytest.mark.slow  # Snakemake through Slurm
 def test_the_smoke_experiment_through_slurm_gives_the_local_table(cluster, smoke_run, tmp_path):
     """`snakemake --profile profiles/slurm --profile profiles/local-slurm --configfile configs/smoke.yaml`: every
     job but the report's local rules is its own sbatch job, and the tables are the local run's, byte for byte."""
@@ -177,6 +176,7 @@ def assert_resumed_to_the_straight_weights(work: Path, straight: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # Snakemake through Slurm
 def test_a_training_job_cancelled_on_slurm_resumes_to_the_uninterrupted_weights(cluster, smoke_run, straight,
                                                                                   tmp_path):
     """scancel the SFT job after its first checkpoint: Snakemake sees it CANCELLED (squeue), submits it again
@@ -193,6 +193,7 @@ def test_a_training_job_cancelled_on_slurm_resumes_to_the_uninterrupted_weights(
     assert_resumed_to_the_straight_weights(work, straight)
 
 
+@pytest.mark.slow  # Snakemake through Slurm
 def test_a_requeued_training_job_leaves_no_half_written_output(cluster, smoke_run, straight, tmp_path):
     """The SFT job dies at once mid-run (SIGKILL to every process of the job: a node lost, an out-of-memory kill;
     nothing can clean up) and Slurm requeues it (scontrol requeue: as with --requeue after a node failure). While
@@ -235,6 +236,7 @@ def node_memory_mb(env: dict[str, str]) -> int:
     return max(int(m) for m in slurm(env, "sinfo", "-h", "-N", "-p", "local", "-o", "%m").split())
 
 
+@pytest.mark.slow  # Snakemake through Slurm
 @pytest.mark.parametrize("resource", ["mem_mb", "runtime"])
 def test_a_job_beyond_the_cluster_stops_the_run_before_anything_is_submitted(cluster, resource, tmp_path):
     """A training job asking for more memory than the node has (sbatch would refuse it, but only when submitted,
@@ -252,3 +254,61 @@ def test_a_job_beyond_the_cluster_stops_the_run_before_anything_is_submitted(clu
     assert ("MaxTime" if resource == "runtime" else "MB of memory") in errors[0]
     assert "set-resources: sft:" in errors[0]
     assert "has been submitted" not in out and not (work / ".snakemake" / "slurm_logs").exists()
+
+
+# What `scontrol show partition -o` / `scontrol show node -o` print (Slurm 22.05), shortened: a GPU partition with
+# one node drained, a CPU partition with a time and memory limit, a partition whose only node is down.
+PARTITIONS = """\
+PartitionName=gpu AllowGroups=ALL Default=YES MaxTime=2-00:00:00 MaxCPUsPerNode=UNLIMITED Nodes=g[1-2] State=UP
+PartitionName=cpu Default=NO MaxTime=12:00:00 Nodes=c1 State=UP MaxMemPerNode=64000 MaxCPUsPerNode=32
+PartitionName=old Default=NO MaxTime=UNLIMITED Nodes=o1 State=UP MaxMemPerNode=UNLIMITED
+"""
+NODES = """\
+NodeName=g1 Arch=x86_64 CPUTot=64 Gres=gpu:a100:8(S:0-1) RealMemory=512000 State=IDLE Partitions=gpu  Reason=x y
+NodeName=g2 Arch=x86_64 CPUTot=128 Gres=gpu:h100:8(S:0-1) RealMemory=1024000 State=IDLE+DRAIN Partitions=gpu
+NodeName=c1 Arch=x86_64 CPUTot=48 Gres=(null) RealMemory=192000 State=MIXED Partitions=cpu
+NodeName=o1 Arch=x86_64 CPUTot=8 Gres=(null) RealMemory=16000 State=DOWN* Partitions=old
+"""
+
+
+def test_the_cluster_check_reads_partitions_and_the_nodes_that_are_up():
+    from tokenclean.slurm import gpu_count, minutes, parse_cluster
+
+    assert [minutes(t) for t in ("UNLIMITED", "30", "30:30", "12:00:00", "2-00:00:00", "1-12", "1-00:30")] == \
+        [float("inf"), 30, 30.5, 720, 2880, 2160, 1470]
+    assert [gpu_count(g) for g in ("(null)", "gpu:4", "gpu:a100:8(S:0-1)", "gpu:2,shard:8", "gpu")] == [0, 4, 8, 2, 1]
+    cluster = parse_cluster(PARTITIONS, NODES)
+    assert [p.name for p in cluster.values() if p.default] == ["gpu"]
+    gpu, cpu = cluster["gpu"], cluster["cpu"]
+    assert [(n.name, n.cpus, n.mem_mb, n.gpus, n.usable) for n in gpu.nodes] == \
+        [("g1", 64, 512000, 8, True), ("g2", 128, 1024000, 8, False)]
+    assert (cpu.max_minutes, cpu.max_mem_mb, cpu.max_cpus) == (720, 64000, 32)
+
+
+@pytest.mark.parametrize(("resources", "threads", "expected"), [
+    ({"mem_mb": 512000, "cpus_per_task": 64, "gpu": 8, "runtime": 2880}, 1, []),  # g1 exactly; g2 is drained
+    ({"mem_mb": 600000}, 1, ["rule r asks for mem_mb=600000 but the largest node of partition 'gpu' has 512000 MB"]),
+    ({"mem_mb_per_cpu": 10000, "cpus_per_task": 64}, 1, ["rule r asks for mem_mb=640000 "]),
+    ({}, 65, ["rule r asks for cpus_per_task=65 but the largest node of partition 'gpu' has 64 CPUs"]),
+    ({"gres": "gpu:a100:9"}, 1, ["rule r asks for gpu=9 but the largest node of partition 'gpu' has 8 GPUs"]),
+    ({"runtime": 2881}, 1, ["rule r asks for runtime=2881 minutes but partition 'gpu' allows 2880 (MaxTime)"]),
+    ({"slurm_partition": "cpu", "mem_mb": 100000, "cpus_per_task": 40}, 1,
+     ["rule r asks for mem_mb=100000 but the largest node of partition 'cpu' has 64000 MB",
+      "rule r asks for cpus_per_task=40 but the largest node of partition 'cpu' has 32 CPUs"]),
+    ({"slurm_partition": "cpu", "gpu": 1}, 1, ["rule r asks for gpu=1 but the largest node of partition 'cpu' has 0"]),
+    ({"slurm_partition": "old"}, 1, ["rule r: partition 'old' has no node up (all down or drained)"]),
+    ({"slurm_partition": "gpus"}, 1, ["rule r: partition 'gpus' does not exist (the cluster has: cpu, gpu, old)"]),
+    ({"mem_mb": "<TBD>"}, 1, []),  # a size Snakemake determines later is not judged
+])
+def test_the_cluster_check_names_each_request_no_node_can_hold(resources, threads, expected):
+    """Each problem is one line naming the rule, the resource, what it asked and what the cluster has."""
+    from tokenclean.slurm import SlurmPlanError, check_plan, parse_cluster
+
+    cluster = parse_cluster(PARTITIONS, NODES)
+    if not expected:
+        check_plan([("r", resources, threads)], cluster)
+        return
+    with pytest.raises(SlurmPlanError) as e:
+        check_plan([("r", resources, threads), ("r", resources, threads)], cluster)  # one line per (rule, problem)
+    lines = str(e.value).splitlines()
+    assert len(lines) == len(expected) and all(line.startswith(x) for line, x in zip(lines, expected, strict=True))
