@@ -103,7 +103,7 @@ start() {
     # slurmd starts jobs as their user: as root it can serve anyone, as another user only that user
     slurmd_user="$user"
     read -r ctld_port slurmd_port <<<"${TOKENCLEAN_SLURM_PORTS:-$(free_ports)}"
-    mkdir -p "$DIR"/{munge,state,spool,log,run}
+    mkdir -p "$DIR"/{munge,state,log,run} "$DIR/spool/$NODE"
     chmod 700 "$DIR" "$DIR/munge"
 
     # munge: a key of this cluster's own, its socket in $DIR
