@@ -371,3 +371,17 @@ wildcard_constraints:
     model="base|warmup|rounds/[A-Za-z0-9_.+-]+",
     run="(rounds/)?[A-Za-z0-9_.+-]+",
     mask="[A-Za-z0-9_.+-]+",
+
+
+# Under `--executor slurm`, before the first sbatch: every job of the plan against the cluster's partitions
+# (tokenclean/slurm.py). A job Slurm would refuse only when submitted, or accept and queue forever, stops the run
+# here with one line per problem (exit 2) and nothing submitted.
+onstart:
+    if workflow.executor_plugin is not None and workflow.executor_plugin.cli_prefix == "slurm":
+        from tokenclean.slurm import SlurmPlanError, check_plan
+
+        try:
+            check_plan((j.rule.name, j.resources, j.threads) for j in workflow.dag.needrun_jobs() if not j.is_local)
+        except SlurmPlanError as e:
+            print("\n".join(f"slurm error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+            sys.exit(2)

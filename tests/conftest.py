@@ -49,3 +49,21 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     d = tmp_path_factory.mktemp("model") / "tiny"
     save_model(model, tok, d)
     return d
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """The smoke workflow from scratch, run locally once per session (tests/test_workflow.py checks it; the Slurm
+    tests compare theirs with it), with an empty HOME and no HF_HOME: what it writes outside its results (and
+    outside the project's own .cache/, where the workflow points library caches) shows up there."""
+    from tests.test_workflow import snakemake
+
+    work = tmp_path_factory.mktemp("smoke")
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR")}
+    proc = snakemake(work, env={**env, "HOME": str(home)})
+    if proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in (work / "results").rglob("*.log"))
+        pytest.fail(f"smoke workflow failed:\n{proc.stderr[-4000:]}\n{logs}")
+    (work / "home").symlink_to(home)  # for test_nothing_is_written_outside_the_results
+    return work / "results" / "smoke"

@@ -43,6 +43,8 @@ LONG = {
     ".venv/bin/snakemake --cores all --use-conda",
     f".venv/bin/snakemake --profile profiles/workstation {PAPER}",
     f".venv/bin/snakemake --profile profiles/slurm {PAPER}",
+    # docs/slurm.md: through the local one-node Slurm (tests/test_slurm.py runs it)
+    ".venv/bin/snakemake --profile profiles/slurm --profile profiles/local-slurm --configfile configs/smoke.yaml",
     ".venv/bin/snakemake --cores all --configfile configs/methods.yaml",  # docs/worlds.md
     ".venv/bin/snakemake --cores all --configfile configs/single-template/methods.yaml",  # docs/methods.md, worlds.md
     "make compare-worlds",  # docs/worlds.md; tests/test_compare.py checks its command

@@ -34,21 +34,6 @@ def snakemake(workdir: Path, *args: str, overrides: Path | None = None,
                           env=env or {**os.environ}, timeout=900, check=False)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    """The smoke workflow from scratch, with an empty HOME and no HF_HOME: what it writes outside its results
-    (and outside the project's own .cache/, where the workflow points library caches) shows up there."""
-    work = tmp_path_factory.mktemp("smoke")
-    home = tmp_path_factory.mktemp("home")
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR")}
-    proc = snakemake(work, env={**env, "HOME": str(home)})
-    if proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in (work / "results").rglob("*.log"))
-        pytest.fail(f"smoke workflow failed:\n{proc.stderr[-4000:]}\n{logs}")
-    (work / "home").symlink_to(home)  # for test_nothing_is_written_outside_the_results
-    return work / "results" / "smoke"
-
-
 def test_nothing_is_written_outside_the_results(smoke_run):
     work = smoke_run.parents[1]
     assert sorted(p.name for p in work.iterdir()) == [".snakemake", "home", "results"]
