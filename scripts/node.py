@@ -123,7 +123,7 @@ def download(lock: Path, dest: Path, limit_mib: float, python: str = sys.executa
             raise SystemExit(f"node: {tag} was built for this machine, not pure Python: it will not run on the node")
     manifest.update(limit_mib=limit_mib, commit=git_commit())
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    for name, w in sorted(manifest["wheels"].items(), key=lambda kv: -kv[1]["bytes"]):
+    for w in sorted(manifest["wheels"].values(), key=lambda w: -w["bytes"]):
         print(f"{w['bytes'] / 2**20:8.2f} MiB  {w['file']}")
     total = manifest["total_bytes"] / 2**20
     print(f"{len(files)} wheels, {total:.2f} MiB in {dest} (limit {limit_mib} MiB)")
