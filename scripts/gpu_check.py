@@ -65,13 +65,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
 # rope_theta 500000, the llama3 rope_scaling above, max_position_embeddings 131072, rms_norm_eps 1e-5; the 3B:
 # hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate 8192, vocab 128256, tied, in oumi's
 # configs/recipes/llama3_2 README and silvaxxx1/MyLLM_101 models/LLAMA/Llama3.2/Llama_configs.py).
-# `tiny` is no real model: the same code path at a size the tests run on a CPU in seconds.
+# `tiny` is no real model: the same code path at a size the tests run on a CPU in seconds, just wide enough for the
+# paper's LoRA rank 64 (tokenclean train refuses an adapter wider than every layer it adapts).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192,
                      "vocab": 128256, "max_positions": 131072, "rope": LLAMA3_ROPE},
     "llama-3.2-3b": {"hidden": 3072, "layers": 28, "heads": 24, "kv_heads": 8, "intermediate": 8192,
                      "vocab": 128256, "max_positions": 131072, "rope": LLAMA3_ROPE},
-    "tiny": {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 64, "vocab": 384,
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 384,
              "max_positions": 131072, "rope": LLAMA3_ROPE},
 }
 # What each preset runs: sample length, samples of the pool / warm-up set, held-out questions, the tokenizer's
