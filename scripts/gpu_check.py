@@ -332,7 +332,7 @@ def partial_figures(experiment: Path, preset: str, device_name: str) -> dict[str
         except (OSError, ValueError):
             return None
 
-    run = run_of(preset)
+    run = run_of(preset) if preset in PRESETS else {"dtype": None, "sample_tokens": None}   # failed before "auto" was
     n = (read(experiment / "inputs" / "model" / "tokenclean.json") or {}).get("flop_params")
     loss = read(experiment / "losses" / "base" / "pool.loss.json") or {}
     peak = peak_flops(device_name)

@@ -268,9 +268,9 @@ class Progress:
     """Prints the Snakemake log's rule starts and step counts as they are written, with the elapsed time, to the
     console and ``progress.log``."""
 
-    def __init__(self, out: Path, start: float):
+    def __init__(self, out: Path, start: float, budget_s: float = 0.0):
         self.file = open(out / "progress.log", "a")   # noqa: SIM115  (closed by close())
-        self.start = start
+        self.start, self.budget_s = start, budget_s
 
     def say(self, text: str) -> None:
         line = f"[{time.monotonic() - self.start:6.0f} s] {text}"
@@ -313,67 +313,85 @@ def probe(env: dict[str, str], target: Path | None) -> dict[str, Any]:
 
 def check(out: Path, preset: str, cores: str, budget_s: float, wheels: Path, target: Path | None) -> int:
     """Install (unless ``target`` is None: this environment has everything), run the GPU check into ``out``,
-    and end with its JSON line, complete or not."""
+    and end with its JSON line, complete or not: cut short (SIGTERM, SIGINT, the budget) or failed, at any stage."""
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(out, start)
-    if target is not None:
-        install(wheels, target)
-    env = node_env(target)
-    info = probe(env, target)
+    progress = Progress(out, start, budget_s)
+    state: dict[str, Any] = {"why": None, "proc": None, "error": None}
+
+    def cut(signum, _frame):
+        state["why"] = signal.Signals(signum).name
+        if state["proc"] is not None:
+            stop_group(state["proc"])
+
+    previous = {s: signal.signal(s, cut) for s in (signal.SIGTERM, signal.SIGINT)}
+    info: dict[str, Any] = {"versions": [], "python": sys.version.split()[0], "cuda": None, "device_name": None}
+    estimate: dict[str, Any] = {"seconds": None}
     gc = load_gpu_check()
-    preset = preset if preset != "auto" else ("tiny" if info["device_name"] == "cpu" else "llama-3.2-1b")
-    estimate = gc.estimate(preset, info["device_name"])
-    progress.say(f"{preset} on {info['device_name']}: " + ", ".join(f"{v['name']} {v['version']}"
-                                                                     for v in info["versions"]))
-    if estimate["seconds"] is not None:
-        progress.say(f"estimate: {estimate['seconds'] / 60:.1f} min ({gc.describe_estimate(estimate)}); "
-                     f"budget {budget_s / 60:.1f} min")
-    results = out / "results"
-    experiment = results / preset
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--preset", preset, "--out", str(results),
-               "--cores", cores]
-    stop, reason = threading.Event(), {"why": None}
-    with open(out / "gpu_check.stdout", "w") as stdout, open(out / "gpu_check.stderr", "w") as stderr:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=ROOT, start_new_session=True)
-
-        def cut(signum, _frame):
-            reason["why"] = signal.Signals(signum).name
-            stop_group(proc)
-
-        previous = {s: signal.signal(s, cut) for s in (signal.SIGTERM, signal.SIGINT)}
-        follower = threading.Thread(target=progress.follow, args=(experiment / "snakemake.log", stop), daemon=True)
-        follower.start()
-        try:
-            proc.wait(timeout=budget_s - (time.monotonic() - start))
-        except subprocess.TimeoutExpired:
-            reason["why"] = f"budget of {budget_s:g} s spent"
-            stop_group(proc)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            stop.set()
-            follower.join()
-    complete = proc.returncode == 0 and reason["why"] is None
-    lines = (out / "gpu_check.stdout").read_text().strip().splitlines()
-    if complete and lines:
+    try:
+        if target is not None:
+            install(wheels, target)
+        env = node_env(target)
+        info = probe(env, target)
+        preset = preset if preset != "auto" else ("tiny" if info["device_name"] == "cpu" else "llama-3.2-1b")
+        estimate = gc.estimate(preset, info["device_name"])
+        progress.say(f"{preset} on {info['device_name']}: " + ", ".join(f"{v['name']} {v['version']}"
+                                                                         for v in info["versions"]))
+        if estimate["seconds"] is not None:
+            progress.say(f"estimate: {estimate['seconds'] / 60:.1f} min ({gc.describe_estimate(estimate)}); "
+                         f"budget {budget_s / 60:.1f} min")
+        if state["why"] is None:
+            run_check(out, preset, cores, budget_s - (time.monotonic() - start), env, state, progress)
+    except SystemExit as e:   # the install or the probe failed: still a line, saying so
+        state["error"] = str(e.code)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    experiment = out / "results" / preset
+    complete = state["proc"] is not None and state["proc"].returncode == 0 and state["why"] is None
+    lines = (out / "gpu_check.stdout").read_text().strip().splitlines() if complete else []
+    if lines:
         line = json.loads(lines[-1])
     else:
-        line = gc.partial_figures(experiment, preset, info["device_name"])
-        tail = (out / "gpu_check.stderr").read_text().strip().splitlines()[-1:]
-        progress.say(f"stopped: {reason['why'] or 'the check failed'}" + (f": {tail[0]}" if tail else ""))
+        line = gc.partial_figures(experiment, preset, info["device_name"] or "unknown")
+        err = out / "gpu_check.stderr"
+        tail = state["error"] or ((err.read_text().strip().splitlines() or [""])[-1] if err.exists() else "")
+        progress.say(f"stopped: {state['why'] or 'the check failed'}" + (f": {tail}" if tail else ""))
     collect_logs(experiment, out)
-    line.update(complete=complete, stopped=reason["why"], elapsed_s=round(time.monotonic() - start, 1),
-                estimate_s=estimate["seconds"], python=info["python"], cuda=info["cuda"],
-                versions={v["name"]: v["version"] + ("" if v["from"] == "image" else " (wheel)")
-                          for v in info["versions"]},
+    line.update(complete=bool(lines), stopped=state["why"], error=state["error"],
+                elapsed_s=round(time.monotonic() - start, 1), estimate_s=estimate["seconds"], python=info["python"],
+                cuda=info["cuda"], versions={v["name"]: v["version"] + ("" if v["from"] == "image" else " (wheel)")
+                                             for v in info["versions"]},
                 commit=git_commit() or wheels_commit(wheels))
     text = json.dumps(line, sort_keys=True)
     (out / "gpu-check.json").write_text(text + "\n")
     progress.say(f"wrote {out / 'gpu-check.json'}, {out / 'snakemake.log'} and {out / 'logs'}")
     progress.close()
     print(text, flush=True)
-    return 0 if complete else 3
+    return 0 if lines else 3
+
+
+def run_check(out: Path, preset: str, cores: str, budget_s: float, env: dict[str, str], state: dict[str, Any],
+              progress: Progress) -> None:
+    """scripts/gpu_check.py into ``out/results``, its progress followed, stopped when ``budget_s`` is spent."""
+    experiment = out / "results" / preset
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--preset", preset, "--out",
+               str(out / "results"), "--cores", cores]
+    stop = threading.Event()
+    follower = threading.Thread(target=progress.follow, args=(experiment / "snakemake.log", stop), daemon=True)
+    with open(out / "gpu_check.stdout", "w") as stdout, open(out / "gpu_check.stderr", "w") as stderr:
+        state["proc"] = proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=ROOT,
+                                                start_new_session=True)
+        follower.start()
+        try:
+            proc.wait(timeout=max(budget_s, 0))
+        except subprocess.TimeoutExpired:
+            state["why"] = f"budget of {progress.budget_s:g} s spent"
+            stop_group(proc)
+        finally:
+            proc.wait()
+            stop.set()
+            follower.join()
 
 
 def stop_group(proc: subprocess.Popen) -> None:

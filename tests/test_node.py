@@ -139,20 +139,41 @@ def test_install_puts_the_wheels_in_the_target_and_reports_each_unmet_requiremen
 
 @pytest.mark.slow  # starts the tiny check's workflow and stops it
 def test_the_node_command_cut_short_still_writes_its_json_line_and_the_logs(tmp_path):
-    """`node.py check` with a budget the tiny check cannot meet: the workflow is stopped, and the output folder
-    holds the JSON line (complete false, why it stopped, the versions) and Snakemake's and the jobs' logs."""
+    """`node.py check` stopped by SIGTERM once the workflow's first job has started: it stops the workflow, and
+    the output folder holds the JSON line (complete false, why it stopped, the versions), Snakemake's log and the
+    jobs' logs."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "scripts/node.py", "check", "--no-install", "--preset", "tiny",
+                             "--cores", "1", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    logs = out / "results" / "tiny" / "logs"
+    deadline = time.monotonic() + 180
+    while not any(logs.rglob("*.log")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-2000:]
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert json.loads((out / "gpu-check.json").read_text()) == line
+    assert line["complete"] is False and line["stopped"] == "SIGTERM" and line["eval_score"] is None
+    assert line["preset"] == "tiny" and line["versions"]["torch"].startswith(distribution("torch").version)
+    assert (out / "snakemake.log").read_text() and any((out / "logs").rglob("*.log"))
+    assert "stopped: SIGTERM" in (out / "progress.log").read_text()
+
+
+@pytest.mark.slow  # starts torch to read the versions
+def test_the_node_command_out_of_budget_still_writes_its_json_line(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "scripts/node.py", "check", "--no-install", "--preset", "tiny",
-                           "--cores", "1", "--budget-s", "25", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=False)
+                           "--budget-s", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert json.loads((out / "gpu-check.json").read_text()) == line
-    assert line["complete"] is False and line["stopped"] == "budget of 25 s spent"
-    assert line["preset"] == "tiny" and line["versions"]["torch"].startswith(distribution("torch").version)
-    assert line["eval_score"] is None and 25 <= line["elapsed_s"] < 200
-    assert (out / "snakemake.log").read_text() and any((out / "logs").rglob("*.log"))
-    assert "stopped: budget of 25 s spent" in (out / "progress.log").read_text()
+    assert line["complete"] is False and line["stopped"] == "budget of 1 s spent"
+    assert line["score_tokens_per_s"] is None and json.loads((out / "gpu-check.json").read_text()) == line
 
 
 def test_the_paper_presets_are_estimated_at_about_8_minutes_on_an_h100_from_their_flops():
@@ -239,3 +260,16 @@ def test_every_torch_transformers_and_peft_name_the_code_uses_exists_in_the_inst
 def test_the_api_check_catches_a_name_that_is_not_there():
     assert not resolves("torch.nn.NoSuchLayer") and not resolves("transformers.NoSuchModel")
     assert resolves("torch.nn.functional.cross_entropy")
+
+
+def test_the_node_command_writes_its_json_line_when_the_install_fails(tmp_path):
+    """No wheels copied to the node: the install fails, and the output folder still gets the line, saying why."""
+    (tmp_path / "wheels").mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "scripts/node.py", "check", "--wheels", str(tmp_path / "wheels"),
+                           "--target", str(tmp_path / "site"), "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["complete"] is False and "no wheel for" in line["error"] and line["stopped"] is None
+    assert json.loads((out / "gpu-check.json").read_text()) == line and not (tmp_path / "site").exists()
