@@ -16,7 +16,7 @@ test test-fast: export HF_HUB_OFFLINE := 1
 test test-fast: export HF_DATASETS_OFFLINE := 1
 test test-fast: export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run smoke test test-fast lint dry-run gpu-check compare-worlds clean
+.PHONY: install run smoke test test-fast lint dry-run gpu-check node-wheels node-install node-check test-node compare-worlds clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -66,6 +66,44 @@ gpu-check: export HF_DATASETS_OFFLINE := 1
 gpu-check: export TRANSFORMERS_OFFLINE := 1
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Offline GPU nodes (docs/gpu-check.md): the node's image brings Python 3.12 and its PyTorch stack; the wheels of
+# what it lacks (envs/node-wheels.lock) travel with the working tree. On a machine with an index: `make node-wheels`
+# (wheels/node/, at most 64 MiB). On the node: `make node-install` (.node/site, no index; add it to PYTHONPATH as
+# printed) or `make node-check OUT=DIR` (install, the Llama-3.2-1B-shape check, its JSON line and logs in DIR;
+# NODE_ARGS="--preset llama-3.2-3b" for the 3B shape). NODE_PYTHON: the image's Python.
+NODE_PYTHON ?= python3
+NODE_ARGS ?=
+node-wheels:
+	python3 scripts/node.py wheels
+
+node-install:
+	$(NODE_PYTHON) scripts/node.py install
+
+node-check:
+	@test -n "$(OUT)" || { echo "error: name the output folder: make node-check OUT=DIR"; exit 1; }
+	$(NODE_PYTHON) scripts/node.py check --out $(OUT) $(NODE_ARGS)
+
+# The rehearsal of a node on this CPU, its own lane (not part of `make test`): a Python 3.12 virtual environment
+# with the node image's packages (envs/node-image.lock: torch 2.11, transformers 5.17, ...; about 5 GB, torch's
+# CUDA libraries included), then the node's own command with the wheels (the tiny preset through the workflow,
+# into results/node-rehearsal/), then the fast tests on that stack (those marked `pinned` check the pinned
+# environment itself and are left out).
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+NODE_VENV := .venv-node
+$(NODE_VENV)/.installed: envs/node-image.lock
+	@$(PYTHON312) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { echo "error: $(PYTHON312) is not Python 3.12; run 'make test-node PYTHON312=/path/to/python3.12'"; exit 1; }
+	test -d $(NODE_VENV) || $(PYTHON312) -m venv $(NODE_VENV)
+	$(NODE_VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-compile -r envs/node-image.lock
+	touch $@
+
+wheels/node/manifest.json: envs/node-wheels.lock
+	python3 scripts/node.py wheels
+
+test-node: $(NODE_VENV)/.installed wheels/node/manifest.json
+	$(NODE_VENV)/bin/python scripts/node.py check --out results/node-rehearsal --preset tiny --cores 2
+	PYTHONPATH=$(CURDIR)/.node/site:$(CURDIR) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		$(NODE_VENV)/bin/python -m pytest -q -m "not slow and not pinned" -p no:cacheprovider
 
 # The default world and the single-template stress-case world side by side (docs/results.md, "Comparing worlds"):
 # results/worlds.csv and results/worlds.md from the results of the two finished experiments (methods and

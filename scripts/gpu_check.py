@@ -65,19 +65,22 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
 # rope_theta 500000, the llama3 rope_scaling above, max_position_embeddings 131072, rms_norm_eps 1e-5; the 3B:
 # hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate 8192, vocab 128256, tied, in oumi's
 # configs/recipes/llama3_2 README and silvaxxx1/MyLLM_101 models/LLAMA/Llama3.2/Llama_configs.py).
-# `tiny` is no real model: the same code path at a size the tests run on a CPU in seconds.
+# `tiny` is no real model: the same code path at a size the tests run on a CPU in seconds, just wide enough for the
+# paper's LoRA rank 64 (tokenclean train refuses an adapter wider than every layer it adapts).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192,
                      "vocab": 128256, "max_positions": 131072, "rope": LLAMA3_ROPE},
     "llama-3.2-3b": {"hidden": 3072, "layers": 28, "heads": 24, "kv_heads": 8, "intermediate": 8192,
                      "vocab": 128256, "max_positions": 131072, "rope": LLAMA3_ROPE},
-    "tiny": {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 64, "vocab": 384,
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 384,
              "max_positions": 131072, "rope": LLAMA3_ROPE},
 }
 # What each preset runs: sample length, samples of the pool / warm-up set, held-out questions, the tokenizer's
 # own vocabulary, the training and scoring dtype, and the configuration keys that differ from
-# configs/gpu-check.yaml (the paper's LoRA run on 2048-token samples). A paper shape: 192 pool samples are 4
-# optimiser steps of 48 samples (8 micro-batches of 6, the paper's), 48 warm-up samples one.
+# configs/gpu-check.yaml (the paper's LoRA run on 2048-token samples). A paper shape trains in optimiser steps of
+# 48 samples (8 micro-batches of 6, the paper's); SIZES sets each shape's pool and warm-up set so that the whole
+# check is estimated (:func:`estimate`) at about 8 minutes on one H100 SXM: a GPU session may be 15 minutes,
+# start-up included.
 RUNS: dict[str, dict[str, Any]] = {
     "paper": {"sample_tokens": 2048, "pool": 192, "warmup": 48, "eval": 32, "tokenizer_vocab": 2048,
               "dtype": "bfloat16", "config": {}},
@@ -85,6 +88,27 @@ RUNS: dict[str, dict[str, Any]] = {
              "config": {"max_length": 64, "train": {"batch_size": 4, "micro_batch_size": 2}}},
 }
 PRESETS = {"llama-3.2-1b": "paper", "llama-3.2-3b": "paper", "tiny": "tiny"}
+SIZES: dict[str, dict[str, int]] = {
+    "llama-3.2-1b": {"pool": 2928, "warmup": 288},   # 61 + 6 optimiser steps: estimated 8.0 min
+    "llama-3.2-3b": {"pool": 1104, "warmup": 96},    # 23 + 2 steps: estimated 7.9 min
+}
+
+
+def run_of(preset: str) -> dict[str, Any]:
+    """What ``preset`` runs: its RUNS entry with its SIZES."""
+    return {**RUNS[PRESETS[preset]], **SIZES.get(preset, {})}
+
+
+# The time estimate of a check (:func:`estimate`): model FLOPs (6N per training token, 2N per scored token, as
+# the JSON line counts them) at an assumed model FLOP utilisation, plus fixed costs. The assumptions are guesses
+# for one H100 until a measured line replaces them: LoRA training in bf16 with gradient checkpointing at 25% of
+# the peak (a 1B model's kernels are small, the 128256-column head's loss is computed in float32), scoring at 35%;
+# 150 s of fixed costs (about 15 s to start each of the 5 GPU jobs: Python, torch, CUDA, the model's loading;
+# the inputs' generation; the CPU jobs; lm-eval's start); the disk traffic of 3 float32 copies of the model (the
+# warm-up and selected-token models are merged and saved in float32, then loaded) at 1 GB/s; 10 ms of CPU per
+# sample (generating, validating and tokenizing it).
+ASSUMED_MFU = {"train": 0.25, "score": 0.35}
+FIXED_S, DISK_BYTES_PER_S, CPU_S_PER_SAMPLE = 150.0, 1e9, 0.010
 EVAL_FAMILY = "add"
 METHOD, RATIO, SEED = "rho", 0.6, 1   # the paper's fixed-reference cleaning (loss(base) - loss(warm-up))
 
@@ -123,6 +147,43 @@ def mfu(tokens_per_s: float | None, flops_per_token: float, peak: float | None) 
     if tokens_per_s is None or peak is None:
         return None
     return tokens_per_s * flops_per_token / peak
+
+
+def shape_flop_params(shape: dict[str, Any]) -> int:
+    """N of :func:`model_flop_params` from the shape alone (tied embeddings, no biases): per layer q, k, v, o, the
+    three MLP matrices and two norms; the final norm; the head."""
+    d, head_dim = shape["hidden"], shape["hidden"] // shape["heads"]
+    attention = 2 * d * shape["heads"] * head_dim + 2 * d * shape["kv_heads"] * head_dim
+    return shape["layers"] * (attention + 3 * d * shape["intermediate"] + 2 * d) + d + shape["vocab"] * d
+
+
+ESTIMATE_DEVICE = "NVIDIA H100 80GB HBM3"   # the SXM card the sizes are set for
+
+
+def estimate(preset: str, device_name: str = ESTIMATE_DEVICE) -> dict[str, Any]:
+    """The check's expected wall time on ``device_name`` (None without a known peak: the CPU), in parts: the
+    training (warm-up and selected-token runs over every token of their samples, 6N each), the scoring (the pool
+    by the base and the warm-up model, 2N), at :data:`ASSUMED_MFU`; and the fixed, disk and CPU costs."""
+    run, n = run_of(preset), shape_flop_params(SHAPES[preset])
+    train_tokens = (run["pool"] + run["warmup"]) * run["sample_tokens"]
+    score_tokens = 2 * run["pool"] * run["sample_tokens"]
+    peak = peak_flops(device_name)
+    parts = None if peak is None else {
+        "train_s": train_tokens * 6 * n / (ASSUMED_MFU["train"] * peak),
+        "score_s": score_tokens * 2 * n / (ASSUMED_MFU["score"] * peak),
+        "fixed_s": FIXED_S, "disk_s": 3 * 4 * n / DISK_BYTES_PER_S,
+        "cpu_s": CPU_S_PER_SAMPLE * (run["pool"] + run["warmup"])}
+    return {"device_name": device_name, "flop_params": n, "train_tokens": train_tokens, "score_tokens": score_tokens,
+            "train_flops": train_tokens * 6 * n, "score_flops": score_tokens * 2 * n, "parts": parts,
+            "seconds": None if parts is None else sum(parts.values())}
+
+
+def describe_estimate(e: dict[str, Any]) -> str:
+    """One line: the FLOPs and the seconds of each part."""
+    p = e["parts"]
+    return (f"training {e['train_flops']:.2e} FLOP in {p['train_s']:.0f} s at {ASSUMED_MFU['train']:.0%} MFU, "
+            f"scoring {e['score_flops']:.2e} FLOP in {p['score_s']:.0f} s at {ASSUMED_MFU['score']:.0%}, "
+            f"fixed {p['fixed_s']:.0f} s, disk {p['disk_s']:.0f} s, CPU {p['cpu_s']:.0f} s")
 
 
 def build_model(shape: dict[str, Any], tokenizer: Any, out: Path, device: str, dtype: str) -> int:
@@ -172,7 +233,7 @@ def make_inputs(preset: str, inputs: Path, device: str) -> int:
     from tokenclean.evaluation import write_tasks
     from tokenclean.world import build_tokenizer, generate_world
 
-    run = RUNS[PRESETS[preset]]
+    run = run_of(preset)
     inputs.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         # about 40 tokens per world sample: enough samples for every chat, rarely reused
@@ -194,7 +255,7 @@ def make_inputs(preset: str, inputs: Path, device: str) -> int:
 
 def overrides(preset: str, out: Path) -> dict[str, Any]:
     """The configuration keys over configs/gpu-check.yaml for ``preset`` (Snakemake merges nested keys)."""
-    run = RUNS[PRESETS[preset]]
+    run = run_of(preset)
     inputs = out / preset / "inputs"
     train = {"dtype": run["dtype"], **run["config"].get("train", {})}
     config = {"experiment": preset, "results_dir": str(out),
@@ -210,7 +271,8 @@ def overrides(preset: str, out: Path) -> dict[str, Any]:
 def run_workflow(preset: str, out: Path, cores: str, cuda: bool) -> Path:
     """Run the workflow up to the evaluation of the selected-token run; returns the experiment directory.
     On CUDA the GPU jobs run one at a time (``--resources gpu=1``; each job asks for one): scoring the base
-    model beside the warm-up training would share the GPU and distort both rates."""
+    model beside the warm-up training would share the GPU and distort both rates. The greedy scheduler needs no
+    ILP solver (PuLP is not among an offline node's wheels, envs/node-wheels.lock)."""
     import yaml
 
     from tokenclean.methods import run_name
@@ -225,7 +287,7 @@ def run_workflow(preset: str, out: Path, cores: str, cuda: bool) -> Path:
         # the target first: --configfile and --resources take every argument after them
         proc = subprocess.run([sys.executable, "-m", "snakemake", str(target), "--snakefile", str(ROOT / "Snakefile"),
                                "--directory", str(out), "--cores", cores, "--configfile",
-                               str(ROOT / "configs" / "gpu-check.yaml"), str(extra),
+                               str(ROOT / "configs" / "gpu-check.yaml"), str(extra), "--scheduler", "greedy",
                                *(["--resources", "gpu=1"] if cuda else [])],
                               stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
     if proc.returncode != 0:
@@ -250,13 +312,52 @@ def figures(experiment: Path, preset: str, n: int, device_name: str) -> dict[str
     return {
         "preset": preset, "device": loss["device"], "device_name": device_name,
         "dtype": summary["train_config"]["dtype"], "flop_params": n,
-        "sample_tokens": RUNS[PRESETS[preset]]["sample_tokens"], "peak_flops": peak,
+        "sample_tokens": run_of(preset)["sample_tokens"], "peak_flops": peak,
         "score_tokens": loss.get("n_tokens"), "score_tokens_per_s": score_rate,
         "score_mfu": mfu(score_rate, 2 * n, peak), "score_peak_memory_bytes": loss.get("peak_memory_bytes"),
         "train_tokens": summary["tokens_processed"], "train_tokens_per_s": train_rate,
         "train_mfu": mfu(train_rate, 6 * n, peak), "train_peak_memory_bytes": summary.get("peak_memory_bytes"),
         "eval_score": evaluation["average"]["score"], "results": str(experiment),
     }
+
+
+def partial_figures(experiment: Path, preset: str, device_name: str) -> dict[str, Any]:
+    """The JSON line's keys from whatever the finished jobs recorded (a check cut short): null where a job did not
+    finish. Without the selected-token run, the training figures are the warm-up run's (``train_run``)."""
+    from tokenclean.methods import run_name
+
+    def read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    run = run_of(preset) if preset in PRESETS else {"dtype": None, "sample_tokens": None}   # failed before "auto" was
+    n = (read(experiment / "inputs" / "model" / "tokenclean.json") or {}).get("flop_params")
+    loss = read(experiment / "losses" / "base" / "pool.loss.json") or {}
+    peak = peak_flops(device_name)
+    line: dict[str, Any] = {"preset": preset, "device_name": device_name, "device": loss.get("device"),
+                            "dtype": run["dtype"], "flop_params": n, "sample_tokens": run["sample_tokens"],
+                            "peak_flops": peak, "score_tokens": loss.get("n_tokens"),
+                            "score_tokens_per_s": loss.get("tokens_per_s"),
+                            "score_peak_memory_bytes": loss.get("peak_memory_bytes"),
+                            "train_tokens": None, "train_tokens_per_s": None, "train_peak_memory_bytes": None,
+                            "train_run": None, "eval_score": None, "results": str(experiment)}
+    for name, model in (("sft", experiment / "models" / "sft" / run_name(METHOD, RATIO, SEED)),
+                        ("warmup", experiment / "models" / "warmup")):
+        summary = read(model / "tokenclean.json")
+        if summary is not None:
+            log = [json.loads(x) for x in (model / "train_log.jsonl").read_text().splitlines() if x.strip()]
+            line.update(train_tokens=summary.get("tokens_processed"), train_run=name,
+                        train_tokens_per_s=log[-1]["tokens_per_s"] if log else None,
+                        train_peak_memory_bytes=summary.get("peak_memory_bytes"))
+            break
+    evaluation = read(experiment / "eval" / f"{run_name(METHOD, RATIO, SEED)}.json")
+    if evaluation is not None:
+        line["eval_score"] = evaluation["average"]["score"]
+    line["score_mfu"] = None if n is None else mfu(line["score_tokens_per_s"], 2 * n, peak)
+    line["train_mfu"] = None if n is None else mfu(line["train_tokens_per_s"], 6 * n, peak)
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

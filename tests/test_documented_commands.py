@@ -49,6 +49,9 @@ LONG = {
     ".venv/bin/snakemake --cores all --configfile configs/single-template/methods.yaml",  # docs/methods.md, worlds.md
     "make compare-worlds",  # docs/worlds.md; tests/test_compare.py checks its command
     "make gpu-check",  # docs/gpu-check.md; tests/test_gpu_check.py runs it
+    "make node-wheels",  # docs/gpu-check.md: downloads 25 MiB; `make test-node` runs it
+    "make node-check OUT=results/node-h100",  # docs/gpu-check.md: on a GPU node; tests/test_node.py runs its script
+    "make test-node",  # docs/gpu-check.md: builds a 5 GB rehearsal environment, then the tiny check and fast tests
 }
 # Make targets quick enough to run verbatim (besides the dry runs).
 QUICK = {"make lint"}

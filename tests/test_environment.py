@@ -7,9 +7,12 @@ import tomllib
 from importlib.metadata import distribution, version
 from pathlib import Path
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+pytestmark = pytest.mark.pinned  # the pinned environment itself (make test-node runs another: envs/node-image.lock)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,7 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 RUFF = Path(sys.executable).with_name("ruff")
 
 
+@pytest.mark.pinned  # ruff is the pinned environment's (a node has none)
 def test_ruff_finds_nothing():
     """The pinned ruff (requirements.lock) over the whole tree, with the project's config."""
     proc = subprocess.run([str(RUFF), "check", "--no-cache", "."], check=False, cwd=ROOT, capture_output=True,

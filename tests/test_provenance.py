@@ -166,3 +166,21 @@ def test_evaluate_passes_the_revision_to_lm_eval(tmp_path, monkeypatch):
     assert main(["evaluate", "--model", "org/tiny", "--revision", "v1", "--benchmarks", '[{"task": "boolq"}]',
                  "--model-args", '{"add_bos_token": true}', "--out", str(tmp_path / "e.json")]) == 0
     assert seen["revision"] == "v1" and seen["model_args"] == {"add_bos_token": True}
+
+
+def test_package_versions_name_tokenclean_run_from_a_checkout(monkeypatch):
+    """On an offline node the package runs from the checkout (PYTHONPATH), not installed: its version is still
+    recorded, a missing other package is None."""
+    from importlib.metadata import PackageNotFoundError
+
+    import tokenclean
+    import tokenclean.provenance as provenance
+
+    def version(name):
+        if name in ("tokenclean", "peft"):
+            raise PackageNotFoundError(name)
+        return "9.9"
+
+    monkeypatch.setattr(provenance, "version", version)
+    versions = provenance.package_versions()
+    assert versions["tokenclean"] == tokenclean.__version__ and versions["peft"] is None and versions["torch"] == "9.9"

@@ -26,13 +26,17 @@ LOSS_KEYS = ("model", "model_revision", "model_commit", "model_fingerprint", "to
 
 
 def package_versions() -> dict[str, str | None]:
-    """Installed versions (None: not installed) of the packages that shape the results, and Python's."""
+    """Installed versions (None: not installed) of the packages that shape the results, and Python's. tokenclean
+    run from a checkout without being installed (an offline node puts the checkout on PYTHONPATH) is its own
+    ``__version__``."""
+    from tokenclean import __version__
+
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
-            versions[name] = None
+            versions[name] = __version__ if name == "tokenclean" else None
     return versions
 
 
