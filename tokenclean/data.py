@@ -22,6 +22,16 @@ from pathlib import Path
 ROLES = ("system", "user", "assistant")
 # Ground-truth classes of the embedded world (tokenclean/world.py); `novel` (informative tokens of knowledge only
 # the pool holds) comes last so that the ids of the others never change.
+def is_whole(value: object) -> bool:
+    """A JSON whole number (true and false are ints to Python, not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A JSON number, whole or not (not true or false)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 TOKEN_CLASSES = ("informative", "boilerplate", "corrupted", "garbage", "novel")
 # The classes worth learning (novel tokens are informative ones a reference trained on the warm-up set cannot
 # know) and the harmful ones: the ground-truth rows, the cleaning-quality measures and the score separation

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_dir
+from tokenclean.data import is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def make_hf_lm(model: str, **kwargs: Any) -> Any:
     if stop not in NEWLINE_STOPS:
         raise ValueError(f"model argument newline_stop must be one of {', '.join(NEWLINE_STOPS)}, got {stop!r}")
     size = kwargs.get("generation_batch_size", GENERATION_BATCH_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_whole(size) or size < 1:
         raise ValueError(f"model argument generation_batch_size must be a positive integer, got {size!r}")
     with loading(model):
         lm = _benchmark_hflm_class()(pretrained=model, **kwargs)
@@ -486,7 +487,7 @@ def check_benchmarks(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any
             raise ValueError(f"benchmark {b['task']}: num_fewshot must be a non-negative integer, got {shots!r}")
         entry = {"task": b["task"], "num_fewshot": shots, "metric": str(b.get("metric", "acc"))}
         if "limit" in b:
-            if b["limit"] is not None and (isinstance(b["limit"], bool) or not isinstance(b["limit"], (int, float))
+            if b["limit"] is not None and (not is_number(b["limit"])
                                            or b["limit"] <= 0):
                 raise ValueError(f"benchmark {b['task']}: limit must be positive or null, got {b['limit']!r}")
             entry["limit"] = b["limit"]

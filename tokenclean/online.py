@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tokenclean.data import is_number, is_whole
 from tokenclean.selection import _ratio_fraction, keep_count
 
 if TYPE_CHECKING:  # annotations only: the config check and the planning import this module without starting torch
@@ -202,8 +203,8 @@ def resolve(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
             raise ParamError(f"--online-params: unknown parameter {key!r} of online method {name} (known: {known})",
                              key, f"unknown parameter of online method {name} (known: {known})")
         default = method.defaults[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(default, int) and not isinstance(default, bool) and not float(value).is_integer()):
+        if not is_number(value) or (
+                is_whole(default) and not float(value).is_integer()):
             what = f"must be a {type(default).__name__}, got {value!r}"
             raise ParamError(f"--online-params: {key} of {name} {what}", key, what)
         merged[key] = type(default)(value)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_dir, fingerprint_file
-from tokenclean.data import read_jsonl
+from tokenclean.data import is_whole, read_jsonl
 from tokenclean.models import tiny_llama, write_model_dir
 from tokenclean.tokenization import tokenize_records
 from tokenclean.training import TrainConfig, train_model
@@ -28,7 +28,7 @@ def check_model_settings(model_cfg: dict[str, Any]) -> dict[str, Any]:
     mc = {**DEFAULT_MODEL, **model_cfg}
     for key, value in mc.items():
         low = 2 if key in ("max_length", "max_positions") else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_whole(value) or value < low:
             raise ValueError(f"model setting {key} must be a whole number of at least {low}, got {value!r}")
     if mc["hidden"] % mc["heads"]:
         raise ValueError(f"model setting hidden ({mc['hidden']}) must be a multiple of heads ({mc['heads']})")

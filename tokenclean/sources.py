@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import atomic_dir, write_json
-from tokenclean.data import DataError, iter_jsonl, parse_record
+from tokenclean.data import DataError, is_whole, iter_jsonl, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load_source(spec: dict[str, Any], key: str = "data.pool") -> tuple[list[dict
     if unknown:
         raise DataError(f"{key} has an unknown key {unknown[0]!r} (path, hub, split, revision, limit)")
     limit = spec.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_whole(limit) or limit < 1):
         raise DataError(f"{key}.limit must be a whole number of records, at least 1, or null; got {limit!r}")
     if "path" in spec:
         return _from_file(spec["path"], limit), {"path": str(spec["path"]), "limit": limit}
@@ -106,7 +106,7 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
         raise DataError(f"the pool source {pool_from} holds no records")
     if isinstance(spec["warmup"], dict) and "first_of_pool" in spec["warmup"]:
         n = spec["warmup"]["first_of_pool"]
-        if isinstance(n, bool) or not isinstance(n, int):
+        if not is_whole(n):
             raise DataError(f"data.warmup.first_of_pool must be a whole number of records, got {n!r}")
         if not 0 < n <= len(pool):
             raise DataError(f"data.warmup.first_of_pool = {n}, but the pool holds {len(pool)} records")

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tokenclean.artifacts import atomic_dir, write_json
-from tokenclean.data import write_jsonl
+from tokenclean.data import is_number, is_whole, write_jsonl
 
 DEFAULT_WORLD: dict[str, Any] = {
     "seed": 0,
@@ -263,14 +263,14 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
     p = {**DEFAULT_WORLD, **params}
     for key, low in (("seed", 0), ("pretrain_docs", 1), ("warmup_samples", 1), ("pool_samples", 1),
                      ("eval_samples", 1), ("junk_vocab", 1), ("entities", 2), ("novel_entities", 2)):
-        if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < low:
+        if not is_whole(p[key]) or p[key] < low:
             raise ValueError(f"world setting {key} must be a whole number of at least {low}, got {p[key]!r}")
     for key in ("corrupt_rate", "garbage_rate"):
-        if isinstance(p[key], bool) or not isinstance(p[key], (int, float)) or not 0.0 <= p[key] <= 1.0:
+        if not is_number(p[key]) or not 0.0 <= p[key] <= 1.0:
             raise ValueError(f"world setting {key} must be a number in [0, 1], got {p[key]!r}")
     mix = p["corpus_mix"]
     if (not isinstance(mix, dict) or set(mix) - set(DEFAULT_WORLD["corpus_mix"])
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+            or any(not is_number(v) or not math.isfinite(v) or v < 0
                    for v in mix.values()) or sum(mix.values()) <= 0):
         raise ValueError(f"world setting corpus_mix must map some of {', '.join(DEFAULT_WORLD['corpus_mix'])} "
                          f"to non-negative shares with a positive sum, got {mix}")
@@ -278,7 +278,7 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"world setting capitals_in_corpus must be true or false, got {p['capitals_in_corpus']!r}")
     parts = _check_parts(p["phrasing_parts"])
     n_forms = len(parts["openers"]) * len(parts["answers"]) * len(parts["closers"])
-    if isinstance(p["phrasings"], bool) or not isinstance(p["phrasings"], int) or not 1 <= p["phrasings"] <= n_forms:
+    if not is_whole(p["phrasings"]) or not 1 <= p["phrasings"] <= n_forms:
         raise ValueError(f"world setting phrasings must be an integer from 1 to {n_forms}, got {p['phrasings']!r}")
     if not isinstance(p["multiple_choice"], bool):
         raise ValueError(f"world setting multiple_choice must be true or false, got {p['multiple_choice']!r}")
@@ -289,7 +289,7 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"world families must include one the warm-up set can hold (not only {', '.join(POOL_ONLY)}); "
                          f"got {p['families']}")
     words = p["junk_words"]
-    if (not isinstance(words, list) or len(words) != 2 or any(isinstance(w, bool) or not isinstance(w, int)
+    if (not isinstance(words, list) or len(words) != 2 or any(not is_whole(w)
                                                               for w in words) or not 1 <= words[0] <= words[1]):
         raise ValueError(f"world setting junk_words must be [min, max] with 1 <= min <= max, got {p['junk_words']}")
     return p

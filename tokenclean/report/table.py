@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean.artifacts import csv_text, read_json, reading, write_csv, write_texts
+from tokenclean.data import is_number, is_whole
 from tokenclean.methods import METHODS, ROUND, load_plugins, parse_run
 
 HEADLINE = "answer_acc"
@@ -52,7 +53,7 @@ FRACTION_METRICS = ("answer_acc", "mc_acc", "mix_acc", "response_em")
 def metric_value(path: str | os.PathLike, field: str, metric: str, value: Any) -> float:
     """One metric of an evaluation file as a float: a finite number, within [0, 1] for a fraction and at least 0
     for a negative log-likelihood; else a one-line error naming the file and the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{path}: field {field}: expected a finite number, got {value!r}")
     if (metric in FRACTION_METRICS and not 0 <= value <= 1) or (metric.endswith("_nll") and value < 0):
         raise ValueError(f"{path}: field {field}: {value!r} cannot be a {metric} "
@@ -68,7 +69,7 @@ def check_metrics(path: str | os.PathLike, field: str, values: dict[str, Any]) -
             for sub, v in value.items():
                 metric_value(path, f"{field}.subtasks.{sub}", "score", v)
         elif name == "n_examples":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_whole(value) or value < 0:
                 raise ValueError(f"{path}: field {field}.n_examples: expected a count, got {value!r}")
         else:
             metric_value(path, f"{field}.{name}", name, value)
@@ -150,7 +151,7 @@ def training_record(model_dir: str | os.PathLike) -> dict[str, Any]:
                   "samples": meta["samples_used"] + meta["samples_without_selected_tokens"],
                   "seconds": meta["seconds"]}
         for key in ("steps", "batch_size", "samples"):
-            if isinstance(record[key], bool) or not isinstance(record[key], int):
+            if not is_whole(record[key]):
                 raise ValueError(f"{path}: field {key}: expected a whole number, got {record[key]!r}")
         if record["samples"] < 1:
             raise ValueError(f"{path}: trained on no samples")
@@ -158,7 +159,7 @@ def training_record(model_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path}: fields steps and train_config.batch_size must be at least 1, got "
                              f"{record['steps']} and {record['batch_size']}")
         seconds = record["seconds"]
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+        if not is_number(seconds) or not 0 <= seconds < math.inf:
             raise ValueError(f"{path}: field seconds: expected a number of at least 0, got {seconds!r}")
     return {**record, "passes": passes(record["steps"], record["batch_size"], record["samples"])}
 
