@@ -6,7 +6,11 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-R = f"{config['results_dir']}/{config['experiment']}"
+# The experiment's folder holds what is computed over all its replicates (the table, the significance test, the
+# report); R, with the `{rep}` wildcard, the folder of one replicate: the experiment's own for replicate 0, its
+# replicates/r<r>/ for the others (tokenclean/replicates.py). A path under R is one replicate's artifact.
+EXPERIMENT_DIR = f"{config['results_dir']}/{config['experiment']}"
+R = EXPERIMENT_DIR + "{rep}"
 # An embedded experiment generates its world and pretrains its base model; any other one brings its data
 # (rule `data`) and names its base model (a hub id or a local directory, loaded as it is).
 EMBEDDED = "world" in config
@@ -37,6 +41,21 @@ os.environ.update(PYTHONPATH=workflow.basedir + os.pathsep + os.environ.get("PYT
 from tokenclean import methods as registry  # noqa: E402  (pure Python: no torch at planning time)
 from tokenclean.methods import mask_name, parse_run, ratio_tag  # noqa: E402,F401
 from tokenclean.launch import tokenclean_command  # noqa: E402
+from tokenclean import replicates  # noqa: E402
+
+# Replicates: independent draws of the world, the base model and the warm-up model (config `replicates`).
+REPS = [replicates.suffix(r) for r in range(config["replicates"])]
+
+
+def at(wildcards, path: str) -> str:
+    """`path` (built on R) in the job's replicate: for params functions, whose values Snakemake does not fill with
+    the wildcards as it does the paths of input, output and plain params."""
+    return path.replace("{rep}", wildcards.rep)
+
+
+def in_replicates(paths: list[str]) -> list[str]:
+    """`paths` (built on R) in every replicate, replicate by replicate."""
+    return [p.replace("{rep}", rep) for rep in REPS for p in paths]
 
 PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
 # Training jobs (warm-up, rows, rounds) may run one process per GPU; the recipe does not change with it.
@@ -119,7 +138,7 @@ def base_ref(wildcards) -> str:
     """model_ref("base") as a job's param: a function of the wildcards, not of the input, because outside the
     embedded world it is a hub id (or a local directory) that is no input, and Snakemake's params trigger, which
     re-runs the job when the id changes, skips params derived from the input."""
-    return model_ref("base")
+    return at(wildcards, model_ref("base"))
 
 
 def data_files() -> list[str]:
@@ -339,15 +358,27 @@ def selection_args(wildcards, input) -> str:
     return " ".join(list(input.masks) + [f"{model}/weights.npy" for model in input.online])
 
 
+# What significance compares every row with: full SFT, and full+warmup (the fair baseline of the scored rows, which
+# see the warm-up set through their reference) when it is a row; full first, as significance.md shows them.
+BASELINES = [b for b in ("full", "full+warmup") if b in config["methods"]] if "full" in config["methods"] else []
+
+
 def report_outputs() -> list[str]:
-    """Everything the report stage leaves in results/<experiment>/ (rule all asks for it)."""
-    out = [f"{R}/table.csv", f"{R}/table.md", f"{R}/table.tex", f"{FIGURES}/score_distributions.png",
-           f"{R}/token_view.html", f"{R}/provenance.json", f"{R}/provenance.md"]
-    out += [f"{R}/table_{m}.csv" for m in TABLE_METRICS[1:]]
-    if "full" in config["methods"]:
-        out += [f"{R}/significance.csv", f"{R}/significance.md"]
+    """Everything the report stage leaves in results/<experiment>/ (rule all asks for it): the table and the
+    significance test over all replicates, and each replicate's own figures, token view and records."""
+    top = [f"{EXPERIMENT_DIR}/{name}" for name in ("table.csv", "table.md", "table.tex")]
+    top += [f"{EXPERIMENT_DIR}/table_{m}.csv" for m in TABLE_METRICS[1:]]
+    if BASELINES:
+        top += [f"{EXPERIMENT_DIR}/significance.csv", f"{EXPERIMENT_DIR}/significance.md"]
     if len(config["ratios"]) > 1:
-        out.append(f"{FIGURES}/score_vs_ratio.png")
+        top.append(f"{EXPERIMENT_DIR}/figures/score_vs_ratio.png")
+    return top + in_replicates(replicate_outputs())
+
+
+def replicate_outputs() -> list[str]:
+    """What the report stage leaves in one replicate's folder (paths on R)."""
+    out = [f"{FIGURES}/score_distributions.png", f"{R}/token_view.html", f"{R}/provenance.json",
+           f"{R}/provenance.md"]
     if EMBEDDED:  # ground-truth token classes exist only in the embedded world
         out.append(f"{R}/score_separation.csv")
         if pool_masks() or online_models():  # a chain alone selects nothing over the whole pool
@@ -358,12 +389,17 @@ def report_outputs() -> list[str]:
 
 
 def trained_models() -> list[str]:
-    """Every model the table's rows trained (the warm-up model, each SFT row, each round of a chain): the report
-    reads each one's passes over its own data from what training recorded next to it."""
+    """Every model the table's rows trained in every replicate (the warm-up model, each SFT row, each round of a
+    chain): the report reads each one's passes over its own data from what training recorded next to it."""
     models = [model_dir("warmup")]
     for run in sft_runs():
         models += round_models(run) if KIND[parse_run(run)[0]] == "chain" else [model_dir(run)]
-    return models
+    return in_replicates(models)
+
+
+def all_evals(suffix: str = ".json") -> list[str]:
+    """Every row's evaluation (`.json`) or its per-example file (`.samples.jsonl`) in every replicate."""
+    return in_replicates([f"{R}/eval/{run}{suffix}" for run in RUNS])
 
 
 wildcard_constraints:
@@ -371,6 +407,7 @@ wildcard_constraints:
     model="base|warmup|rounds/[A-Za-z0-9_.+-]+",
     run="(rounds/)?[A-Za-z0-9_.+-]+",
     mask="[A-Za-z0-9_.+-]+",
+    rep=replicates.WILDCARD,
 
 
 # Under `--executor slurm`, before the first sbatch: every job of the plan against the cluster's partitions

@@ -7,7 +7,7 @@ rule evaluate:
         samples=f"{R}/eval/{{run}}.samples.jsonl",  # per-example scores (the report's paired bootstrap)
     params:
         tc=launch,
-        model=lambda w: model_dir(w.run),
+        model=lambda w: at(w, model_dir(w.run)),
         revision=lambda w: revision_flag(w.run),
         args=eval_args(),
         limit=lambda w: f"--limit {config['evaluation']['limit']}" if config["evaluation"].get("limit") else "",

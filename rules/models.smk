@@ -7,7 +7,8 @@ rule pretrain_base:
     params:
         tc=launch,
         model=as_json(config["base_model"].get("pretrain", {}).get("model", {})),
-        train=train_flags(config["base_model"].get("pretrain", {})),
+        train=lambda w: train_flags(replicates.seeded_train(config["base_model"].get("pretrain", {}),
+                                                           replicates.index(w.rep))),
     threads: SERIAL_THREADS
     log:
         f"{R}/logs/pretrain_base.log",
@@ -79,7 +80,7 @@ rule warmup:
         model=base_ref,
         revision=revision_flag(),
         trust=TRUST,
-        train=train_flags(config.get("warmup", {})),
+        train=lambda w: train_flags(replicates.seeded_train(config.get("warmup", {}), replicates.index(w.rep))),
     threads: THREADS
     resources:
         gpu=TRAIN_GPUS,

@@ -31,13 +31,14 @@ rule report:
     mean and std over seeds. One table per metric (CSV, Markdown, LaTeX; best row in bold, the ground-truth rows
     never); the paper's numbers below ours when paper_reference is set."""
     input:
-        evals=expand(f"{R}/eval/{{run}}.json", run=RUNS),
+        evals=all_evals(),
         models=trained_models(),
     output:
-        csv=report(f"{R}/table.csv", caption="../report/table.rst", category="Tables", labels={"table": TABLE_METRICS[0]}),
-        md=f"{R}/table.md",
-        tex=f"{R}/table.tex",
-        other=[report(f"{R}/table_{m}.csv", caption="../report/table_metric.rst", category="Tables",
+        csv=report(f"{EXPERIMENT_DIR}/table.csv", caption="../report/table.rst", category="Tables",
+                   labels={"table": TABLE_METRICS[0]}),
+        md=f"{EXPERIMENT_DIR}/table.md",
+        tex=f"{EXPERIMENT_DIR}/table.tex",
+        other=[report(f"{EXPERIMENT_DIR}/table_{m}.csv", caption="../report/table_metric.rst", category="Tables",
                       labels={"table": m}) for m in TABLE_METRICS[1:]],
     params:
         tc=launch,
@@ -45,9 +46,9 @@ rule report:
         metrics=",".join(TABLE_METRICS),
         paper=f"--paper-reference {PAPER_REFERENCE}" if PAPER_REFERENCE else "",
     log:
-        f"{R}/logs/report.log",
+        f"{EXPERIMENT_DIR}/logs/report.log",
     benchmark:
-        f"{R}/benchmarks/report.tsv"
+        f"{EXPERIMENT_DIR}/benchmarks/report.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
@@ -56,42 +57,46 @@ rule report:
 
 
 rule significance:
-    """Paired bootstrap over evaluation examples: each row minus full-token SFT, per task and on average."""
+    """Each row minus full-token SFT (and minus full+warmup), per task and on average: a paired bootstrap over
+    replicates, then seeds, then test questions, and the share of replicates in which the row is ahead."""
     input:
-        evals=expand(f"{R}/eval/{{run}}.json", run=RUNS),
-        samples=expand(f"{R}/eval/{{run}}.samples.jsonl", run=RUNS),
+        evals=all_evals(),
+        samples=all_evals(".samples.jsonl"),
     output:
-        csv=report(f"{R}/significance.csv", caption="../report/significance.rst", category="Tables",
+        csv=report(f"{EXPERIMENT_DIR}/significance.csv", caption="../report/significance.rst", category="Tables",
                    labels={"table": "significance"}),
-        md=f"{R}/significance.md",
+        md=f"{EXPERIMENT_DIR}/significance.md",
     params:
         tc=launch,
         metrics=",".join(TABLE_METRICS),
+        baselines=",".join(BASELINES),
         iters=lookup(dpath="report/bootstrap_iters", within=config),
     log:
-        f"{R}/logs/significance.log",
+        f"{EXPERIMENT_DIR}/logs/significance.log",
     benchmark:
-        f"{R}/benchmarks/significance.tsv"
+        f"{EXPERIMENT_DIR}/benchmarks/significance.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:
-        "{params.tc} significance {input.evals} --metrics {params.metrics} --iters {params.iters} --seed 0"
+        "{params.tc} significance {input.evals} --metrics {params.metrics} --baseline {params.baselines}"
+        " --iters {params.iters} --seed 0"
         " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
 rule figure_ratios:
     """Average score against the keep ratio, per method (only with more than one ratio)."""
     input:
-        f"{R}/table.csv",
+        f"{EXPERIMENT_DIR}/table.csv",
     output:
-        report(f"{FIGURES}/score_vs_ratio.png", caption="../report/score_vs_ratio.rst", category="Figures"),
+        report(f"{EXPERIMENT_DIR}/figures/score_vs_ratio.png", caption="../report/score_vs_ratio.rst",
+               category="Figures"),
     params:
         tc=launch,
         metric=METRIC,
     log:
-        f"{R}/logs/figures/score_vs_ratio.log",
+        f"{EXPERIMENT_DIR}/logs/figures/score_vs_ratio.log",
     benchmark:
-        f"{R}/benchmarks/figures/score_vs_ratio.tsv"
+        f"{EXPERIMENT_DIR}/benchmarks/figures/score_vs_ratio.tsv"
     conda:
         "../envs/tokenclean.yaml"
     shell:

@@ -8,7 +8,7 @@ rule token_loss:
         f"{R}/losses/{{model}}/{{dataset}}.loss.npy",
     params:
         tc=launch,
-        model=lambda w: model_ref(w.model),
+        model=lambda w: at(w, model_ref(w.model)),
         revision=lambda w: revision_flag(w.model),
         trust=TRUST,
         budget=lookup(dpath="scoring/token_budget", within=config),

@@ -4,7 +4,7 @@ rule world:
         directory(f"{R}/world"),
     params:
         tc=launch,
-        world=as_json(config.get("world", {})),
+        world=lambda w: as_json(replicates.seeded(config.get("world", {}), replicates.index(w.rep))),
     log:
         f"{R}/logs/world.log",
     benchmark:

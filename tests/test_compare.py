@@ -252,7 +252,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(worlds, tmp_path, capsys, ca
         expected = f"{b / 'cleaning_quality.csv'}: file not found"
     elif case == "missing column":
         path = a / "significance.csv"
-        path.write_text("\n".join(",".join(line.split(",")[:9]) for line in path.read_text().splitlines()) + "\n")
+        cut = path.read_text().splitlines()[0].split(",").index("ci_high")
+        path.write_text("\n".join(",".join(line.split(",")[:cut]) for line in path.read_text().splitlines()) + "\n")
         expected = f"{path}: column 'ci_high' missing"
     elif case == "bad number":
         path = a / "table.csv"
@@ -296,7 +297,7 @@ def test_a_row_without_its_significance_row_is_refused(worlds, tmp_path, capsys)
     a, _ = worlds
     path = a / "significance.csv"
     path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
-                            if not line.startswith("random,0.6,answer_acc,average,")))
+                            if not line.startswith("random,0.6,full,answer_acc,average,")))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "worlds.md").write_text("an earlier page\n")
     assert run_compare(tmp_path, f"a={a}") == 2

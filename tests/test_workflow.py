@@ -133,6 +133,22 @@ def test_a_new_ratio_or_seed_reruns_only_what_depends_on_it(smoke_run, tmp_path,
     assert scored and all(m.startswith("rounds/self_evolving") and new_rows in m for m in scored)
 
 
+def test_a_new_replicate_runs_only_its_own_draw_and_the_tables(smoke_run, tmp_path):
+    """`replicates: 2`: replicate 1 is a new draw in replicates/r1/ (world, base and warm-up seeds plus 1); in
+    replicate 0's folder nothing re-runs but the tables over both replicates."""
+    (tmp_path / "more.yaml").write_text("replicates: 2\n")
+    jobs = plan(smoke_run.parents[1], SMOKE, tmp_path / "more.yaml")["jobs"]
+    to_do = [j for j in jobs if j["needrun"]]
+    new = [j for j in to_do if j["wildcards"].get("rep") == "/replicates/r1"]
+    again = {j["rule"] for j in to_do if j not in new}
+    assert again <= {"report", "significance", "all"}, again
+    assert {"world", "pretrain_base", "warmup", "sft", "evaluate"} <= {j["rule"] for j in new}
+    world = next(j for j in new if j["rule"] == "world")
+    assert world["output"] == ["results/smoke/replicates/r1/world"] and '"seed": 1' in world["shell"]
+    for rule in ("pretrain_base", "warmup"):
+        assert "--seed 1 " in next(j for j in new if j["rule"] == rule)["shell"], rule
+
+
 def test_changing_only_report_settings_reruns_only_the_report_stage(smoke_run, tmp_path):
     jobs, scored = planned(smoke_run.parents[1], "report: {bootstrap_iters: 500, token_view_samples: 4}\n", tmp_path)
     assert {"significance", "token_view"} <= jobs and not scored

@@ -246,7 +246,7 @@ def cmd_significance(a: argparse.Namespace) -> None:
 
     iters = BOOTSTRAP_ITERS if a.iters is None else a.iters
     write_significance(a.evals, a.metrics.split(","), a.out_csv, a.out_md, iters=iters, seed=a.seed,
-                       baseline=a.baseline)
+                       baseline=[b for b in a.baseline.split(",") if b])
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
@@ -460,15 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "rounds <row>_t<t>): each row's passes over its own data, from their tokenclean.json")
 
     p = add("significance", cmd_significance,
-            "Paired bootstrap over evaluation examples: each method minus full-token SFT, per task and on average, "
-            "with a 95% interval (reads the <eval>.samples.jsonl beside each evaluation JSON).")
-    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files, full_s<seed>.json among them")
+            "Paired bootstrap over replicates, then seeds, then test questions: each method minus full-token SFT "
+            "(and other baselines), per task and on average, with a 95% interval and the share of replicates in "
+            "which the method is ahead (reads the <eval>.samples.jsonl beside each evaluation JSON).")
+    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files, full_s<seed>.json among them; "
+                                            "a file under replicates/r<r>/ belongs to replicate r")
     p.add_argument("--metrics", default="answer_acc", help="comma-separated metrics (benchmark suites: score)")
     p.add_argument("--iters", type=_positive, help="bootstrap resamples (default: significance.BOOTSTRAP_ITERS)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the resampling")
     p.add_argument("--baseline", default="full",
-                   help="the row every other is compared with (default full; full+warmup: the fair baseline of the "
-                        "rows whose reference saw the warm-up set)")
+                   help="the row every other is compared with, or several, comma-separated (default full; "
+                        "full+warmup: the fair baseline of the rows whose reference saw the warm-up set)")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", default=None)
 

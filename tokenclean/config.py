@@ -164,6 +164,9 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
             if config.get(block, {}).get("train", {}).get("lora_r", 0) > 0:
                 return ["hardware", "sharding"], (f"{sharding} with {block}.train.lora_r > 0 is not supported yet "
                                                   "(LoRA trains few weights: set hardware.sharding: none)")
+    if config.get("replicates", 1) > 1 and "world" not in config:
+        return ["replicates"], (f"{config['replicates']} draws need an embedded world (a `world` section): a hub "
+                                "model and your own data are the same in every draw; run more seeds instead")
     se = config.get("self_evolving", {})
     rounds = se["rounds"]  # the schema's default is filled in by now
     if se.get("chunks", rounds) < rounds:

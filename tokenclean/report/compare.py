@@ -139,8 +139,8 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
         raise ArtifactError(f"{sig_path}: no rows of metric {world.metric!r} (it holds {', '.join(sig_metrics)})")
     seen: set[tuple[str, str]] = set()
     for line, r in sig_rows:
-        if r["metric"] != world.metric or r["task"] != "average":
-            continue
+        if r["metric"] != world.metric or r["task"] != "average" or r.get("baseline", BASELINE) != BASELINE:
+            continue  # the headline's average against full SFT (other baselines have their own rows)
         key = row_key(sig_path, line, r["method"], r["ratio"])
         if key in seen:
             raise ArtifactError(f"{sig_path}:{line}: a second row {key[0]} {key[1]} of {world.metric} on average")

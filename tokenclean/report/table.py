@@ -1,7 +1,11 @@
 """Aggregating evaluation results into the experiment's tables.
 
 Evaluation files are named by run: ``<method>.json`` (one model, e.g. ``base``, ``warmup``) or
-``<method>_r<ratio>_s<seed>.json`` (an SFT row). Cells are the mean and (sample) standard deviation over seeds.
+``<method>_r<ratio>_s<seed>.json`` (an SFT row), and belong to the replicate their path says
+(:mod:`tokenclean.replicates`). Cells are the mean and (sample) standard deviation over seeds when the files are
+one replicate (one draw of the world, base and warm-up model); over several replicates, each replicate's mean over
+its seeds is one value, and cells are the mean and the standard deviation of those values (the spread between
+draws, which the seeds do not sample).
 
 :func:`write_table` writes ``table.csv`` (the headline metric per task and on average, plus the averages of the
 other metrics), ``table_<metric>.csv`` for every other metric, and ``table.md`` / ``table.tex`` with one table
@@ -22,6 +26,7 @@ from typing import Any
 from tokenclean.artifacts import csv_text, read_json, reading, write_csv, write_texts
 from tokenclean.data import is_number, is_whole
 from tokenclean.methods import METHODS, ROUND, load_plugins, parse_run
+from tokenclean.replicates import of_path as replicate_of
 
 HEADLINE = "answer_acc"
 # Shown beside the headline as averages over tasks: whole-response match falls when a method drops template
@@ -101,8 +106,10 @@ def read_eval(path: str | os.PathLike, metric: str) -> tuple[dict[str, Any], dic
 
 
 def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tuple[list[str], list[dict[str, Any]]]:
-    """Rows (method, ratio) with per-task mean/std over seeds of ``metric``, in the order first seen."""
-    runs: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    """Rows (method, ratio) with per-task mean/std of ``metric``, in the order first seen: over seeds within one
+    replicate, else over replicates of each replicate's seed mean (columns ``n_seeds``: seeds per replicate,
+    ``n_replicates``)."""
+    runs: dict[tuple[str, str], dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     tasks: list[str] = []
     for f in eval_files:
         method, ratio, _ = parse_run_name(f)
@@ -114,15 +121,27 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
             for extra in SECONDARY:
                 if extra != metric and extra in result["average"]:
                     scores[f"average_{extra}"] = metric_value(f, f"average.{extra}", extra, result["average"][extra])
-        runs[(method, ratio)].append(scores)
+        runs[(method, ratio)][replicate_of(f)].append(scores)
     rows = []
-    for (method, ratio), seeds in runs.items():
-        row: dict[str, Any] = {"method": method, "ratio": ratio, "n_seeds": len(seeds)}
+    for (method, ratio), by_replicate in runs.items():
+        counts = {len(seeds) for seeds in by_replicate.values()}
+        if len(counts) > 1:
+            raise ValueError(f"{method}{f' {ratio}' if ratio else ''}: replicates with different numbers of seeds "
+                             f"({sorted(counts)}); give every replicate's evaluations of the row")
+        row: dict[str, Any] = {"method": method, "ratio": ratio, "n_seeds": counts.pop(),
+                               "n_replicates": len(by_replicate)}
         for task in tasks + ["average"] + [f"average_{x}" for x in SECONDARY if x != metric]:
-            values = [s[task] for s in seeds if task in s]
+            per_rep = [[s[task] for s in seeds if task in s] for _, seeds in sorted(by_replicate.items())]
+            # one replicate: a value per seed; several: a value per replicate, its mean over seeds
+            values = per_rep[0] if len(by_replicate) == 1 else [sum(v) / len(v) for v in per_rep if v]
             if values:
                 row[f"{task}_mean"], row[f"{task}_std"] = mean_std(values)
         rows.append(row)
+    replicate_counts = {r["n_replicates"] for r in rows}
+    if len(replicate_counts) > 1:
+        short = min(rows, key=lambda r: r["n_replicates"])
+        raise ValueError(f"{short['method']}: evaluated in {short['n_replicates']} replicates, other rows in "
+                         f"{max(replicate_counts)}; give every replicate's evaluations of every row")
     # methods in the order first seen, a method's ratio variants by ratio
     order = list(dict.fromkeys(r["method"] for r in rows))
     rows.sort(key=lambda r: (order.index(r["method"]), float(r["ratio"]) if r["ratio"] else -1.0))
@@ -173,15 +192,16 @@ def row_passes(model_dirs: list[str | os.PathLike]) -> dict[tuple[str, str], tup
     samples of the chunks they trained on (the pool when every chunk has a round), sum of steps × batch size
     over sum of chunk sizes. Every round from 1 to the last given must be there.
     """
-    per_run: dict[str, dict[int, tuple[Path, dict[str, Any]]]] = defaultdict(dict)
+    per_run: dict[tuple[int, str], dict[int, tuple[Path, dict[str, Any]]]] = defaultdict(dict)
     for d in map(Path, model_dirs):
         m = ROUND_DIR.match(d.name)
         run, round_ = (m["row"], int(m["round"])) if m else (d.name, 0)
-        if round_ in per_run[run] or (per_run[run] and (round_ == 0) != (0 in per_run[run])):
+        key = (replicate_of(d), run)  # each replicate trains every run once
+        if round_ in per_run[key] or (per_run[key] and (round_ == 0) != (0 in per_run[key])):
             raise ValueError(f"{d}: a second model of run {run}" + (f" (round {round_})" if round_ else ""))
-        per_run[run][round_] = (d, training_record(d))
+        per_run[key][round_] = (d, training_record(d))
     runs: dict[tuple[str, str], list[tuple[float, Path]]] = defaultdict(list)
-    for run, records in per_run.items():
+    for (_, run), records in per_run.items():
         first = records[min(records)][0]
         try:
             method, ratio, _ = parse_run_name(run)
@@ -239,7 +259,7 @@ def _cell(row: dict[str, Any], column: str, metric: str, pm: str) -> str:
         return "–"
     scale, decimals = metric_format(metric)
     text = f"{row[f'{column}_mean'] * scale:.{decimals}f}"
-    if row["n_seeds"] > 1:
+    if row["n_seeds"] > 1 or row.get("n_replicates", 1) > 1:
         text += f"{pm}{row[f'{column}_std'] * scale:.{decimals}f}"
     return text
 
@@ -392,8 +412,8 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
     if unknown:
         raise ValueError(f"{passes_by_row[unknown[0]][1]}: no evaluation of this model's row was given")
     extras = [f"average_{x}" for x in SECONDARY if x != metric and all(f"average_{x}_mean" in r for r in rows)]
-    columns = ["method", "ratio", "n_seeds", "passes"] + [f"{t}_{s}" for t in tasks + ["average"] + extras
-                                                          for s in ("mean", "std")]
+    columns = ["method", "ratio", "n_replicates", "n_seeds", "passes"] + [
+        f"{t}_{s}" for t in tasks + ["average"] + extras for s in ("mean", "std")]
     if metrics is None:
         metrics = [metric] + [e.removeprefix("average_") for e in extras]
     if metrics[0] != metric:
@@ -411,7 +431,7 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
     md_parts, tex_parts = [], []
     for m, (m_tasks, m_rows) in per_metric.items():
         paper = paper_rows(m_tasks, list(dict.fromkeys(r["method"] for r in m_rows)), reference) if reference else []
-        title = f"{METRIC_LABELS.get(m, m)}, mean ± std over seeds"
+        title = f"{METRIC_LABELS.get(m, m)}, {spread_label(m_rows)}"
         md = [f"### {title}", ""] + _md_table(m_tasks, m_rows, m, extras if m == metric else (), paper)
         notes = []
         if any(ground_truth_row(r["method"]) for r in m_rows):
@@ -429,11 +449,12 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
     outputs: dict[str | os.PathLike, str] = {}
     for m, (m_tasks, m_rows) in per_metric.items():
         if m != metric:
-            m_cols = ["method", "ratio", "n_seeds"] + [f"{t}_{s}" for t in m_tasks + ["average"]
+            m_cols = ["method", "ratio", "n_replicates", "n_seeds"] + [f"{t}_{s}" for t in m_tasks + ["average"]
                                                        for s in ("mean", "std")]
             outputs[metric_csv(out_csv, m)] = csv_text(m_rows, m_cols)
     if out_md:
-        outputs[out_md] = ("Best row of each column in bold. Cells: mean ± std over seeds (a single value: one run). "
+        outputs[out_md] = (f"{draws_label(rows)} Best row of each column in bold. Cells: {spread_label(rows)} "
+                           "(a single value: one run). "
                            "Passes: optimizer steps × batch size / samples of the row's own training data, as its "
                            "models recorded them (a self-evolving row: its rounds together over their chunks)."
                            "\n\n" + "\n\n".join(md_parts) + "\n")
@@ -442,6 +463,24 @@ def write_table(eval_files: list[str | os.PathLike], out_csv: str | os.PathLike,
     outputs[out_csv] = csv_text(rows, columns)  # the rule's first output last: all appear, or none
     write_texts(outputs)
     return rows
+
+
+def draws_label(rows: list[dict[str, Any]]) -> str:
+    """What the table holds, in words: how many independent draws of the world, base and warm-up model, and how
+    many SFT seeds each (a claim that one row beats another needs several draws: docs/results.md)."""
+    n_rep = max((r.get("n_replicates", 1) for r in rows), default=1)
+    seeds = max((r["n_seeds"] for r in rows), default=1)
+    if n_rep == 1:
+        return (f"One draw (one replicate) of the world, base and warm-up model, {seeds} SFT seed"
+                f"{'s' if seeds > 1 else ''}: what one draw gives, not a verdict.")
+    return (f"{n_rep} draws (replicates) of the world, base and warm-up model, {seeds} SFT seed"
+            f"{'s' if seeds > 1 else ''} each.")
+
+
+def spread_label(rows: list[dict[str, Any]]) -> str:
+    """The cells' statistic: mean ± std over seeds (one replicate) or over replicates."""
+    n_rep = max((r.get("n_replicates", 1) for r in rows), default=1)
+    return "mean ± std over seeds" if n_rep == 1 else f"mean ± std over {n_rep} replicates (each its seeds' mean)"
 
 
 def metric_csv(out_csv: str | os.PathLike, metric: str) -> Path:
