@@ -47,6 +47,8 @@ LONG = {
     ".venv/bin/snakemake --profile profiles/slurm --profile profiles/local-slurm --configfile configs/smoke.yaml",
     ".venv/bin/snakemake --cores all --configfile configs/methods.yaml",  # docs/worlds.md
     ".venv/bin/snakemake --cores all --configfile configs/single-template/methods.yaml",  # docs/methods.md, worlds.md
+    ".venv/bin/snakemake --cores all --configfile configs/study.yaml",  # docs/worlds.md: the study of world v2
+    ".venv/bin/snakemake --cores all --configfile configs/single-template/study.yaml",  # docs/worlds.md: of world v1
     "make compare-worlds",  # docs/worlds.md; tests/test_compare.py checks its command
     "make gpu-check",  # docs/gpu-check.md; tests/test_gpu_check.py runs it
     "make node-wheels",  # docs/gpu-check.md: downloads 25 MiB; `make test-node` runs it

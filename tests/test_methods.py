@@ -134,6 +134,23 @@ def test_the_comparison_config_is_the_default_experiment_with_every_method_as_a_
     assert set(methods["methods"]) == {n for n in registry.METHODS if not n.startswith("every_")}
 
 
+@pytest.mark.parametrize("methods_path, study_path", [
+    ("configs/methods.yaml", "configs/study.yaml"),
+    ("configs/single-template/methods.yaml", "configs/single-template/study.yaml"),
+])
+def test_each_worlds_study_is_its_comparison_config_drawn_five_times(methods_path, study_path):
+    """A study is its world's every-method config unchanged (the pre-registered design), with at least five
+    replicates of one seed each: only the draws differ."""
+    from tokenclean.config import check_config
+
+    methods = yaml.safe_load((ROOT / methods_path).read_text())
+    study = yaml.safe_load((ROOT / study_path).read_text())
+    assert {k: v for k, v in study.items() if k not in ("experiment", "replicates", "seeds")} == \
+        {k: v for k, v in methods.items() if k not in ("experiment", "seeds")}
+    assert study["replicates"] >= 5 and study["seeds"] == [1] and study["experiment"] != methods["experiment"]
+    assert check_config(study, [study_path])["replicates"] == study["replicates"]
+
+
 @pytest.mark.slow  # starts Snakemake (a plan)
 def test_online_rows_reach_the_cleaning_quality_table_and_the_token_view_beside_the_masks(tmp_path):
     from tests.snakemake_plan import plan
