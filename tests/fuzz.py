@@ -499,7 +499,8 @@ def csv_change(change: Callable[[list[list[str]], random.Random], Any]) -> Mutat
 def _numeric_cell(rows: list[list[str]], r: random.Random, value: str) -> None:
     """A number cell of a row set to ``value`` (NaN: only where a measure cannot be "not applicable")."""
     cells = [(i, j) for i, row in enumerate(rows[1:], 1) for j, cell in enumerate(row)
-             if cell and rows[0][j] not in ("ratio", "round", "n_seeds", "n_seeds_full", "n_examples")
+             if cell and rows[0][j] not in ("ratio", "round", "n_seeds", "n_seeds_full", "n_examples", "n_replicates",
+                                            "p_improve", "p_sign")  # shown, not read by compare
              and cell.replace(".", "", 1).replace("-", "", 1).isdigit()
              and not (value == "nan" and NOT_APPLICABLE_COLUMN.match(rows[0][j]))]
     i, j = cells[r.randrange(len(cells))]
