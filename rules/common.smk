@@ -23,6 +23,13 @@ for _var, _sub in (("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "
 if EMBEDDED:
     for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(_var, "1")
+# The CPU kernels every job pins (docs/numerics.md): jobs inherit the variable, locally and through Slurm, and
+# each `tokenclean` command applies it before torch starts. Said once here if the pin cannot hold on this machine.
+from tokenclean import numerics  # noqa: E402  (pure Python: no torch at planning time)
+
+os.environ[numerics.ENV] = numerics.level_of(config)
+if _line := numerics.warning(os.environ[numerics.ENV]):
+    print(_line, file=sys.stderr)
 THREADS = config["threads"]
 SERIAL_THREADS = config.get("serial_threads", THREADS)  # pretrain_base: every other job waits for it
 # Evaluation tasks: as configured, else every family of the embedded world (tokenclean.config requires one).

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from tokenclean import numerics  # pure Python: no torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "huggingface"))
+# The tests run at the pinned CPU kernels (docs/numerics.md), set before any test imports torch; run them
+# unpinned with TOKENCLEAN_CPU_KERNELS=native.
+os.environ.setdefault(numerics.ENV, "avx2")
+numerics.apply_from_env()
 
 TRAIN_TEXT = [
     "Sure ! The answer is 42 . Hope this helps .",

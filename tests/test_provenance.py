@@ -3,6 +3,7 @@ hub cache laid out on disk, no network)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -184,3 +185,26 @@ def test_package_versions_name_tokenclean_run_from_a_checkout(monkeypatch):
     monkeypatch.setattr(provenance, "version", version)
     versions = provenance.package_versions()
     assert versions["tokenclean"] == tokenclean.__version__ and versions["peft"] is None and versions["torch"] == "9.9"
+
+
+def test_provenance_records_the_cpu_and_the_kernel_pin(tmp_path, monkeypatch):
+    """The CPU, its vector flags, ATen's capability and the pin's variables (docs/numerics.md); a pin that cannot
+    hold on the machine is a warning."""
+    from tokenclean import numerics
+    from tokenclean.provenance import gather, render_markdown
+
+    data, tokens, losses, _ = experiment_files(tmp_path)
+    monkeypatch.setenv(numerics.ENV, "avx2")
+    monkeypatch.setattr(numerics, "problem", lambda level: None)
+    record = gather(data, tokens, losses, "org/tiny")
+    kernels = record["numerics"]
+    assert kernels["level"] == "avx2" and kernels["holds"] and set(kernels["flags"] or {}) <= set(numerics.FLAGS)
+    assert kernels["env"] == {name: os.environ.get(name) for name in numerics.LEVELS["avx2"]}
+    assert kernels["cpu_capability"] and record["warnings"] == []
+    md = render_markdown(record)
+    assert "## CPU numerics" in md and "kernel pin: avx2 (holds)" in md and kernels["cpu_capability"] in md
+    monkeypatch.setattr(numerics, "problem", lambda level: "this CPU lacks avx2")
+    record = gather(data, tokens, losses, "org/tiny")
+    assert not record["numerics"]["holds"] and record["warnings"] == [
+        "the CPU-kernel pin avx2 does not hold here: this CPU lacks avx2"]
+    assert "does not hold: this CPU lacks avx2" in render_markdown(record)

@@ -606,6 +606,16 @@ def limit_threads(threads: int | None) -> None:
             sys.modules["torch"].set_num_threads(threads)
 
 
+def pin_kernels() -> None:
+    """Apply the CPU-kernel level the environment names (tokenclean.numerics.ENV, set by the workflow from the
+    config's cpu_kernels) before anything imports torch, and say in one line when it cannot hold here."""
+    from tokenclean import numerics
+
+    line = numerics.warning(numerics.apply_from_env())
+    if line:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input and file-system errors end in one line and exit code 2: our own errors
     (ArtifactError, DataError), ValueError (a value the command cannot use, UnicodeDecodeError included),
@@ -619,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenclean.data import DataError
 
     try:
+        pin_kernels()
         limit_threads(args.threads)
         check_paths(args)
         args.func(args)

@@ -1,5 +1,6 @@
 """What made an experiment's results, in one file: the data's sha256, the token tables' tokenizer and data
-fingerprints, the base model's id, pinned revision and the commit actually loaded, and the package versions.
+fingerprints, the base model's id, pinned revision and the commit actually loaded, the package versions, and the
+CPU numerics (tokenclean.numerics: the CPU, its vector flags and the kernel pin) of the machine writing the record.
 
 Everything is read from what the jobs recorded (the data files and the artifacts' sidecars, each checked against
 the file it describes), never resolved again: a hub branch may have moved since, and the point is to name what
@@ -15,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from tokenclean import numerics
 from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array, read_json, sha256_file
 
 # distribution names of the packages whose versions change results
@@ -82,6 +84,9 @@ def gather(data_dir: str | os.PathLike, tokens: list[str | os.PathLike], losses:
             warnings.append(f"{path} was tokenized from data that is not the experiment's current pool or warm-up "
                             "file")
     fingerprints = sorted({m["model_fingerprint"] for m in loss_files.values() if m["model_fingerprint"]})
+    kernels = numerics.describe(numerics.current())
+    if kernels["problem"]:
+        warnings.append(f"the CPU-kernel pin {kernels['level']} does not hold here: {kernels['problem']}")
     return {
         "data": data,
         "base_model": {"name": base_model, "revision": revision or None, "commits": commits,
@@ -89,6 +94,7 @@ def gather(data_dir: str | os.PathLike, tokens: list[str | os.PathLike], losses:
         "token_tables": token_tables,
         "losses": loss_files,
         "packages": package_versions(),
+        "numerics": kernels,
         "warnings": warnings,
     }
 
@@ -112,6 +118,13 @@ def render_markdown(record: dict[str, Any]) -> str:
                      f"`{t['tokenizer_fingerprint']}` | `{t['data_fingerprint']}` |")
     lines += ["", "## Packages", "", "| package | version |", "|---|---|"]
     lines += [f"| {name} | {v or 'not installed'} |" for name, v in record["packages"].items()]
+    kernels = record["numerics"]
+    holds = "holds" if kernels["holds"] else f"does not hold: {kernels['problem']}"
+    flags = ", ".join(f"{f} {'yes' if has else 'no'}" for f, has in (kernels["flags"] or {}).items()) or "unknown"
+    env = ", ".join(f"{name}={'(unset)' if value is None else value}" for name, value in kernels["env"].items())
+    lines += ["", "## CPU numerics", "", f"- kernel pin: {kernels['level']} ({holds})",
+              f"- CPU: {kernels['cpu'] or 'unknown'} ({kernels['arch']}); flags: {flags}",
+              f"- torch {kernels['torch']}, ATen CPU capability {kernels['cpu_capability']}", f"- {env}"]
     if record["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in record["warnings"]]
     return "\n".join(lines) + "\n"
