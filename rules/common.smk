@@ -10,7 +10,7 @@ from snakemake.settings.types import DeploymentMethod
 # report); R, with the `{rep}` wildcard, the folder of one replicate: the experiment's own for replicate 0, its
 # replicates/r<r>/ for the others (tokenclean/replicates.py). A path under R is one replicate's artifact.
 EXPERIMENT_DIR = f"{config['results_dir']}/{config['experiment']}"
-R = EXPERIMENT_DIR + "{rep}"
+R = f"{EXPERIMENT_DIR}{{rep}}"
 # An embedded experiment generates its world and pretrains its base model; any other one brings its data
 # (rule `data`) and names its base model (a hub id or a local directory, loaded as it is).
 EMBEDDED = "world" in config
@@ -371,7 +371,7 @@ BASELINES = [b for b in ("full", "full+warmup") if b in config["methods"]] if "f
 
 
 def report_outputs() -> list[str]:
-    """Everything the report stage leaves in results/<experiment>/ (rule all asks for it): the table and the
+    """Everything the report stage leaves in results/<experiment>/, as `all` asks for it. The table and the
     significance test over all replicates, and each replicate's own figures, token view and records."""
     top = [f"{EXPERIMENT_DIR}/{name}" for name in ("table.csv", "table.md", "table.tex")]
     top += [f"{EXPERIMENT_DIR}/table_{m}.csv" for m in TABLE_METRICS[1:]]
