@@ -106,10 +106,10 @@ test-node: $(NODE_VENV)/.installed wheels/node/manifest.json
 		$(NODE_VENV)/bin/python -m pytest -q -m "not slow and not pinned" -p no:cacheprovider
 
 # The default world and the single-template stress-case world side by side (docs/results.md, "Comparing worlds"):
-# results/worlds.csv and results/worlds.md from the results of the two finished experiments (methods and
-# single-template-methods). It runs neither experiment: finish them first.
+# results/worlds.csv and results/worlds.md from the two finished studies (five draws of each world, every method:
+# configs/study.yaml and configs/single-template/study.yaml). It runs neither study: finish them first.
 compare-worlds: $(STAMP)
-	$(BIN)/tokenclean compare --world paper-setting=results/methods --world single-template=results/single-template-methods --out-csv results/worlds.csv --out-md results/worlds.md
+	$(BIN)/tokenclean compare --world paper-setting=results/study --world single-template=results/single-template-study --out-csv results/worlds.csv --out-md results/worlds.md
 
 clean:
 	rm -rf results .snakemake

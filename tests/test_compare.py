@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 8  # questions per family
 METRICS = ["answer_acc", "response_em", "answer_nll"]
 CLASSES = ["informative", "novel", "boilerplate", "corrupted", "garbage"]
-DOCUMENTED = (".venv/bin/tokenclean compare --world paper-setting=results/methods --world "
-              "single-template=results/single-template-methods --out-csv results/worlds.csv --out-md "
+DOCUMENTED = (".venv/bin/tokenclean compare --world paper-setting=results/study --world "
+              "single-template=results/single-template-study --out-csv results/worlds.csv --out-md "
               "results/worlds.md")
 
 
@@ -202,7 +202,7 @@ def test_the_markdown_sets_the_worlds_side_by_side(worlds, tmp_path):
     assert headline[("truth_drop_noisy†", "–")][2:] == ["–", "–"]  # b has no ground-truth row
     assert headline[("dft", "–")][:2] == ["–", "–"]  # a has no dft row
     assert headline[("base", "–")][0] == "0.000"  # one run: no ± 0
-    assert "Seeds per row: paper-setting 2 seeds (base: 1); single-template 2 seeds (base: 1)." in md
+    assert "Seeds per row: paper-setting one draw, 2 seeds (base: 1); single-template one draw, 2 seeds (base: 1)." in md
     assert "† reads the ground-truth token classes" in md
 
     kept = md_rows(md, 1)
@@ -321,7 +321,7 @@ def test_the_documented_command_is_the_make_target_and_parses():
     """docs/results.md shows the command a user types; `make compare-worlds` runs exactly it."""
     assert DOCUMENTED in (ROOT / "docs" / "results.md").read_text().splitlines()
     args = build_parser().parse_args(shlex.split(DOCUMENTED)[1:])
-    assert args.world == ["paper-setting=results/methods", "single-template=results/single-template-methods"]
+    assert args.world == ["paper-setting=results/study", "single-template=results/single-template-study"]
     proc = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "compare-worlds"], cwd=ROOT,
                           capture_output=True,
                           text=True, check=False)

@@ -38,8 +38,8 @@ from tokenclean.report.table import LOWER_IS_BETTER, METRIC_LABELS, ground_truth
 # The classes in reading order: worth learning, template, noise.
 CLASSES = INFORMATIVE_CLASSES + tuple(c for c in TOKEN_CLASSES if c not in INFORMATIVE_CLASSES)
 BASELINE = "full"
-COLUMNS = (["world", "method", "ratio", "ground_truth", "metric", "mean", "std", "n_seeds", "diff", "ci_low",
-            "ci_high", "significant", "n_selections"] + [f"kept_{c}" for c in CLASSES])
+COLUMNS = (["world", "method", "ratio", "ground_truth", "metric", "mean", "std", "n_replicates", "n_seeds", "diff",
+            "ci_low", "ci_high", "significant", "p_improve", "n_selections"] + [f"kept_{c}" for c in CLASSES])
 
 TABLE, SIGNIFICANCE, QUALITY = "table.csv", "significance.csv", "cleaning_quality.csv"
 WRITER = {TABLE: "tokenclean report", SIGNIFICANCE: "tokenclean significance", QUALITY: "tokenclean quality"}
@@ -128,9 +128,15 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
         except ValueError:
             raise ArtifactError(f"{table_path}:{line}: field n_seeds: expected a whole number, got "
                                 f"{r['n_seeds']!r}") from None
+        try:  # tables written before replicates existed are one draw
+            n_replicates = int(r.get("n_replicates") or 1)
+        except ValueError:
+            raise ArtifactError(f"{table_path}:{line}: field n_replicates: expected a whole number, got "
+                                f"{r['n_replicates']!r}") from None
         world.rows[key] = {"world": name, "method": key[0], "ratio": key[1], "ground_truth": ground_truth_row(key[0]),
                            "metric": world.metric, "mean": csv_number(table_path, line, r, "average_mean"),
-                           "std": csv_number(table_path, line, r, "average_std"), "n_seeds": n_seeds}
+                           "std": csv_number(table_path, line, r, "average_std"), "n_seeds": n_seeds,
+                           "n_replicates": n_replicates}
     if not world.rows:
         raise ArtifactError(f"{table_path}: no rows")
 
@@ -153,6 +159,8 @@ def read_world(name: str, results: str | os.PathLike, metric: str | None = None)
         significant = {"True": True, "False": False}.get(r.get("significant", ""), lo > 0 or hi < 0)
         world.rows[key].update(diff=csv_number(sig_path, line, r, "diff"), ci_low=lo, ci_high=hi,
                                significant=significant)
+        if r.get("p_improve"):  # the share of replicates in which the row is ahead (significance over replicates)
+            world.rows[key]["p_improve"] = csv_number(sig_path, line, r, "p_improve")
     for key, row in world.rows.items():
         if key[0] == BASELINE:
             row["diff"] = 0.0  # the reference: no interval
@@ -199,7 +207,8 @@ def _score(row: dict[str, Any] | None) -> str:
         return "–"
     scale, decimals = metric_format(row["metric"])
     text = f"{row['mean'] * scale:.{decimals}f}"
-    return text + (f" ± {row['std'] * scale:.{decimals}f}" if row["n_seeds"] > 1 else "")
+    spread = row["n_seeds"] > 1 or row.get("n_replicates", 1) > 1
+    return text + (f" ± {row['std'] * scale:.{decimals}f}" if spread else "")
 
 
 def _diff(row: dict[str, Any] | None) -> str:
@@ -219,18 +228,23 @@ def _kept(row: dict[str, Any] | None, c: str) -> str:
 
 
 def _seeds_note(world: World) -> str:
-    """``3 seeds (base, warmup: 1)``: a world's usual number of seeds per row and the rows that differ."""
+    """``3 seeds (base, warmup: 1)``: a world's usual number of seeds per row and the rows that differ, after its
+    number of draws (replicates) when it has several."""
     counts = Counter(r["n_seeds"] for r in world.rows.values())
     usual = max(counts, key=lambda n: (counts[n], n))
     others = [f"{' '.join(k).strip()}: {r['n_seeds']}" for k, r in world.rows.items() if r["n_seeds"] != usual]
-    return f"{world.name} {usual} seed{'s' if usual != 1 else ''}" + (f" ({', '.join(others)})" if others else "")
+    draws = max(r.get("n_replicates", 1) for r in world.rows.values())
+    return (f"{world.name} {f'{draws} replicates × ' if draws > 1 else 'one draw, '}{usual} seed"
+            f"{'s' if usual != 1 else ''}" + (f" ({', '.join(others)})" if others else ""))
 
 
 def markdown(worlds: list[World]) -> str:
     keys = row_order(worlds)
     metrics = list(dict.fromkeys(w.metric for w in worlds))
     what = METRIC_LABELS.get(metrics[0], metrics[0]) if len(metrics) == 1 else "each world's headline metric"
-    out = [f"### {what[0].upper() + what[1:]}, mean ± std over seeds; Δ = row − full-token SFT "
+    over = ("replicates" if any(r.get("n_replicates", 1) > 1 for w in worlds for r in w.rows.values())
+            else "seeds")
+    out = [f"### {what[0].upper() + what[1:]}, mean ± std over {over}; Δ = row − full-token SFT "
            "[95% paired-bootstrap interval]", "",
            "| method | ratio | " + " | ".join(f"{w.name}: {w.metric} | {w.name}: Δ" for w in worlds) + " |",
            "|---|---" + "|---|---" * len(worlds) + "|"]
@@ -239,8 +253,9 @@ def markdown(worlds: list[World]) -> str:
         out.append(f"| {_label(key[0])} | {key[1] or '–'} | {' | '.join(cells)} |")
     notes = ["Worlds: " + "; ".join(f"{w.name} = `{w.results}`" for w in worlds) + ".",
              "Seeds per row: " + "; ".join(_seeds_note(w) for w in worlds) + ".",
-             "Δ: averaged over tasks; the interval resamples test examples (the seed spread is the ± beside the "
-             "score); * = the interval excludes 0; full is the reference (0). – : the world has no such row."]
+             "Δ: averaged over tasks; the interval resamples replicates, then seeds, then test questions (with one "
+             "replicate it says nothing of another draw of the world); * = the interval excludes 0; full is the "
+             "reference (0). – : the world has no such row."]
     lower = [m for m in metrics if m in LOWER_IS_BETTER]
     if lower:
         notes.append(f"Lower is better for {', '.join(lower)}.")
