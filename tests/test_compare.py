@@ -202,7 +202,8 @@ def test_the_markdown_sets_the_worlds_side_by_side(worlds, tmp_path):
     assert headline[("truth_drop_noisy†", "–")][2:] == ["–", "–"]  # b has no ground-truth row
     assert headline[("dft", "–")][:2] == ["–", "–"]  # a has no dft row
     assert headline[("base", "–")][0] == "0.000"  # one run: no ± 0
-    assert "Seeds per row: paper-setting one draw, 2 seeds (base: 1); single-template one draw, 2 seeds (base: 1)." in md
+    assert ("Seeds per row: paper-setting one draw, 2 seeds (base: 1); single-template one draw, 2 seeds "
+            "(base: 1).") in md
     assert "† reads the ground-truth token classes" in md
 
     kept = md_rows(md, 1)
