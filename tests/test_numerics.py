@@ -58,7 +58,7 @@ def pin_run(work: Path, level: str) -> dict:
         for a, b in pairs))
     (work / "sft.jsonl").write_text("".join(
         json.dumps({"prompt": f"{a} plus {b}", "completion": f"makes {a + b} ."}) + "\n" for a, b in pairs[::7]))
-    env = {k: v for k, v in os.environ.items() if k not in numerics.LEVELS["avx2"]}
+    env = {k: v for k, v in os.environ.items() if k not in numerics.VARIABLES}
     env.update({numerics.ENV: level, "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])})
     proc = subprocess.run([sys.executable, "-c", RUN, str(work), json.dumps(SETTINGS)], env=env, cwd=ROOT,
                           check=False, capture_output=True, text=True, timeout=300)
@@ -68,15 +68,23 @@ def pin_run(work: Path, level: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.pinned
-def test_the_pinned_kernels_give_the_recorded_weights_and_losses(tmp_path):
+@pytest.mark.parametrize("level", ["avx2", "portable"])
+def test_the_pinned_kernels_give_the_recorded_weights_and_losses(tmp_path, level):
+    """avx2 (the documented tables) holds on Intel CPUs; portable on any x86-64 CPU with AVX2. A level that
+    cannot hold here by its documented conditions (an AMD CPU for avx2) is skipped, saying why; any other
+    difference fails."""
     recorded = json.loads(RECORD.read_text())
     assert recorded["settings"] == SETTINGS, f"the pin run's settings changed: re-record {RECORD.name}"
-    got = pin_run(tmp_path, "avx2")
+    why = numerics.problem(level)
+    if why is not None:
+        pytest.skip(f"TOKENCLEAN_CPU_KERNELS={level} cannot hold here: {why}")
+    got = pin_run(tmp_path, level)
+    recorded = {**recorded, **recorded["levels"][level]}
     assert got["torch"].partition("+")[0] == recorded["torch"].partition("+")[0], (
         f"torch is {got['torch']}, the pin was recorded with {recorded['torch']}: other kernels, other bits")
     if (got["weights_sha256"], got["losses_sha256"]) != (recorded["weights_sha256"], recorded["losses_sha256"]):
         pytest.fail(
-            f"The pinned CPU kernels (TOKENCLEAN_CPU_KERNELS=avx2) gave other bits here than on the machine that "
+            f"The pinned CPU kernels (TOKENCLEAN_CPU_KERNELS={level}) gave other bits here than on the machine that "
             f"recorded {RECORD.relative_to(ROOT)} ({recorded['cpu']}): weights {got['weights_sha256']}, losses "
             f"{got['losses_sha256']}. If this commit did not change training or scoring, the pin does not hold on "
             f"this CPU ({got['cpu']}, flags {got['flags']}, ATen capability {got['cpu_capability']}): the "
@@ -123,6 +131,7 @@ def avx2_machine(monkeypatch):
     """This machine as one where the pin holds: x86-64, AVX2 and FMA, the pinned torch."""
     monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(numerics, "cpu_flags", lambda: ("Some CPU", {"avx", "avx2", "fma"}))
+    monkeypatch.setattr(numerics, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(numerics, "installed_torch", lambda: "2.13.0")
     monkeypatch.setattr(numerics, "pinned_torch", lambda: "2.13.0")
     return monkeypatch
@@ -134,6 +143,7 @@ def avx2_machine(monkeypatch):
     (("cpu_flags", lambda: ("Some CPU", {"avx2"})), "lacks fma"),
     (("cpu_flags", lambda: (None, None)), "cannot be read"),
     (("installed_torch", lambda: "2.12.1"), "torch is 2.12.1, not the pinned 2.13.0"),
+    (("cpu_vendor", lambda: "AuthenticAMD"), "AuthenticAMD: MKL's AVX2 path is Intel-only"),
 ])
 def test_a_pin_that_cannot_hold_is_one_warning_line(avx2_machine, change, why):
     assert numerics.problem("avx2") is None and numerics.warning("avx2") is None
@@ -144,6 +154,8 @@ def test_a_pin_that_cannot_hold_is_one_warning_line(avx2_machine, change, why):
     assert why in numerics.problem("avx2") and why in line
     assert line.startswith("tokenclean: warning: TOKENCLEAN_CPU_KERNELS=avx2 cannot hold here") and "\n" not in line
     assert numerics.warning("native") is None  # nothing pinned: nothing to hold
+    if name == "cpu_vendor":  # the portable level holds there
+        assert numerics.problem("portable") is None
 
 
 def test_the_cli_applies_the_level_warns_in_one_line_and_refuses_an_unknown_one(tmp_path, avx2_machine, capsys):
@@ -162,8 +174,9 @@ def test_the_cli_applies_the_level_warns_in_one_line_and_refuses_an_unknown_one(
 
 def test_the_description_names_the_cpu_the_capability_and_the_pin():
     described = numerics.describe("avx2")
-    assert set(described) == {"level", "holds", "problem", "cpu", "arch", "flags", "torch", "cpu_capability", "env"}
-    assert described["env"] == {name: os.environ.get(name) for name in numerics.LEVELS["avx2"]}
+    assert set(described) == {"level", "holds", "problem", "cpu", "arch", "flags", "torch", "cpu_capability",
+                              "vendor", "env"}
+    assert described["env"] == {name: os.environ.get(name) for name in numerics.VARIABLES}
     if os.environ.get(numerics.ENV) == "avx2" and described["holds"]:  # conftest pinned the tests before torch ran
         assert described["cpu_capability"] == "AVX2" and described["flags"]["avx2"]
 
@@ -187,11 +200,15 @@ def record() -> None:
     """Write tests/data/pinned_weights.json from this machine's pin run."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as work:
-        got = pin_run(Path(work), "avx2")
+    levels, machine = {}, {}
+    for level in ("avx2", "portable"):
+        with tempfile.TemporaryDirectory() as work:
+            got = pin_run(Path(work), level)
+        levels[level] = {k: got.pop(k) for k in ("weights_sha256", "losses_sha256")}
+        machine = got
+        print(f"{RECORD}: {level}: weights {levels[level]['weights_sha256']}, losses {levels[level]['losses_sha256']}")
     RECORD.parent.mkdir(exist_ok=True)
-    RECORD.write_text(json.dumps({**got, "settings": SETTINGS}, indent=2) + "\n")
-    print(f"{RECORD}: weights {got['weights_sha256']}, losses {got['losses_sha256']}")
+    RECORD.write_text(json.dumps({"levels": levels, **machine, "settings": SETTINGS}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_provenance_records_the_cpu_and_the_kernel_pin(tmp_path, monkeypatch):
     record = gather(data, tokens, losses, "org/tiny")
     kernels = record["numerics"]
     assert kernels["level"] == "avx2" and kernels["holds"] and set(kernels["flags"] or {}) <= set(numerics.FLAGS)
-    assert kernels["env"] == {name: os.environ.get(name) for name in numerics.LEVELS["avx2"]}
+    assert kernels["env"] == {name: os.environ.get(name) for name in numerics.VARIABLES}
     assert kernels["cpu_capability"] and record["warnings"] == []
     md = render_markdown(record)
     assert "## CPU numerics" in md and "kernel pin: avx2 (holds)" in md and kernels["cpu_capability"] in md

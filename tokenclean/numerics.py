@@ -24,13 +24,22 @@ from typing import Any
 ENV = "TOKENCLEAN_CPU_KERNELS"
 # What each level sets. avx2: ATen's vector kernels, MKL's code path (conditional numerical reproducibility;
 # STRICT also makes its GEMMs' bits independent of the thread count, measured in docs/numerics.md) and oneDNN's
-# instruction set, all at AVX2; native: nothing, each library chooses by the CPU.
+# instruction set, all at AVX2. MKL offers its AVX2 path on Intel CPUs only (elsewhere it silently keeps its own
+# choice), so avx2 holds on Intel CPUs. portable: the same ATen and oneDNN kernels with MKL's COMPATIBLE path,
+# which MKL keeps on every x86-64 CPU, one MKL thread (COMPATIBLE has no thread-independent STRICT mode): it holds
+# on AMD as well, at about 1.5 times the time. native: nothing, each library chooses by the CPU.
 LEVELS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "portable": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_NUM_THREADS": "1",
+                 "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "native": {},
 }
+# Every variable some level sets: what provenance records and what a clean environment leaves out.
+VARIABLES = tuple(dict.fromkeys(name for values in LEVELS.values() for name in values))
 # The CPU flags a pinned level needs (ATen's AVX2 kernels need FMA as well) and the ones provenance records.
-NEEDS = {"avx2": ("avx2", "fma")}
+NEEDS = {"avx2": ("avx2", "fma"), "portable": ("avx2", "fma")}
+# Levels whose MKL path exists on Intel CPUs only (MKL's documentation of conditional numerical reproducibility).
+INTEL_ONLY = {"avx2": "GenuineIntel"}
 FLAGS = ("avx2", "fma", "avx512f")
 X86_64 = ("x86_64", "amd64")
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
@@ -82,6 +91,16 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> tuple[str | None,
     return (model.group(1).strip() if model else None), (set(flags.group(1).split()) if flags else None)
 
 
+def cpu_vendor(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...) from ``cpuinfo``; None where it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
 def pinned_torch(lock: str | os.PathLike = LOCK) -> str | None:
     """The torch version requirements.lock pins (the one place of pins), None where the lock is not there."""
     try:
@@ -114,6 +133,10 @@ def problem(level: str) -> str | None:
     missing = [f for f in NEEDS[level] if f not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
+    vendor = cpu_vendor()
+    if level in INTEL_ONLY and vendor != INTEL_ONLY[level]:
+        return (f"this CPU is {vendor or 'of an unknown vendor'}: MKL's AVX2 path is Intel-only and MKL keeps its own "
+                "choice here; cpu_kernels: portable holds on any x86-64 CPU with AVX2, about 1.5 times slower")
     pinned, installed = pinned_torch(), installed_torch()
     if pinned is None or installed != re.sub(r"\+.*", "", pinned):
         return f"torch is {installed or 'not installed'}, not the pinned {pinned or '(requirements.lock not found)'}"
@@ -145,7 +168,8 @@ def describe(level: str) -> dict[str, Any]:
         "flags": None if flags is None else {f: f in flags for f in FLAGS},
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "env": {name: os.environ.get(name) for name in LEVELS["avx2"]},
+        "vendor": cpu_vendor(),
+        "env": {name: os.environ.get(name) for name in VARIABLES},
     }
 
 
