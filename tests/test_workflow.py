@@ -94,6 +94,24 @@ def test_self_evolving_chain_starts_from_the_warmup_model_and_evaluates_every_ro
     assert sum(chunk_sizes) == 80
 
 
+def test_the_smoke_table_is_the_documented_one_to_the_last_digit(smoke_run):
+    """docs/numerics.md records the sha256 of the smoke run's table.csv at the avx2 pin: an Intel CPU of any vector
+    width computes those bytes (elsewhere the pin cannot hold, and the test says so)."""
+    import hashlib
+    import re
+
+    from tokenclean import numerics
+
+    why = numerics.problem("avx2")
+    if why is not None:
+        pytest.skip(f"the avx2 pin cannot hold here: {why}")
+    recorded = re.search(r"smoke `table\.csv`: `([0-9a-f]{64})`", (ROOT / "docs" / "numerics.md").read_text())
+    assert recorded, "docs/numerics.md records no sha256 of the smoke table"
+    got = hashlib.sha256((smoke_run / "table.csv").read_bytes()).hexdigest()
+    assert got == recorded[1], (f"the smoke table.csv here has sha256 {got}, docs/numerics.md records {recorded[1]}: "
+                                "the pin does not hold on this CPU, or the commit changed the table (re-record it)")
+
+
 def test_a_finished_workflow_has_nothing_left_to_do(smoke_run):
     jobs = plan(smoke_run.parents[1], SMOKE)["jobs"]
     assert len(jobs) > 40 and not [(j["rule"], j["reason"]) for j in jobs if j["needrun"]]
