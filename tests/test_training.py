@@ -65,8 +65,9 @@ def test_step_loss_is_mean_over_selected_tokens_of_the_whole_step(model, table, 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, table, tok):
     results = [update_with(tiny_model_dir, table, tok, micro_batch_size=micro, max_grad_norm=0) for micro in (1, 3, 6)]
-    # Adam amplifies float noise of near-zero gradients a little; a wrong normalisation moves weights by ~lr
-    assert torch.allclose(results[0], results[1], atol=1e-4) and torch.allclose(results[0], results[2], atol=1e-4)
+    # Adam amplifies float noise of near-zero gradients a little (1.5e-4 at the portable kernel pin's SSE2 GEMMs);
+    # a wrong normalisation moves weights by ~lr
+    assert torch.allclose(results[0], results[1], atol=5e-4) and torch.allclose(results[0], results[2], atol=5e-4)
 
 
 def test_samples_without_selected_tokens_are_skipped_without_nan(model, table, tok):
@@ -425,6 +426,7 @@ def test_the_chunked_loss_gives_the_same_update(tiny_model_dir, table, tok, monk
             assert max(rows) == 3  # the head never saw more than a chunk
         rows.clear()
     # Adam divides each gradient by its own running scale, so the chunked head's other summation order moves a
-    # weight by a few 1e-5 after two steps at lr 1e-2 on some CPUs (3.1e-5 measured on an AMD EPYC); a wrong
-    # chunking (a row lost or counted twice) moves weights by the order of the learning rate
-    assert torch.allclose(results[0], results[1], atol=1e-4)
+    # weight by a few 1e-5 after two steps at lr 1e-2 on some CPUs (3.1e-5 measured on an AMD EPYC, 1.1e-4 at the
+    # portable kernel pin's SSE2 GEMMs); a wrong chunking (a row lost or counted twice) moves weights by the order
+    # of the learning rate, 1e-2
+    assert torch.allclose(results[0], results[1], atol=5e-4)
