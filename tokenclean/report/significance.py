@@ -38,8 +38,7 @@ import numpy as np
 
 from tokenclean.artifacts import ArtifactError, csv_text, reading, require_file, write_texts
 from tokenclean.evaluation import samples_path
-from tokenclean.replicates import of_path as replicate_of
-from tokenclean.report.table import LOWER_IS_BETTER, metric_format, parse_run_name, read_eval
+from tokenclean.report.table import LOWER_IS_BETTER, metric_format, read_eval, runs_by_replicate
 
 BASELINE = "full"
 # Bootstrap resamples (`tokenclean significance --iters`; the workflow's is the config schema's
@@ -197,10 +196,7 @@ def compare_with_full(eval_files: list[str | os.PathLike], metric: str, iters: i
     ``full+warmup``, the fair baseline of the scored rows) with its 95% interval over replicates, seeds and
     questions, and its probability of improvement over replicates. Evaluations belong to the replicate their
     path says (:mod:`tokenclean.replicates`); every row must be in the baseline's replicates."""
-    groups: dict[tuple[str, str], dict[int, list[tuple[int | None, Path]]]] = defaultdict(lambda: defaultdict(list))
-    for f in eval_files:
-        method, ratio, run_seed = parse_run_name(f)
-        groups[(method, ratio)][replicate_of(f)].append((run_seed, Path(f)))
+    groups = runs_by_replicate(eval_files)
     base_key = next((k for k in groups if k[0] == baseline), None)
     if base_key is None:
         raise ValueError(f"no {baseline}*.json among the evaluations: nothing to compare with")

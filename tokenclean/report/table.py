@@ -105,14 +105,25 @@ def read_eval(path: str | os.PathLike, metric: str) -> tuple[dict[str, Any], dic
     return result, scores
 
 
+def runs_by_replicate(eval_files: list[str | os.PathLike]
+                      ) -> dict[tuple[str, str], dict[int, list[tuple[int | None, Path]]]]:
+    """Evaluation files by table row (method, ratio), then by the replicate their path says, each as (seed, path),
+    rows and files in the order given: the grouping the table and the significance test share."""
+    runs: dict[tuple[str, str], dict[int, list[tuple[int | None, Path]]]] = defaultdict(lambda: defaultdict(list))
+    for f in eval_files:
+        method, ratio, seed = parse_run_name(f)
+        runs[(method, ratio)][replicate_of(f)].append((seed, Path(f)))
+    return runs
+
+
 def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tuple[list[str], list[dict[str, Any]]]:
     """Rows (method, ratio) with per-task mean/std of ``metric``, in the order first seen: over seeds within one
     replicate, else over replicates of each replicate's seed mean (columns ``n_seeds``: seeds per replicate,
     ``n_replicates``)."""
-    runs: dict[tuple[str, str], dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    groups = runs_by_replicate(eval_files)
+    read: dict[Path, dict[str, float]] = {}
     tasks: list[str] = []
     for f in eval_files:
-        method, ratio, _ = parse_run_name(f)
         result, scores = read_eval(f, metric)
         for task in scores:
             if task not in tasks and task != "average":
@@ -121,7 +132,8 @@ def collect(eval_files: list[str | os.PathLike], metric: str = HEADLINE) -> tupl
             for extra in SECONDARY:
                 if extra != metric and extra in result["average"]:
                     scores[f"average_{extra}"] = metric_value(f, f"average.{extra}", extra, result["average"][extra])
-        runs[(method, ratio)][replicate_of(f)].append(scores)
+        read[Path(f)] = scores
+    runs = {row: {rep: [read[f] for _, f in files] for rep, files in reps.items()} for row, reps in groups.items()}
     rows = []
     for (method, ratio), by_replicate in runs.items():
         counts = {len(seeds) for seeds in by_replicate.values()}
