@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("report", cmd_report, "Aggregate evaluation JSONs into tables: CSV (headline; other metrics in "
                                   "<csv stem>_<metric>.csv), Markdown and LaTeX with the best row in bold.")
-    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files")
+    p.add_argument("evals", nargs="+", help="<method>[_r<ratio>][_s<seed>].json files; a file under replicates/r<r>/ "
+                                            "belongs to replicate r (several replicates: mean ± std over them)")
     p.add_argument("--out-csv", required=True, help="headline table (other metrics beside it, one CSV each)")
     p.add_argument("--out-md", default=None, help="Markdown: one table per metric, headline first")
     p.add_argument("--out-tex", default=None, help="LaTeX (booktabs): one table per metric")
