@@ -157,7 +157,8 @@ def running_sft_job(work: Path, env: dict[str, str], proc: subprocess.Popen) -> 
     if not state.exists():
         pytest.fail("the SFT job ended (or never started) before its first checkpoint; raise the steps in LONGER")
     jobs = [line.split("|") for line in slurm(env, "squeue", "-h", "-t", "running", "-o", "%i|%k").split()]
-    ids = [i for i, comment in jobs if comment == "rule_sft_wildcards_full_s1"]
+    # The executor names a job rule_<rule>_wildcards_<values joined by "_">; the replicate wildcard is empty here.
+    ids = [i for i, comment in jobs if comment.startswith("rule_sft_wildcards_") and comment.endswith("_full_s1")]
     assert len(ids) == 1, jobs
     return ids[0]
 
