@@ -21,6 +21,7 @@ from tests.listing import all_files
 from tokenclean.artifacts import (
     ArtifactError,
     TokenTable,
+    WriteError,
     atomic_files,
     load_array,
     save_array,
@@ -462,7 +463,7 @@ def test_a_set_of_files_is_written_whole_or_not_at_all(tmp_path, monkeypatch, wr
         "texts": lambda: write_texts({tmp_path / "t.md": "md\n", tmp_path / "t.csv": "a\n1\n"}),
     }[writer]
     monkeypatch.setattr(os, "replace", _failing_on_call(failing))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="cannot be written: no space left on the device"):
         write()
     assert list(tmp_path.iterdir()) == []  # neither file, no temporary
     monkeypatch.undo()
@@ -478,11 +479,11 @@ def test_a_failing_array_write_leaves_no_sidecar(tmp_path, monkeypatch, writer):
 
     if writer == "save_array":
         monkeypatch.setattr(np, "save", full_disk)
-        with pytest.raises(OSError):
+        with pytest.raises(WriteError):
             save_array(tmp_path / "x.mask.npy", np.ones(3, bool), {"kind": "mask"})
     else:
         monkeypatch.setattr(np, "savez", full_disk)
-        with pytest.raises(OSError):
+        with pytest.raises(WriteError):
             _table([4, 5], 0).save(tmp_path / "x.tokens.npz", {})
     assert list(tmp_path.iterdir()) == []
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -36,6 +37,124 @@ class ArtifactError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# write faults: the one place where a machine's refusal to store an output becomes a one-line error
+# ---------------------------------------------------------------------------------------------------------
+REMEDY_ELSEWHERE = "or write to another file system (another results_dir)"
+# errno -> (the cause in words, what to do); the faults of the machine, not of the command's input
+WRITE_FAULTS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", f"free space there {REMEDY_ELSEWHERE}"),
+    errno.EDQUOT: ("disk quota exceeded", f"free space within your quota {REMEDY_ELSEWHERE}"),
+    errno.EFBIG: ("the file grew beyond the size this file system or the process limit (ulimit -f) allows",
+                  f"raise the limit {REMEDY_ELSEWHERE}"),
+    errno.EROFS: ("the file system is read-only", f"remount it read-write {REMEDY_ELSEWHERE}"),
+    errno.EACCES: ("permission denied", f"grant write permission there {REMEDY_ELSEWHERE}"),
+    errno.EPERM: ("operation not permitted", f"grant write permission there {REMEDY_ELSEWHERE}"),
+    errno.EIO: ("input/output error (the device failed)", f"check the disk (dmesg) {REMEDY_ELSEWHERE}"),
+}
+# faults that only a write gives: whatever file an error of these names, it was being written
+ONLY_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_ERRNO_IN_TEXT = re.compile(r"(?:os error|\[errno|errno[:= ]) *(\d+)", re.IGNORECASE)
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+class WriteError(ArtifactError):
+    """An output could not be stored (full disk, quota, read-only file system, permission, I/O error).
+
+    ``path``: the output (never a temporary); ``code``: the errno, None for a short write whose cause the
+    writer did not say."""
+
+    def __init__(self, path: str | os.PathLike, code: int | None, cause: str, remedy: str) -> None:
+        self.path, self.code, self.cause, self.remedy = Path(path), code, cause, remedy
+        name = f" ({errno.errorcode.get(code, code)})" if code is not None else ""
+        super().__init__(f"{path}: cannot be written: {cause}{name}; {remedy}")
+
+    def at(self, path: str | os.PathLike) -> WriteError:
+        return WriteError(path, self.code, self.cause, self.remedy)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for directory in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            st = os.statvfs(directory)
+            return st.f_bavail * st.f_frsize
+    return None
+
+
+def write_fault(error: BaseException, path: str | os.PathLike) -> WriteError | None:
+    """``error``, raised while writing ``path``, as a :class:`WriteError` naming ``path``; None when it is no
+    fault of the machine (a bug, bad input: left as it is).
+
+    Writers say the same fault in several ways: an OSError with its errno; safetensors and tokenizers an
+    exception whose text holds ``os error 28``; numpy's ``N requested and M written`` (a short write, no errno):
+    the disk's free space then tells a full disk from another failure."""
+    path = Path(path)
+    code = error.errno if isinstance(error, OSError) and isinstance(error.errno, int) else None
+    text = str(error)
+    if code is None and not isinstance(error, (ArtifactError, KeyError)):
+        found = _ERRNO_IN_TEXT.search(text)
+        code = int(found[1]) if found else next((c for c in WRITE_FAULTS if os.strerror(c) in text), None)
+    if code in WRITE_FAULTS:
+        cause, remedy = WRITE_FAULTS[code]
+        return WriteError(path, code, cause, remedy)
+    short = _SHORT_WRITE.search(text) if isinstance(error, OSError) else None
+    if short:
+        free = _free_bytes(path.parent)
+        if free is not None and free < int(short[1]):
+            return WriteError(path, errno.ENOSPC, *WRITE_FAULTS[errno.ENOSPC])
+        return WriteError(path, None, f"the write was cut short ({short[2]} of {short[1]} bytes stored): the disk "
+                          "or your quota is full, or the device failed", WRITE_FAULTS[errno.ENOSPC][1])
+    return None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _named_output(error: BaseException, targets: list[Path], temporaries: dict[Path, Path]) -> Path | None:
+    """The output an error of a write block is about: the target of the temporary it names (a file inside a
+    temporary directory: that file inside the target), the file it names itself, or None (it names none)."""
+    names = [error.path] if isinstance(error, WriteError) else [
+        getattr(error, "filename2", None), getattr(error, "filename", None)]
+    for given in names:
+        if given is None or not isinstance(given, (str, os.PathLike)):
+            continue
+        name = Path(os.path.abspath(given))
+        for tmp, target in temporaries.items():
+            if _inside(name, tmp):
+                return target / name.relative_to(tmp) if name != tmp else target
+        for target in targets:  # a temporary not yet handed out (its creation failed), or a backup
+            if name.parent == Path(os.path.abspath(target)).parent and _temporary_name(target).match(name.name):
+                return target
+        return Path(given)
+    return None
+
+
+@contextlib.contextmanager
+def writing(*targets: str | os.PathLike, temporaries: dict[Path, Path] | None = None) -> Iterator[None]:
+    """Turn a fault of the machine inside the block (which writes ``targets``) into one :class:`WriteError`
+    naming the output: the one place where every writer's failures (ours, safetensors, numpy, tokenizers,
+    transformers, matplotlib, datasets) get a cause in words and a remedy. ``temporaries``: temporary path ->
+    its target, so an error never names a hidden temporary. A permission or I/O error naming a file that is
+    no output and no temporary (an input read inside the block) is left as it is."""
+    temporaries = {Path(os.path.abspath(k)): Path(v) for k, v in (temporaries or {}).items()}
+    try:
+        yield
+    except Exception as e:
+        named = _named_output(e, [Path(t) for t in targets], temporaries)
+        if isinstance(e, WriteError):
+            if named is not None and os.path.abspath(named) != os.path.abspath(e.path):
+                raise e.at(named) from e.__cause__
+            raise
+        if named is not None and isinstance(e, OSError) and e.errno not in ONLY_WRITES and not any(
+                _inside(Path(os.path.abspath(named)), Path(os.path.abspath(t))) for t in targets):
+            raise  # an input's permission or I/O error: the reader's message says it
+        fault = write_fault(e, named or Path(targets[-1]))
+        if fault is None:
+            raise
+        raise fault from e
+
+
+# ---------------------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------------------
 def _umask() -> int:
@@ -50,13 +169,18 @@ def _remove_stale_temporaries(path: Path) -> None:
     Only this exact target's temporaries match (a name is never a prefix of another's pattern), and snakemake
     never runs two jobs for one output, so nothing in progress is removed.
     """
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = _temporary_name(path)
     for stale in path.parent.iterdir():
         if pattern.match(stale.name):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
+
+
+def _temporary_name(path: Path) -> re.Pattern[str]:
+    """The names of ``path``'s temporaries (and of the backups of its previous output): ``.<name>.<8>.tmp*``."""
+    return re.compile(rf"^\.{re.escape(Path(path).name)}\.[a-z0-9_]{{8}}\.tmp")
 
 
 def require_file(path: str | os.PathLike) -> Path:
@@ -87,8 +211,19 @@ def require_writable(path: str | os.PathLike, directory: bool = False) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ArtifactError(f"{path}: cannot be written: {parent} is not a directory")
+    if read_only(parent):
+        raise WriteError(path, errno.EROFS, *WRITE_FAULTS[errno.EROFS])
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ArtifactError(f"{path}: cannot be written: no permission to write in {parent}")
+        raise ArtifactError(f"{path}: cannot be written: no permission to write in {parent}; grant write "
+                            f"permission there {REMEDY_ELSEWHERE}")
+
+
+def read_only(directory: Path) -> bool:
+    """Whether ``directory`` lies on a file system mounted read-only (``os.access`` only says "no")."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _temporary_beside(path: Path, suffix: str) -> Path:
@@ -100,6 +235,51 @@ def _temporary_beside(path: Path, suffix: str) -> Path:
     return Path(tmp)
 
 
+def _backup(path: Path) -> Path | None:
+    """A hard link to the output already at ``path`` (None if there is none), so a failed replacement can put
+    it back: the previous output stays untouched until the whole new set is in place."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    backup = Path(tempfile.mktemp(prefix=f".{path.name}.", suffix=".tmp.old", dir=path.parent))
+    os.link(path, backup)
+    return backup
+
+
+def _put_in_place(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary onto its target, in order; if one fails, every target gets its previous
+    content back (or is removed, where there was none) before the error goes on."""
+    backups: dict[Path, Path | None] = {}
+    renamed: list[Path] = []
+    try:
+        for _, path in pairs:
+            backups[path] = _backup(path)
+        for tmp, path in pairs:
+            os.replace(tmp, path)
+            renamed.append(path)
+    except BaseException:
+        for path in renamed:
+            with contextlib.suppress(OSError):
+                if backups[path] is not None:
+                    os.replace(backups.pop(path), path)
+                else:
+                    path.unlink()
+        raise
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+
+
+def _discard(temporary: Path) -> None:
+    """Remove a temporary, whatever is left of it; on a file system that failed, as much as it allows."""
+    with contextlib.suppress(OSError):
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary.exists() or temporary.is_symlink():
+            temporary.unlink()
+
+
 @contextlib.contextmanager
 def atomic_files(*targets: str | os.PathLike | tuple[str | os.PathLike, str]) -> Iterator[list[Path]]:
     """Yield one temporary path beside each target (a path, or ``(path, suffix)``); when the block succeeds,
@@ -107,30 +287,25 @@ def atomic_files(*targets: str | os.PathLike | tuple[str | os.PathLike, str]) ->
 
     Nothing is renamed until every file is complete, so a failure or a kill inside the block leaves only hidden
     temporaries (cleared by the next write of the same targets). If a rename fails, the targets already renamed
-    are removed again: a set of outputs appears whole or not at all. Only a kill between two renames (a few
-    microseconds after all the data is written) can leave the earlier targets without the last one; writers put
-    the file a later step names (an array, a table) last, so that it never appears without the others.
+    get their previous content back: a set of outputs appears whole or not at all, and a failed write leaves
+    the previous set as it was. Only a kill between two renames (a few microseconds after all the data is
+    written) can leave the earlier targets without the last one; writers put the file a later step names (an
+    array, a table) last, so that it never appears without the others. A fault of the machine (full disk,
+    quota, read-only file system, ...) ends in one :class:`WriteError` naming the target (:func:`writing`).
     """
     paths = [Path(t[0]) if isinstance(t, tuple) else Path(t) for t in targets]
     suffixes = [t[1] if isinstance(t, tuple) else "" for t in targets]
     temporaries: list[Path] = []
     try:
-        for path, suffix in zip(paths, suffixes):
-            temporaries.append(_temporary_beside(path, suffix))
-        yield temporaries
-        renamed: list[Path] = []
-        try:
-            for tmp, path in zip(temporaries, paths):
-                os.replace(tmp, path)
-                renamed.append(path)
-        except BaseException:
-            for path in renamed:
-                path.unlink(missing_ok=True)
-            raise
+        with writing(*paths):
+            for path, suffix in zip(paths, suffixes):
+                temporaries.append(_temporary_beside(path, suffix))
+        with writing(*paths, temporaries=dict(zip(temporaries, paths))):
+            yield temporaries
+            _put_in_place(list(zip(temporaries, paths)))
     finally:
         for tmp in temporaries:
-            if tmp.exists():
-                tmp.unlink()
+            _discard(tmp)
 
 
 @contextlib.contextmanager
@@ -142,22 +317,42 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a fresh temporary directory beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The previous directory is renamed aside first and only removed once the new one is in place; if that
+    fails, it is renamed back. Faults of the machine end in one :class:`WriteError` (:func:`writing`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    tmp: Path | None = None
     try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            raise ArtifactError(f"{path}: exists and is not a directory, expected a directory to write")
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(path)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        with writing(path, temporaries={tmp: path}):
+            yield tmp
+            if (path.exists() or path.is_symlink()) and not (path.is_dir() and not path.is_symlink()):
+                raise ArtifactError(f"{path}: exists and is not a directory, expected a directory to write")
+            _replace_dir(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            _discard(tmp)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put directory ``tmp`` at ``path``, the previous one aside until then and back if that fails."""
+    old = None
+    if path.is_dir():
+        old = Path(tempfile.mktemp(prefix=f".{path.name}.", suffix=".tmp.old", dir=path.parent))
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

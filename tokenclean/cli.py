@@ -585,7 +585,11 @@ def check_paths(args: argparse.Namespace) -> None:
 def error_line(error: BaseException) -> str:
     """The one line printed for an input or file-system error: ``<file>[:<line>]: <what>`` where the file is
     known (our own errors name it first; an OSError carries it)."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+    from tokenclean.artifacts import ONLY_WRITES, write_fault
+
+    if isinstance(error, OSError) and error.filename is not None and error.errno in ONLY_WRITES:
+        text = str(write_fault(error, error.filename))  # a write outside the atomic helpers: the same words
+    elif isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.filename}: {error.strerror}"
     elif isinstance(error, UnicodeDecodeError):
         text = f"invalid UTF-8 at byte {error.start} ({error.reason})"

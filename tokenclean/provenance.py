@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenclean import numerics
-from tokenclean.artifacts import ArtifactError, TokenTable, atomic_file, load_array, read_json, sha256_file
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, read_json, sha256_file, write_texts
 
 # distribution names of the packages whose versions change results
 PACKAGES = ("tokenclean", "torch", "transformers", "peft", "lm_eval", "datasets", "tokenizers")
@@ -136,7 +136,5 @@ def write_provenance(data_dir: str | os.PathLike, tokens: list[str | os.PathLike
     """CLI entry: ``provenance.json`` and ``provenance.md`` of an experiment (nothing written if anything fails)."""
     record = gather(data_dir, tokens, losses, base_model, revision)
     text = render_markdown(record)
-    with atomic_file(out_json, suffix=".json") as tmp_json, atomic_file(out_md, suffix=".md") as tmp_md:
-        tmp_json.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp_md.write_text(text, encoding="utf-8")
+    write_texts({out_md: text, out_json: json.dumps(record, indent=2, sort_keys=True) + "\n"})  # both or neither
     return record

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from tokenclean import distributed
-from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array, write_texts
 from tokenclean.batching import collate, pack
 from tokenclean.loss import target_forward, target_nll
 from tokenclean.models import peak_memory
@@ -353,7 +353,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     if resumed and log_path and Path(log_path).exists():  # forget the steps done after the checkpoint
         kept = [line for line in Path(log_path).read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= first_step]
-        Path(log_path).write_text("".join(line + "\n" for line in kept))
+        write_texts({log_path: "".join(line + "\n" for line in kept)})
     # closed in the `finally` below, with the progress bar: the training loop is too long for a `with` block
     log_file = open(log_path, "a" if resumed else "w") if log_path else None  # noqa: SIM115
     bar = tqdm(total=total_steps, initial=first_step, desc="training", unit="step", disable=not progress,

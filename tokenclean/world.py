@@ -50,7 +50,7 @@ from itertools import permutations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tokenclean.artifacts import atomic_dir, write_json
+from tokenclean.artifacts import atomic_dir, write_json, writing
 from tokenclean.data import is_number, is_whole, write_jsonl
 
 DEFAULT_WORLD: dict[str, Any] = {
@@ -584,6 +584,7 @@ def build_tokenizer(texts: Any, out_dir: str | os.PathLike, vocab_size: int) -> 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    additional_special_tokens=SPECIAL_TOKENS[3:])
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out)
+    with writing(out):  # the Rust writer's "os error 28" in words, like every other output's
+        out.mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(out)
     return fast
