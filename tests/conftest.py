@@ -61,6 +61,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fuzz_inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_model_dir) -> dict[str, Path]:
+    """Every kind of valid input, made once by the commands (tests/fuzz.py): the fuzz and the write-fault suite
+    both start from them."""
+    from tests import fuzz
+
+    return fuzz.build_inputs(tmp_path_factory.mktemp("fuzz"), tiny_tokenizer_dir, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """The smoke workflow from scratch, run locally once per session (tests/test_workflow.py checks it; the Slurm
     tests compare theirs with it), with an empty HOME and no HF_HOME: what it writes outside its results (and

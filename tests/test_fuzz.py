@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_model_dir) -> dict[str, Path]:
-    return fuzz.build_inputs(tmp_path_factory.mktemp("fuzz"), tiny_tokenizer_dir, tiny_model_dir)
+def inputs(fuzz_inputs) -> dict[str, Path]:
+    return fuzz_inputs
 
 
 @pytest.fixture(scope="module")

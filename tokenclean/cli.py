@@ -123,9 +123,12 @@ def cmd_world(a: argparse.Namespace) -> None:
     from tokenclean.evaluation import write_tasks
     from tokenclean.world import generate_world
 
-    stats = generate_world(a.params, a.out)
-    families = stats.get("families") or a.params.get("families")
-    write_tasks(f"{a.out}/eval", f"{a.out}/tasks", families)
+    from tokenclean.artifacts import atomic_dir
+
+    with atomic_dir(a.out) as tmp:  # the world and its tasks, both or neither
+        stats = generate_world(a.params, tmp)
+        families = stats.get("families") or a.params.get("families")
+        write_tasks(tmp / "eval", tmp / "tasks", families)
 
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
