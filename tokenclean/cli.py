@@ -120,10 +120,9 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_world(a: argparse.Namespace) -> None:
+    from tokenclean.artifacts import atomic_dir
     from tokenclean.evaluation import write_tasks
     from tokenclean.world import generate_world
-
-    from tokenclean.artifacts import atomic_dir
 
     with atomic_dir(a.out) as tmp:  # the world and its tasks, both or neither
         stats = generate_world(a.params, tmp)
