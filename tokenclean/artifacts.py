@@ -406,7 +406,7 @@ def _np_load(path: Path, what: str, recorded: bool = False) -> Any:
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         reason = ("holds pickled objects or is not a numpy file at all" if "pickle" in str(e)
                   else " ".join(str(e).split()) or type(e).__name__)
-        if recorded:
+        if recorded and "pickle" not in str(e):  # pickled objects: a hostile file, not a damaged one
             raise damaged(path, "empty" if not path.stat().st_size else
                           f"no longer reads as the {what} its sidecar records: {reason}") from None
         raise ArtifactError(f"{path}: not a {what} ({reason})") from None
@@ -646,7 +646,7 @@ class TokenTable:
             with z:
                 arrays = {k: z[k] for k in z.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            if recorded:  # a member cut short or failing its CRC
+            if recorded and "pickle" not in str(e):  # a member cut short or failing its CRC
                 raise damaged(path, f"a member no longer reads: {' '.join(str(e).split())}") from None
             raise ArtifactError(f"{path}: not a token table ({' '.join(str(e).split())})") from None
         if recorded and _raw_fingerprint(arrays) not in (None, meta["fingerprint"]):
