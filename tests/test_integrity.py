@@ -113,7 +113,8 @@ def test_a_table_damaged_where_a_format_check_also_catches_it_gives_the_damage_m
         members = {k: z[k] for k in z.files}
     members["offsets"][[3, 4]] = members["offsets"][[4, 3]]
     np.savez(arrays["tokens"], **members)
-    assert main(["select", "--method", "full", "--tokens", str(arrays["tokens"]), "--out", str(tmp_path / "m.npy")]) == 2
+    out = tmp_path / "m.npy"
+    assert main(["select", "--method", "full", "--tokens", str(arrays["tokens"]), "--out", str(out)]) == 2
     assert "do not match the fingerprint" in one_line_damage_error(capsys, "select", arrays["tokens"], "tokenize")
 
 
@@ -195,7 +196,7 @@ def test_a_damaged_model_is_refused_by_evaluation_too(made_model, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(made_model, d)
     damage(d / "model.safetensors", "bit_flipped")
-    with pytest.raises(ArtifactError, match="model.safetensors: damaged"):
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: damaged"):
         make_lm(d, device="cpu")
 
 
@@ -263,7 +264,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_restarts(train_setup, tin
     damage(checkpoint / name, how)
     damaged_bytes = (checkpoint / name).read_bytes()
     with caplog.at_level(logging.WARNING, logger="tokenclean.training"):
-        model, summary = train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), train_setup,
+        model, _ = train_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), train_setup,
                                      train_setup.loss_mask.copy(), cfg, tok.pad_token_id, progress=False,
                                      checkpoint_dir=checkpoint)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -334,3 +335,15 @@ def test_made_by_names_the_rule_of_every_output_a_later_rule_reads(tmp_path):
 
 def test_made_by_knows_nothing_outside_the_workflow_layout():
     assert made_by("/home/me/my.loss.npy") is None and made_by("data.tokens.npz") is None
+
+
+def test_load_model_checks_the_record_itself(made_model, tmp_path):
+    """A caller that loads only the model (the LoRA merge's start weights, lm-eval's own loader) is checked too."""
+    from tokenclean.artifacts import ArtifactError
+    from tokenclean.models import load_model
+
+    d = tmp_path / "m"
+    shutil.copytree(made_model, d)
+    damage(d / "model.safetensors", "bit_flipped")
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: damaged"):
+        load_model(str(d), "cpu")

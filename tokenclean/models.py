@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,7 +174,8 @@ def write_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike,
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     if extra is not None:
-        files = {f.name: sha256_file(f) for f in sorted(Path(directory).iterdir()) if f.is_file() and f.name != RECORD}
+        files = {f.name: sha256_file(f) for f in sorted(Path(directory).iterdir())
+                 if f.is_file() and f.name != RECORD and not f.name.startswith(".")}  # not snakemake's own marks
         write_json(Path(directory) / RECORD, {**extra, "files": files})
 
 
@@ -205,7 +207,7 @@ def verify_model_dir(name_or_path: str | os.PathLike) -> None:
         path = directory / name
         if not path.is_file():
             raise damaged(path, f"missing, though {record_path} records it")
-        if not path.stat().st_size:
+        if not path.stat().st_size and digest != hashlib.sha256(b"").hexdigest():
             raise damaged(path, "empty")
         if sha256_file(path) != digest:
             raise damaged(path, f"its sha256 differs from the one {record_path} records")
