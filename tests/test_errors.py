@@ -257,7 +257,9 @@ def what_is_wrong(bad: Callable, name: str) -> str:
     if bad.__name__ == "text_file" and "." not in name:
         return "expected a" if name == "tasks" else "is a file"
     if bad.__name__ == "truncated":
-        expected = {".npz": "not a token table", ".npy": "not a plain numpy array", ".json": "invalid JSON"}
+        # an array or table whose sidecar records its fingerprint was written whole: cut short, it is damaged
+        expected = {".npz": "damaged (no longer reads as the token table",
+                    ".npy": "damaged (no longer reads as the plain numpy array", ".json": "invalid JSON"}
         return expected[Path(name).suffix]
     return {"directory": "directory", "unreadable": "cannot be read (permission denied)",
             "text_file": "holds pickled objects or is not a numpy file", "foreign_zip": "not a token table",

@@ -253,7 +253,7 @@ def test_an_interrupted_rewrite_keeps_the_old_array_and_its_sidecar(tmp_path, mo
     # a sidecar that does not describe the array beside it (copied by hand) is still refused
     save_array(tmp_path / "o.mask.npy", np.array([False, True, False]), {"kind": "mask", "ratio": 0.3})
     (tmp_path / "m.mask.json").write_text((tmp_path / "o.mask.json").read_text())
-    with pytest.raises(ArtifactError, match=r"m\.mask\.npy: contents do not match the fingerprint"):
+    with pytest.raises(ArtifactError, match=r"m\.mask\.npy: damaged \(its contents do not match the fingerprint"):
         load_array(path)
 
 

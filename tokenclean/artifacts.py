@@ -195,6 +195,61 @@ def require_file(path: str | os.PathLike) -> Path:
     return path
 
 
+# Which workflow rule makes each file that a later rule reads back (rules/*.smk; tests/test_integrity.py checks this
+# list against the workflow's plan), and so what re-creates a damaged one. Searched in order; group ``out`` plus the
+# third entry is the rule's declared output, what to delete: a model directory for the files inside it, the array
+# for its sidecar.
+_MADE_BY = [(re.compile(pattern), rule, suffix) for pattern, rule, suffix in (
+    (r"(?:^|/)(?P<out>tokens/pool\+warmup\.tokens)\.(?:npz|json)$", "concat_tokens", ".npz"),
+    (r"(?:^|/)(?P<out>tokens/[^/]+\.c\d+of\d+\.tokens)\.(?:npz|json)$", "chunk_tokens", ".npz"),
+    (r"(?:^|/)(?P<out>tokens/[^/]+\.tokens)\.(?:npz|json)$", "tokenize", ".npz"),
+    (r"(?:^|/)(?P<out>losses/rounds/[^/]+/[^/]+\.loss)\.(?:npy|json)$", "token_loss", ".npy"),
+    (r"(?:^|/)(?P<out>losses/[^/]+/[^/]+\.c\d+of\d+\.loss)\.(?:npy|json)$", "chunk_loss", ".npy"),
+    (r"(?:^|/)(?P<out>losses/[^/]+/[^/]+\.loss)\.(?:npy|json)$", "token_loss", ".npy"),
+    (r"(?:^|/)(?P<out>masks/rounds/[^/]+\.mask)\.(?:npy|json)$", "select_round", ".npy"),
+    (r"(?:^|/)(?P<out>masks/[^/]+\.mask)\.(?:npy|json)$", "select", ".npy"),
+    (r"(?:^|/)(?P<out>eval/(?:rounds/)?[^/]+\.(?:json|samples\.jsonl))$", "evaluate", ""),
+    (r"(?:^|/)(?P<out>models/base)(?:/[^/]+)?$", "pretrain_base", ""),
+    (r"(?:^|/)(?P<out>models/warmup)(?:/[^/]+)?$", "warmup", ""),
+    (r"(?:^|/)(?P<out>models/sft/[^/]+)(?:/[^/]+)?$", "sft", ""),
+    (r"(?:^|/)(?P<out>models/rounds/[^/]+)(?:/[^/]+)?$", "self_evolve", ""),
+    (r"(?:^|/)(?P<out>table(?:_[a-z0-9_]+)?\.csv)$", "report", ""),
+    (r"(?:^|/)(?P<out>significance\.csv)$", "significance", ""),
+    (r"(?:^|/)(?P<out>cleaning_quality\.csv)$", "cleaning_quality", ""),
+    (r"(?:^|/)(?P<out>score_separation\.csv)$", "score_separation", ""),
+    (r"(?:^|/)(?P<out>rounds\.csv)$", "rounds_report", ""),
+    (r"(?:^|/)(?P<out>provenance\.json)$", "provenance", ""),
+    (r"(?:^|/)(?P<out>world)(?:/(?:world\.json|[a-z_]+\.jsonl|eval/.+|tasks/.+))?$", "world", ""),
+    (r"(?:^|/)(?P<out>data)(?:/(?:data\.json|pool\.jsonl|warmup\.jsonl))?$", "data", ""),
+)]
+
+
+def made_by(path: str | os.PathLike) -> tuple[str, Path] | None:
+    """The workflow rule that makes ``path`` and the output of that rule to delete so that it runs again (the model
+    directory of a file inside one, the array of a sidecar), or None for a file outside the workflow's layout."""
+    text = Path(path).as_posix()
+    for pattern, rule, suffix in _MADE_BY:
+        found = pattern.search(text)
+        if found:
+            return rule, Path(text[: found.end("out")] + suffix)
+    return None
+
+
+def remedy(path: str | os.PathLike) -> str:
+    """What re-creates ``path``: the workflow rule that makes it (delete its output, or ``--forcerun`` the rule)."""
+    made = made_by(path)
+    if made is None:
+        return "re-create it with the tokenclean command that made it"
+    rule, out = made
+    return f"re-create it: delete {out} and run snakemake again, or run snakemake with --forcerun {rule}"
+
+
+def damaged(path: str | os.PathLike, what: str) -> ArtifactError:
+    """The one-line error for a file whose bytes are not those written (cut short, emptied, bit-flipped: its
+    recorded checksum says so), naming it, what is wrong and what re-creates it."""
+    return ArtifactError(f"{path}: damaged ({what}); {remedy(path)}")
+
+
 def require_writable(path: str | os.PathLike, directory: bool = False) -> None:
     """Fail before any work when ``path`` could not be written as a file (``directory``: as a directory).
 
@@ -403,13 +458,19 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], columns: list
     write_texts({path: csv_text(rows, columns)})
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, written: bool = False) -> Any:
+    """A JSON file's value. One that tokenclean wrote (``written``, or a workflow output: :func:`made_by`) and that no
+    longer parses is damaged (tokenclean writes files whole), and the error says what re-creates it."""
     path = require_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        what = (f"invalid UTF-8 at byte {e.start}" if isinstance(e, UnicodeDecodeError)
+                else f"invalid JSON at line {e.lineno} ({e.msg})")
+        if written or made_by(path):
+            raise damaged(path, "empty" if not path.stat().st_size else what) from None
+        if isinstance(e, UnicodeDecodeError):
+            raise ArtifactError(f"{path}: invalid UTF-8 at byte {e.start}") from None
         raise ArtifactError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
@@ -512,7 +573,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     side = sidecar_path(path)
     if not side.exists() and not side.is_symlink():
         raise ArtifactError(f"{side}: metadata sidecar of {path} is missing; re-create {path} with tokenclean")
-    meta = read_json(side)
+    meta = read_json(side, written=True)
     if not isinstance(meta, dict):
         raise ArtifactError(f"{side}: expected a JSON object (the metadata of {path}), got {type(meta).__name__}")
     return meta
@@ -532,13 +593,17 @@ def _require_kind(path: Path, meta: dict[str, Any], kind: str) -> None:
         raise ArtifactError(f"{path}: is a {KINDS.get(recorded, repr(recorded))}, expected a {KINDS[kind]}")
 
 
-def _np_load(path: Path, what: str) -> Any:
-    """``numpy.load`` without pickle; any way the file can fail to be one becomes a one-line error."""
+def _np_load(path: Path, what: str, recorded: bool = False) -> Any:
+    """``numpy.load`` without pickle; any way the file can fail to be one becomes a one-line error: a damaged file
+    where its sidecar ``recorded`` a fingerprint (tokenclean wrote it whole, so it no longer holds what was written)."""
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         reason = ("holds pickled objects or is not a numpy file at all" if "pickle" in str(e)
                   else " ".join(str(e).split()) or type(e).__name__)
+        if recorded and "pickle" not in str(e):  # pickled objects: a hostile file, not a damaged one
+            raise damaged(path, "empty" if not path.stat().st_size else
+                          f"no longer reads as the {what} its sidecar records: {reason}") from None
         raise ArtifactError(f"{path}: not a {what} ({reason})") from None
 
 
@@ -575,13 +640,12 @@ def load_array(path: str | os.PathLike, kind: str | None = None,
     meta = read_sidecar(path)
     if kind is not None:
         _require_kind(path, meta, kind)
-    array = _np_load(path, "plain numpy array")
+    array = _np_load(path, "plain numpy array", recorded="fingerprint" in meta)
     if not isinstance(array, np.ndarray):
         array.close()
         raise ArtifactError(f"{path}: is an .npz archive, expected a single array (.npy)")
     if "fingerprint" in meta and meta["fingerprint"] != fingerprint_arrays(array):
-        raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}; "
-                            "re-create it with tokenclean")
+        raise damaged(path, f"its contents do not match the fingerprint in {sidecar_path(path)}")
     if kind is not None and not np.issubdtype(array.dtype, KIND_DTYPES[kind]):
         raise ArtifactError(f"{path}: holds {array.dtype} values, expected a {KINDS[kind]}")
     if made_on is not None:
@@ -651,6 +715,17 @@ def _table_problem(arrays: dict[str, np.ndarray]) -> str | None:
             token_class.dtype.kind not in "iu" or token_class.min() < -1 or token_class.max() >= len(TOKEN_CLASSES)):
         return f"member 'token_class' holds values outside -1..{len(TOKEN_CLASSES) - 1} (-1: no class)"
     return None
+
+
+def _raw_fingerprint(arrays: dict[str, Any]) -> str | None:
+    """:meth:`TokenTable.fingerprint` of a table file's members as they were read, or None where they cannot be
+    those of a table at all (a member missing or not an array: the format checks say which)."""
+    try:
+        return fingerprint_arrays(np.asarray(arrays["input_ids"], dtype=np.int32),
+                                  np.asarray(arrays["offsets"], dtype=np.int64),
+                                  np.asarray(arrays["loss_mask"], dtype=bool))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 @dataclass
@@ -758,14 +833,20 @@ class TokenTable:
         path = require_file(path)
         meta = read_sidecar(path)
         _require_kind(path, meta, "tokens")
-        z = _np_load(path, "token table")
+        recorded = "fingerprint" in meta
+        z = _np_load(path, "token table", recorded)
         if isinstance(z, np.ndarray):
             raise ArtifactError(f"{path}: is a single array (.npy), expected a {KINDS['tokens']}")
         try:
             with z:
                 arrays = {k: z[k] for k in z.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            if recorded and "pickle" not in str(e):  # a member cut short or failing its CRC
+                raise damaged(path, f"a member no longer reads: {' '.join(str(e).split())}") from None
             raise ArtifactError(f"{path}: not a token table ({' '.join(str(e).split())})") from None
+        if recorded and _raw_fingerprint(arrays) not in (None, meta["fingerprint"]):
+            # before the format checks: a damaged table breaks them too, but the remedy is to re-create it
+            raise damaged(path, f"its contents do not match the fingerprint in {sidecar_path(path)}")
         for key, value in arrays.items():
             if not isinstance(value, np.ndarray):  # numpy returns raw bytes for a member that is no .npy
                 raise ArtifactError(f"{path}: member '{key}' is not a numpy array; not a token table")
@@ -782,7 +863,7 @@ class TokenTable:
         if "fingerprint" not in meta:
             raise ArtifactError(f"{sidecar_path(path)}: field 'fingerprint' missing; re-create {path} with tokenclean")
         if meta["fingerprint"] != table.fingerprint():
-            raise ArtifactError(f"{path}: contents do not match the fingerprint in {sidecar_path(path)}")
+            raise damaged(path, f"its contents do not match the fingerprint in {sidecar_path(path)}")
         for key, value in (("n_samples", table.n_samples), ("n_tokens", table.n_tokens),
                            ("n_response_tokens", int(table.loss_mask.sum()))):
             if key in meta and meta[key] != value:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,7 +98,7 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
     # a GPU process loads the weights straight onto its GPU, not first into host memory (eight processes of an
     # 8B model would otherwise hold eight copies in RAM at once)
     placed = {"device_map": {"": device}} if device.type == "cuda" else {}
-    with loading(name_or_path):
+    with loading(name_or_path):  # checks the recorded checksums first (verify_model_dir)
         # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused rather than unpickled
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code, use_safetensors=True,
@@ -109,9 +110,11 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
 @contextlib.contextmanager
 def loading(name_or_path: str) -> Iterator[None]:
     """A model that cannot be loaded (missing or unreadable files, a truncated weight file, weights whose shapes do
-    not fit its config, no hub access) is one line naming it; other errors (out of memory, ...) pass through."""
+    not fit its config, no hub access) is one line naming it; other errors (out of memory, ...) pass through. A
+    directory made by tokenclean is first checked against its recorded checksums (:func:`verify_model_dir`)."""
     from safetensors import SafetensorError
 
+    verify_model_dir(name_or_path)
     try:
         yield
     except (OSError, ValueError, SafetensorError) as e:
@@ -157,15 +160,58 @@ def model_fingerprint(name_or_path: str, commit: str | None = None) -> str:
     return fingerprint_bytes(*parts)
 
 
+RECORD = "tokenclean.json"  # our provenance file in a model directory, with the sha256 of every other file in it
+
+
 def write_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike,
                     extra: dict[str, Any] | None = None) -> None:
-    """Write a plain Hugging Face directory (safetensors + tokenizer) and our provenance file into ``directory``."""
-    from tokenclean.artifacts import write_json
+    """Write a plain Hugging Face directory (safetensors + tokenizer) and our provenance file into ``directory``.
+
+    The provenance file (written with ``extra``) records the sha256 of every file written before it (``files``):
+    :func:`verify_model_dir` checks them before any load, so damaged weights are never loaded as good ones."""
+    from tokenclean.artifacts import sha256_file, write_json
 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     if extra is not None:
-        write_json(Path(directory) / "tokenclean.json", extra)
+        files = {f.name: sha256_file(f) for f in sorted(Path(directory).iterdir())
+                 if f.is_file() and f.name != RECORD and not f.name.startswith(".")}  # not snakemake's own marks
+        write_json(Path(directory) / RECORD, {**extra, "files": files})
+
+
+_verified: dict[tuple[str, tuple[tuple[str, int, int], ...]], None] = {}
+
+
+def verify_model_dir(name_or_path: str | os.PathLike) -> None:
+    """Refuse a model directory made by tokenclean whose files are not those it wrote (cut short, emptied,
+    bit-flipped, missing): each is checked against the sha256 recorded in its ``tokenclean.json``. A directory
+    without that record (a hub model, one made elsewhere) passes as before. A directory already verified by this
+    process, unchanged since (names, sizes, modification times), is not hashed again: a command loads the tokenizer
+    and the model, and LoRA's merge the start model again."""
+    from tokenclean.artifacts import damaged, read_json, sha256_file
+
+    directory = Path(name_or_path)
+    record_path = directory / RECORD
+    if not directory.is_dir() or not (record_path.exists() or record_path.is_symlink()):
+        return
+    record = read_json(record_path, written=True)
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):  # older models recorded no checksums
+        return
+    stamps = tuple((name, *(lambda st: (st.st_size, st.st_mtime_ns))((directory / name).stat()))
+                   for name in sorted(files) if (directory / name).is_file())
+    key = (str(directory.resolve()), stamps)
+    if key in _verified:
+        return
+    for name, digest in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise damaged(path, f"missing, though {record_path} records it")
+        if not path.stat().st_size and digest != hashlib.sha256(b"").hexdigest():
+            raise damaged(path, "empty")
+        if sha256_file(path) != digest:
+            raise damaged(path, f"its sha256 differs from the one {record_path} records")
+    _verified[key] = None
 
 
 def save_model(model: Any, tokenizer: Any, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

@@ -67,9 +67,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     """A model's fast tokenizer (``revision``: the hub commit to load, see :func:`tokenclean.models.hub_commit`)."""
     from transformers import AutoTokenizer
 
-    from tokenclean.models import require_model_dir
+    from tokenclean.models import require_model_dir, verify_model_dir
 
     require_model_dir(str(name_or_path))
+    verify_model_dir(name_or_path)
     pinned = {"revision": revision} if revision else {}
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **pinned)

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from tokenclean import distributed
-from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array, write_texts
+from tokenclean.artifacts import ArtifactError, TokenTable, load_array, save_array, sha256_file, write_texts
 from tokenclean.batching import collate, pack
 from tokenclean.loss import target_forward, target_nll
 from tokenclean.models import peak_memory
@@ -223,22 +223,83 @@ def save_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
         save_file(moments, str(tmp / "optimizer.safetensors"))
         if extra:
             save_file(extra, str(tmp / "extra.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
+        files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}  # checked on resume
+        (tmp / "state.json").write_text(json.dumps({**state, "files": files}, sort_keys=True))
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """What is wrong with the checkpoint in ``directory``, or None if its files are those written: ``state.json``
+    readable and every ``.safetensors`` it lists present with the sha256 it records (a checkpoint from before the
+    record was kept is judged by whether its files load). Read by process 0 only (:func:`_damaged_everywhere`)."""
+    from safetensors import SafetensorError, safe_open
+
+    state_file = directory / "state.json"
+    if not state_file.is_file():
+        return "state.json missing"
+    try:
+        state = json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"state.json unreadable: {'empty' if not state_file.stat().st_size else e}"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json holds no step"
+    files = state.get("files")
+    if files is None:  # an older checkpoint: only its headers can be checked
+        for f in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                return f"{f.name} unreadable: {e}"
+        return None
+    for name, digest in sorted(files.items()):
+        if not (directory / name).is_file():
+            return f"{name} missing"
+        if sha256_file(directory / name) != digest:
+            return f"{name} does not match the sha256 in state.json"
+    return None
+
+
+def _damaged_everywhere(directory: Path, device: torch.device) -> str | None:
+    """:func:`checkpoint_problem` as process 0 found it, on every process (all must resume, or none)."""
+    rank, world = distributed.rank_and_size()
+    problem = checkpoint_problem(directory) if rank == 0 else None
+    if world > 1 and distributed.sum_values(float(problem is not None), device=device)[0] and problem is None:
+        problem = "found damaged by process 0"
+    return problem
+
+
+def set_aside(directory: Path, problem: str) -> Path:
+    """Rename a damaged checkpoint to ``<name>.damaged-<n>`` (kept for a look, never resumed) and say so in one
+    warning; the run then starts from the beginning (the trainer keeps one checkpoint, so no earlier good one)."""
+    n = 1
+    while directory.with_name(f"{directory.name}.damaged-{n}").exists():
+        n += 1
+    aside = directory.with_name(f"{directory.name}.damaged-{n}")
+    if distributed.rank_and_size()[0] == 0:
+        os.replace(directory, aside)
+    log.warning("%s: checkpoint damaged (%s); set aside as %s, training restarts from the start", directory, problem,
+                aside)
+    return aside
 
 
 def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                     identity: str, sharded: torch.nn.Module | None = None) -> dict[str, Any] | None:
     """Restore a checkpoint of this very run into ``model`` and ``optimizer``; None if there is none (or it is
-    from another run, which is then left alone and overwritten by this run's first checkpoint). ``sharded``:
+    from another run, which is then left alone and overwritten by this run's first checkpoint, or damaged, which is
+    set aside: :func:`set_aside`). Its files are checked before anything is restored. ``sharded``:
     the FSDP-sharded training forward holding ``model``; process 0 reads the tensors and hands each process its
     shards (:func:`tokenclean.distributed.load_full_training_state`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state_file = directory / "state.json"
-    if not state_file.exists():
+    if not directory.exists():
         return None
-    state = json.loads(state_file.read_text())
+    problem = _damaged_everywhere(directory, params[0].device if params else torch.device("cpu"))
+    if problem is not None:
+        distributed.barrier()  # every process has decided before process 0 renames it
+        set_aside(directory, problem)
+        return None
+    state = json.loads((directory / "state.json").read_text())
     if state.get("identity") != identity:
         log.warning("%s holds a checkpoint of another run (other data, mask or settings); starting over", directory)
         return None
@@ -267,6 +328,26 @@ def load_checkpoint(directory: Path, model: Any, optimizer: torch.optim.Optimize
         state["extra"] = load_file(str(directory / "extra.safetensors"))
     log.info("resuming from %s at step %d", directory, state["step"])
     return state
+
+
+def _log_lines_until(log_path: Path, step: int) -> list[str]:
+    """The lines of a training log up to ``step``, for a resumed run to continue. A line that does not read as one
+    of the log's records (the last one, cut short when the job was killed while writing it, or one damaged since)
+    is dropped, with one warning: the log is a record of the run, the checkpoint holds its state."""
+    kept, dropped = [], 0
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            at = record["step"] if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            at = None
+        if not isinstance(at, int):
+            dropped += bool(line.strip())
+        elif at <= step:
+            kept.append(line)
+    if dropped:
+        log.warning("%s: %d unreadable line(s) dropped (cut short or damaged)", log_path, dropped)
+    return kept
 
 
 def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfig, pad_id: int,
@@ -351,8 +432,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
     if rank != 0:  # one process logs and checkpoints
         log_path, checkpoints, progress = None, None, False
     if resumed and log_path and Path(log_path).exists():  # forget the steps done after the checkpoint
-        kept = [line for line in Path(log_path).read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= first_step]
+        kept = _log_lines_until(Path(log_path), first_step)
         write_texts({log_path: "".join(line + "\n" for line in kept)})
     # closed in the `finally` below, with the progress bar: the training loop is too long for a `with` block
     log_file = open(log_path, "a" if resumed else "w") if log_path else None  # noqa: SIM115

@@ -176,7 +176,7 @@ def training_record(model_dir: str | os.PathLike) -> dict[str, Any]:
     the samples of the token table it trained on (those whose mask kept no token included: the row's own data),
     its training seconds, and so its passes."""
     path = Path(model_dir) / "tokenclean.json"
-    meta = read_json(path)
+    meta = read_json(path, written=True)
     with reading(path):
         record = {"steps": meta["steps"], "batch_size": meta["train_config"]["batch_size"],
                   "samples": meta["samples_used"] + meta["samples_without_selected_tokens"],
