@@ -313,3 +313,57 @@ def test_the_cluster_check_names_each_request_no_node_can_hold(resources, thread
         check_plan([("r", resources, threads), ("r", resources, threads)], cluster)  # one line per (rule, problem)
     lines = str(e.value).splitlines()
     assert len(lines) == len(expected) and all(line.startswith(x) for line, x in zip(lines, expected, strict=True))
+
+
+# What `squeue -h --states=all -o '%i|%T|%P|%k|%r'` printed (Slurm 22.05): a job whose launch failed (its
+# slurmstepd socket path too long), two held ones, one waiting for CPUs, one running, one done.
+QUEUE = """\
+11|PENDING|gpu|rule_sft_wildcards_full_s1|launch failed requeued held
+12|PENDING|gpu|rule_token_loss_wildcards_pool|JobHeldAdmin
+13|PENDING|cpu|rule_chunk_tokens|JobHeldUser
+14|PENDING|gpu|rule_evaluate_wildcards_a_b|Resources
+15|RUNNING|gpu|rule_select_wildcards_x|None
+16|COMPLETED|gpu|rule_data|None
+"""
+
+
+def test_the_watch_names_the_rule_and_job_of_every_held_job_at_once():
+    """A held job never starts by itself: each is named at the first look with Slurm's reason and what to do; a job
+    waiting for resources on a partition with a node up, a running and a finished one are left alone."""
+    from tokenclean.slurm import parse_cluster, parse_queue, stuck
+
+    queue = parse_queue(QUEUE)
+    assert [(q.job, q.rule) for q in queue] == [("11", "sft"), ("12", "token_loss"), ("13", "chunk_tokens"),
+                                                ("14", "evaluate"), ("15", "select"), ("16", "data")]
+    found = stuck(queue, lambda: parse_cluster(PARTITIONS, NODES), {}, now=0.0, node_wait=300)
+    assert [(q.job, what.split(":")[0]) for q, what in found] == [
+        ("11", "held (launch failed requeued held)"), ("12", "held (JobHeldAdmin)"), ("13", "held (JobHeldUser)")]
+    assert "slurmd's log" in found[0][1] and "scontrol release" in found[1][1]
+
+
+def test_the_watch_names_a_job_whose_partition_has_no_node_up_once_it_waited_long_enough():
+    """A job on a partition whose every node is down or drained: named after `node_wait` seconds of that (a node
+    back in time resets the clock), with Slurm's reason; the cluster is asked only while such a job waits."""
+    from tokenclean.slurm import parse_cluster, parse_queue, stuck
+
+    asked = []
+
+    def cluster(nodes: str = NODES):
+        asked.append(1)
+        return parse_cluster(PARTITIONS, nodes)
+
+    queue = parse_queue("21|PENDING|old|rule_sft_wildcards_x|ReqNodeNotAvail, UnavailableNodes:o1\n"
+                        "22|PENDING|gpu|rule_sft_wildcards_y|Priority\n")
+    since: dict[str, float] = {}
+    assert stuck(queue, cluster, since, now=100.0, node_wait=60) == []
+    assert stuck(queue, cluster, since, now=159.0, node_wait=60) == []
+    found = stuck(queue, cluster, since, now=160.0, node_wait=60)
+    assert [(q.job, what) for q, what in found] == [("21", "no node of partition 'old' up for 60 s (ReqNodeNotAvail, "
+                                                     "UnavailableNodes:o1): run again once its nodes are back (sinfo "
+                                                     "-p old), or choose another partition (slurm_partition in the "
+                                                     "profile)")]
+    back = NODES.replace("State=DOWN*", "State=IDLE")
+    assert stuck(queue, lambda: cluster(back), since, now=170.0, node_wait=60) == [] and since == {}
+    assert stuck(queue, cluster, since, now=200.0, node_wait=60) == []  # down again: the clock starts over
+    n = len(asked)
+    assert stuck(parse_queue(QUEUE.replace("Resources", "JobHeldUser")), cluster, {}, 0.0, 60) and len(asked) == n
