@@ -24,8 +24,8 @@ the plugin then sees it ``CANCELLED`` and Snakemake handles it as a failed job (
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
