@@ -419,13 +419,23 @@ wildcard_constraints:
 
 # Under `--executor slurm`, before the first sbatch: every job of the plan against the cluster's partitions
 # (tokenclean/slurm.py). A job Slurm would refuse only when submitted, or accept and queue forever, stops the run
-# here with one line per problem (exit 2) and nothing submitted.
+# here with one line per problem (exit 2) and nothing submitted. Then, for the whole run, a watch on the run's
+# queued jobs: one Slurm holds (a failed launch, `scontrol hold`) or one on a partition with no node up would wait
+# forever, as the executor plugin waits for any PENDING job; the watch cancels it with one line, and Snakemake
+# takes it as a failed job.
 onstart:
     if workflow.executor_plugin is not None and workflow.executor_plugin.cli_prefix == "slurm":
-        from tokenclean.slurm import SlurmPlanError, check_plan
+        from tokenclean.slurm import JobWatch, SlurmPlanError, check_plan
 
         try:
             check_plan((j.rule.name, j.resources, j.threads) for j in workflow.dag.needrun_jobs() if not j.is_local)
         except SlurmPlanError as e:
             print("\n".join(f"slurm error: {line}" for line in str(e).splitlines()), file=sys.stderr)
             sys.exit(2)
+        # the plugin names every job of a run by the run's id (its executor, made before onstart, holds it)
+        run_id = getattr(getattr(workflow.scheduler, "_executor", None), "run_uuid", None)
+        if run_id:
+            JobWatch(run_id).start()
+        else:
+            print("slurm warning: the executor plugin's run id was not found: jobs Slurm holds are not watched "
+                  "(tokenclean/slurm.py)", file=sys.stderr)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -313,3 +314,162 @@ def test_the_cluster_check_names_each_request_no_node_can_hold(resources, thread
         check_plan([("r", resources, threads), ("r", resources, threads)], cluster)  # one line per (rule, problem)
     lines = str(e.value).splitlines()
     assert len(lines) == len(expected) and all(line.startswith(x) for line, x in zip(lines, expected, strict=True))
+
+
+# What `squeue -h --states=all -o '%i|%T|%P|%k|%r'` printed (Slurm 22.05): a job whose launch failed (its
+# slurmstepd socket path too long), two held ones, one waiting for CPUs, one running, one done.
+QUEUE = """\
+11|PENDING|gpu|rule_sft_wildcards_full_s1|launch failed requeued held
+12|PENDING|gpu|rule_token_loss_wildcards_pool|JobHeldAdmin
+13|PENDING|cpu|rule_chunk_tokens|JobHeldUser
+14|PENDING|gpu|rule_evaluate_wildcards_a_b|Resources
+15|RUNNING|gpu|rule_select_wildcards_x|None
+16|COMPLETED|gpu|rule_data|None
+"""
+
+
+def test_the_watch_names_the_rule_and_job_of_every_held_job_at_once():
+    """A held job never starts by itself: each is named at the first look with Slurm's reason and what to do; a job
+    waiting for resources on a partition with a node up, a running and a finished one are left alone."""
+    from tokenclean.slurm import parse_cluster, parse_queue, stuck
+
+    queue = parse_queue(QUEUE)
+    assert [(q.job, q.rule) for q in queue] == [("11", "sft"), ("12", "token_loss"), ("13", "chunk_tokens"),
+                                                ("14", "evaluate"), ("15", "select"), ("16", "data")]
+    found = stuck(queue, lambda: parse_cluster(PARTITIONS, NODES), {}, now=0.0, node_wait=300)
+    assert [(q.job, what.split(":")[0]) for q, what in found] == [
+        ("11", "held (launch failed requeued held)"), ("12", "held (JobHeldAdmin)"), ("13", "held (JobHeldUser)")]
+    assert "slurmd's log" in found[0][1] and "scontrol release" in found[1][1]
+
+
+def test_the_watch_names_a_job_whose_partition_has_no_node_up_once_it_waited_long_enough():
+    """A job on a partition whose every node is down or drained: named after `node_wait` seconds of that (a node
+    back in time resets the clock), with Slurm's reason; the cluster is asked only while such a job waits."""
+    from tokenclean.slurm import parse_cluster, parse_queue, stuck
+
+    asked = []
+
+    def cluster(nodes: str = NODES):
+        asked.append(1)
+        return parse_cluster(PARTITIONS, nodes)
+
+    queue = parse_queue("21|PENDING|old|rule_sft_wildcards_x|ReqNodeNotAvail, UnavailableNodes:o1\n"
+                        "22|PENDING|gpu|rule_sft_wildcards_y|Priority\n")
+    since: dict[str, float] = {}
+    assert stuck(queue, cluster, since, now=100.0, node_wait=60) == []
+    assert stuck(queue, cluster, since, now=159.0, node_wait=60) == []
+    found = stuck(queue, cluster, since, now=160.0, node_wait=60)
+    assert [(q.job, what) for q, what in found] == [("21", "no node of partition 'old' up for 60 s (ReqNodeNotAvail, "
+                                                     "UnavailableNodes:o1): run again once its nodes are back (sinfo "
+                                                     "-p old), or choose another partition (slurm_partition in the "
+                                                     "profile)")]
+    back = NODES.replace("State=DOWN*", "State=IDLE")
+    assert stuck(queue, lambda: cluster(back), since, now=170.0, node_wait=60) == [] and since == {}
+    assert stuck(queue, cluster, since, now=200.0, node_wait=60) == []  # down again: the clock starts over
+    n = len(asked)
+    assert stuck(parse_queue(QUEUE.replace("Resources", "JobHeldUser")), cluster, {}, 0.0, 60) and len(asked) == n
+
+
+def slurm_installed() -> None:
+    """Skip unless Slurm and munge are installed (a failure under CI, which installs them)."""
+    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(c, path=os.environ["PATH"]
+                                                                                          + ":/usr/sbin")]
+    if missing:
+        reason = f"Slurm is not installed ({', '.join(missing)} not found; docs/slurm.md)"
+        if os.environ.get("TOKENCLEAN_REQUIRE_SLURM") == "1":
+            pytest.fail(reason + ", and TOKENCLEAN_REQUIRE_SLURM=1")
+        pytest.skip(reason)
+
+
+@pytest.mark.slow  # starts and stops a Slurm cluster
+@pytest.mark.parametrize("where", ["63 characters", "deep", "space"])
+def test_the_local_cluster_runs_jobs_from_a_deep_path_and_from_a_path_with_a_space(where, tmp_path):
+    """scripts/local-slurm.sh in a clone deep enough that a socket under its .cache/ would pass the 108 bytes of a
+    Unix socket path (at 63 characters, the issue's, a job's slurmstepd socket could not be made and every job was
+    held, "launch failed requeued held"; deeper, munged would not start), and in a short one whose path holds a
+    space (slurm.conf cannot quote one): a job with a step runs, and `stop` removes it all."""
+    slurm_installed()
+    if where == "63 characters":  # or deeper, where tmp_path is longer
+        clone = tmp_path / ("c" * max(1, 62 - len(str(tmp_path))))
+    elif where == "deep":
+        clone = tmp_path / "deep" / ("d" * 70) / "clone"
+    else:  # short, so that only the space is new
+        clone = Path(tempfile.mkdtemp(prefix="tc slurm ")) / "clone"
+        assert len(str(clone / ".cache" / "local-slurm" / "munge" / "munge.socket")) < 80
+    (clone / "scripts").mkdir(parents=True)
+    script = clone / "scripts" / "local-slurm.sh"
+    shutil.copy2(ROOT / "scripts" / "local-slurm.sh", script)
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENCLEAN_SLURM_DIR", "SLURM_CONF")}
+    assert len(str(clone / ".cache" / "local-slurm" / "spool" / "localnode" / "localnode_1.4294967291")) > 108 \
+        or " " in str(clone)
+    link = clone / ".cache" / "local-slurm"
+    try:
+        proc = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env, timeout=180,
+                              check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        env["PATH"] = f"{link / 'bin'}{os.pathsep}{env['PATH']}"
+        job = slurm(env, "sbatch", "--parsable", "--output", "/dev/null", "--wrap", "srun true").strip().split(";")[0]
+        assert wait_for_state(env, job, lambda s: s not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"),
+                              timeout=90) == "COMPLETED"
+    finally:
+        proc = subprocess.run([str(script), "stop"], capture_output=True, text=True, env=env, timeout=180,
+                              check=False)
+        if where == "space":
+            shutil.rmtree(clone.parent, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not os.path.lexists(link) and not os.path.lexists(proc.stdout.split(" and ")[-1].split()[0])
+
+
+@pytest.fixture
+def busy_node(cluster):
+    """The node taken whole by a job of the test's own, so that the run's job waits in the queue; after the test,
+    that job cancelled and the node up again (a test may drain it)."""
+    job = slurm(cluster, "sbatch", "--parsable", "--exclusive", "--job-name", "busy", "--output", "/dev/null",
+                "--wrap", "sleep 600")
+    job = job.strip().split(";")[0]
+    try:
+        wait_for_state(cluster, job, lambda s: s == "RUNNING")
+        yield job
+    finally:
+        subprocess.run(["scancel", job], env=cluster, timeout=30, check=False)
+        subprocess.run(["scontrol", "update", "nodename=localnode", "state=resume"], env=cluster, capture_output=True,
+                       timeout=30, check=False)  # refused when it was not drained
+
+
+def queued_job(run: Workflow, timeout: float = 300) -> str:
+    """The Slurm id of the run's first job, once it waits in the queue."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        found = re.search(r"SLURM run ID: (\S+)", run.log.read_text())
+        if found:
+            jobs = slurm(run.env, "squeue", "-h", "-t", "pending", "--name", found.group(1), "-o", "%i").split()
+            if jobs:
+                return jobs[0]
+        time.sleep(0.2)
+    pytest.fail(f"no job of the run came into the queue:\n{run.log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow  # Snakemake through Slurm
+@pytest.mark.parametrize("fault", ["held", "node drained"])
+def test_a_job_slurm_will_never_start_ends_the_run_with_one_line(cluster, busy_node, fault, tmp_path):
+    """The run's job waits in the queue (the node is busy), then Slurm holds it (`scontrol hold`: as after a failed
+    launch, "launch failed requeued held") or its partition loses its only node (drained): the executor plugin
+    would wait for it forever. It is cancelled within a bounded time with one line naming the rule, the job and
+    Slurm's reason, and the run fails (--retries 0: no second submission); nothing of the run is left queued."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**cluster, "TOKENCLEAN_SLURM_NODE_WAIT": "5"}
+    with Workflow(work, env, "results/smoke/world", "--retries", "0") as run:
+        job = queued_job(run)
+        if fault == "held":
+            slurm(cluster, "scontrol", "hold", job)
+        else:
+            slurm(cluster, "scontrol", "update", "nodename=localnode", "state=drain", "reason=tokenclean test")
+        rc, out = run.finish(timeout=240)
+    errors = [line for line in out.splitlines() if line.startswith("slurm error:")]
+    said = "held (JobHeld" if fault == "held" else "no node of partition 'local' up for "
+    assert rc == 1, out[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"slurm error: rule world, Slurm job {job}: {said}"), out[-3000:]
+    assert re.search(rf"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'", out), out[-3000:]
+    assert slurm(cluster, "squeue", "-h", "-j", job, "--states=all", "-o", "%T").strip() == "CANCELLED"
+    assert not (work / "results" / "smoke" / "world").exists()

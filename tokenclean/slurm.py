@@ -13,14 +13,25 @@ The job's request is read as the executor plugin turns it into ``sbatch`` flags:
 cluster's default partition), ``mem_mb`` or ``mem_mb_per_cpu`` × CPUs (``--mem``), ``cpus_per_task`` else the
 rule's threads (``--cpus-per-task``), ``runtime`` in minutes (``-t``), ``gpu`` or ``gres: gpu[:type]:N``. The
 cluster's side comes from ``scontrol show partition -o`` and ``scontrol show node -o``.
+
+While the run goes on, :class:`JobWatch` (started from the same ``onstart``) looks at the run's queued jobs: the
+executor plugin treats every ``PENDING`` job as one that will run, but a job Slurm holds (``launch failed requeued
+held`` after its node could not start it, ``JobHeldAdmin``, ``JobHeldUser``) never starts by itself, nor does one
+whose partition has no node up. Such a job is cancelled with one line naming the rule, the job and Slurm's reason;
+the plugin then sees it ``CANCELLED`` and Snakemake handles it as a failed job (submitted again once under
+``retries: 1``, then the run stops), instead of waiting for it forever.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,3 +239,118 @@ def check_plan(jobs: Iterable[tuple[str, Mapping[str, Any], int]],
     found = problems(sorted(requests, key=lambda r: r.rule), query_cluster() if cluster is None else cluster)
     if found:
         raise SlurmPlanError("\n".join(found))
+
+
+# --- while the run goes on: jobs Slurm will never start -------------------------------------------------------
+
+NODE_WAIT_ENV = "TOKENCLEAN_SLURM_NODE_WAIT"  # seconds a job may wait on a partition with no node up
+NODE_WAIT = 300.0
+POLL_SECONDS = 10.0
+WAITING = ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT")  # queued, not running
+QUEUE_FORMAT = "%i|%T|%P|%k|%r"  # job id, state, partition, comment (the plugin's rule_<rule>_...), reason
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One job of the run as ``squeue -o QUEUE_FORMAT`` shows it."""
+    job: str
+    state: str
+    partition: str
+    comment: str
+    reason: str
+
+    @property
+    def rule(self) -> str:
+        """The rule, from the comment the executor plugin gives a job: ``rule_<rule>`` or
+        ``rule_<rule>_wildcards_<values>``."""
+        m = re.fullmatch(r"rule_(.+?)(?:_wildcards_.*)?", self.comment)
+        return m.group(1) if m else (self.comment or "?")
+
+
+def parse_queue(text: str) -> list[Queued]:
+    """The jobs of ``squeue -h -o QUEUE_FORMAT`` (the reason, free text, comes last)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.strip().split("|", 4)
+        if len(parts) == 5:
+            out.append(Queued(*parts))
+    return out
+
+
+def held(job: Queued) -> bool:
+    """Slurm will not start this job until someone releases it (``scontrol release``)."""
+    return job.state in ("REQUEUE_HOLD", "SPECIAL_EXIT") or "held" in job.reason.lower()
+
+
+def stuck(queue: Iterable[Queued], cluster: Callable[[], Mapping[str, Partition]], since: dict[str, float],
+          now: float, node_wait: float) -> list[tuple[Queued, str]]:
+    """The queued jobs that will never start, each with what to say of it: a held job at once; a job whose
+    partition has had no node up for ``node_wait`` seconds (``since`` keeps when each such job was first seen so,
+    across calls). ``cluster`` is asked only when a job waits for another reason than a hold."""
+    queue = [q for q in queue if q.state in WAITING]
+    for job in set(since) - {q.job for q in queue}:
+        del since[job]
+    found: list[tuple[Queued, str]] = []
+    nodes: Mapping[str, Partition] | None = None
+    for q in queue:
+        if held(q):
+            todo = (f"its node could not start it: slurmd's log on that node says why (BatchHost in scontrol show "
+                    f"job {q.job})" if "launch failed" in q.reason.lower() else
+                    "a held job starts only once released (scontrol release)")
+            found.append((q, f"held ({q.reason}): {todo}"))
+            continue
+        if nodes is None:
+            nodes = cluster()
+        part = nodes.get(q.partition)
+        if part is not None and part.up and any(n.usable for n in part.nodes):
+            since.pop(q.job, None)
+            continue
+        first = since.setdefault(q.job, now)
+        if now - first >= node_wait:
+            found.append((q, f"no node of partition '{q.partition}' up for {_fmt(round(now - first))} s "
+                             f"({q.reason}): run again once its nodes are back (sinfo -p {q.partition}), or "
+                             "choose another partition (slurm_partition in the profile)"))
+    return found
+
+
+class JobWatch:
+    """Every ``interval`` seconds, the run's queued jobs (``squeue --name <run id>``, the job name the executor
+    plugin gives every job of a run): each one that will never start is cancelled (``scancel``) with one line on
+    stderr, so that the plugin sees it fail."""
+
+    def __init__(self, run_id: str, interval: float = POLL_SECONDS, node_wait: float | None = None):
+        self.run_id, self.interval = run_id, interval
+        self.node_wait = float(os.environ.get(NODE_WAIT_ENV, NODE_WAIT)) if node_wait is None else node_wait
+        self.since: dict[str, float] = {}
+        self.cancelled: set[str] = set()
+
+    def check(self) -> list[str]:
+        """One look at the queue: the lines said (none while Slurm does not answer: the next look tries again)."""
+        try:
+            proc = subprocess.run(["squeue", "-h", "--states=all", "--name", self.run_id, "-o", QUEUE_FORMAT],
+                                  capture_output=True, text=True, timeout=30, check=True)
+            found = stuck(parse_queue(proc.stdout), query_cluster, self.since, time.monotonic(), self.node_wait)
+        except (OSError, subprocess.SubprocessError, SlurmPlanError):
+            return []
+        lines = []
+        for q, what in found:
+            if q.job in self.cancelled:
+                continue
+            try:
+                subprocess.run(["scancel", q.job], capture_output=True, timeout=30, check=True)
+            except (OSError, subprocess.SubprocessError):
+                continue  # said once a later look cancels it
+            self.cancelled.add(q.job)
+            lines.append(f"slurm error: rule {q.rule}, Slurm job {q.job}: {what}; cancelled, as it would never start")
+            print(lines[-1], file=sys.stderr, flush=True)
+        return lines
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.check()
+
+    def start(self) -> JobWatch:
+        """Watch from a daemon thread for as long as the workflow runs."""
+        threading.Thread(target=self._loop, name="tokenclean-slurm-watch", daemon=True).start()
+        return self
