@@ -90,6 +90,9 @@ CHUNKS = config["self_evolving"].get("chunks", ROUNDS)
 DATA_DIR = f"{R}/world" if EMBEDDED else f"{R}/data"
 BASE_MODEL = f"{R}/models/base" if EMBEDDED else config["base_model"]["name"]
 TRUST = "--trust-remote-code" if config["base_model"].get("trust_remote_code") else ""
+# The chat format of the training text (config chat_format; tokenclean/tokenization.py): the flag only when it is not
+# the default, so the tokenize jobs of a tulu run keep their params.
+CHAT_FLAG = "--chat-format template" if config["chat_format"] == "template" else ""
 # GPUs a job asks the scheduler (Slurm, or `--resources gpu=N` locally) for: a training job every configured GPU,
 # scoring and evaluation one. The embedded experiment runs on CPU and asks for none unless `hardware.gpus` is set.
 GPU_JOBS = "gpus" in HARDWARE or not EMBEDDED
@@ -328,6 +331,8 @@ def eval_args() -> str:
         args += f" --include-path {shlex.quote(ev['include_path'])}"
     if ev.get("batch_size"):
         args += f" --batch-size {ev['batch_size']}"
+    if ev.get("apply_chat_template"):
+        args += " --apply-chat-template"
     return args + f" {TRUST}"
 
 

@@ -34,6 +34,7 @@ rule tokenize:
         revision=revision_flag(),
         trust=TRUST,
         max_length=lookup(dpath="max_length", within=config),
+        chat=CHAT_FLAG,
     wildcard_constraints:
         dataset="warmup|pool",
     priority: UNBLOCKING
@@ -45,7 +46,7 @@ rule tokenize:
         "../envs/tokenclean.yaml"
     shell:
         "{params.tc} tokenize --data {input.data}/{wildcards.dataset}.jsonl --tokenizer {params.tokenizer} {params.revision}"
-        " {params.trust} --max-length {params.max_length} --out {output} > {log} 2>&1"
+        " {params.trust} {params.chat} --max-length {params.max_length} --out {output} > {log} 2>&1"
 
 
 rule concat_tokens:

@@ -320,6 +320,13 @@ def test_benchmark_suite_scores_each_task_with_its_own_shots_and_metric(evaluate
         scores = [r["score"] for r in rows if r["task"] == task]
         assert len(scores) == evaluated["result"]["n_examples"]["add"]
         assert sum(scores) / len(scores) == pytest.approx(result["metrics"][task]["score"])
+    # a generation task keeps what the model wrote (the same greedy text as the world's own evaluation) and the
+    # reference; a likelihood task has no generation
+    gen = sorted((r for r in rows if r["task"] == "tc_add_gen"), key=lambda r: r["doc_id"])
+    own = sorted((r for r in evaluated["samples"] if r["family"] == "add"), key=lambda r: r["doc_id"])
+    assert [r["generated"] for r in gen] == [r["generated"] for r in own]
+    assert all(isinstance(r["target"], str) and r["target"] for r in gen)
+    assert not any("generated" in r for r in rows if r["task"] == "tc_reverse_nll")
     with pytest.raises(ValueError, match="reports no metric 'acc'"):
         evaluate_benchmarks(str(trained_model_dir), [{"task": "tc_add_gen"}], tmp_path / "x.json", device="cpu",
                             include_path=evaluated["world"] / "tasks", model_args={"add_bos_token": True})

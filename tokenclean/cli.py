@@ -139,7 +139,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 def cmd_tokenize(a: argparse.Namespace) -> None:
     from tokenclean.tokenization import tokenize_file
 
-    meta = tokenize_file(a.data, a.tokenizer, a.max_length, a.out, a.trust_remote_code, a.revision)
+    meta = tokenize_file(a.data, a.tokenizer, a.max_length, a.out, a.trust_remote_code, a.revision, a.chat_format)
     log.info("%s: %d samples, %d tokens, %d response tokens", a.out, meta["n_samples"], meta["n_tokens"],
                  meta["n_response_tokens"])
 
@@ -221,7 +221,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         evaluate_benchmarks(a.model, a.benchmarks, a.out, device=a.device, limit=a.limit, seed=a.seed,
                             batch_size=int(a.batch_size) if str(a.batch_size).isdigit() else a.batch_size,
                             include_path=a.include_path,
-                            trust_remote_code=a.trust_remote_code, model_args=a.model_args, revision=a.revision)
+                            trust_remote_code=a.trust_remote_code, model_args=a.model_args, revision=a.revision,
+                            apply_chat_template=a.apply_chat_template)
     elif a.tasks_dir and a.tasks:
         evaluate(a.model, a.tasks_dir, a.tasks.split(","), a.out, device=a.device, limit=a.limit, seed=a.seed)
     else:
@@ -327,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_int_at_least(2), required=True, help="truncate samples to this many tokens")
     p.add_argument("--out", required=True, help="output X.tokens.npz")
     p.add_argument("--trust-remote-code", action="store_true")
+    # the choices are tokenization.CHAT_FORMATS (not imported here: the module loads numpy and transformers)
+    p.add_argument("--chat-format", choices=("tulu", "template"), default="tulu",
+                   help="tulu: the paper's <|user|> / <|assistant|> format (default); template: the tokenizer's own "
+                        "chat template")
     _add_revision_flag(p)
 
     p = add("loss", cmd_loss, "Per-token losses of a model on a token table (NaN outside loss_mask).")
@@ -420,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub revision (branch, tag or commit) of --model when it is a hub id (with --benchmarks); "
                         "ignored for a model directory")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="--benchmarks: prompts (few-shot examples as turns) in the model's chat template, as lm-eval's "
+                        "--apply_chat_template --fewshot_as_multiturn; default: lm-eval's plain prompts")
     p.add_argument("--out", required=True, help="output results JSON")
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=_limit_arg, default=None,

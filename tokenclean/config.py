@@ -185,6 +185,12 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
     params = _method_params_problem(config)
     if params is not None:
         return params
+    if "world" in config and config.get("chat_format") == "template":
+        return ["chat_format"], ("the embedded world's tokenizer has no chat template: its data, corpus and tasks "
+                                 "are in the tulu format")
+    if config["evaluation"].get("apply_chat_template") and not config["evaluation"].get("benchmarks"):
+        return ["evaluation", "apply_chat_template"], ("applies to evaluation.benchmarks only (the embedded world's "
+                                                       "tasks are in the format its models were trained in)")
     if "world" not in config and not config["evaluation"].get("benchmarks"):
         # evaluation.tasks names the embedded world's task families; any other experiment needs lm-eval tasks
         return ["evaluation"], "set evaluation.benchmarks (the lm-eval tasks) for an experiment with its own data"

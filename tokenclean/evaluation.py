@@ -291,7 +291,7 @@ def _check_lm_alignment(lm: Any, data_files: dict[str, Path]) -> None:
 
 
 def run_lm_eval(lm: Any, tm: Any, tasks: list[str], num_fewshot: int | None, limit: int | float | None,
-                seed: int) -> dict[str, Any]:
+                seed: int, apply_chat_template: bool = False) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` for a model already loaded, without its environment report.
 
     The same steps as ``simple_evaluate`` (load the tasks, apply ``num_fewshot`` where a task's config does not
@@ -314,7 +314,8 @@ def run_lm_eval(lm: Any, tm: Any, tasks: list[str], num_fewshot: int | None, lim
         elif task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=seed)
-    out = lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
+    out = lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0,
+                           apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template)
     if out is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results")
     return out
@@ -518,7 +519,7 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
                         device: str | None = None, limit: int | float | None = None, seed: int = 0,
                         batch_size: int | str | None = None, include_path: str | os.PathLike | None = None,
                         trust_remote_code: bool = False, model_args: dict[str, Any] | None = None,
-                        revision: str | None = None) -> dict[str, Any]:
+                        revision: str | None = None, apply_chat_template: bool = False) -> dict[str, Any]:
     """Evaluate any Hugging Face model (directory or hub id) on lm-eval tasks, each with its own few-shot count
     and metric (the paper's suite: MMLU 5-shot, the others 0-shot, ``acc``; TyDiQA 1-shot, ``f1``).
 
@@ -531,8 +532,14 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
     model load per distinct set of arguments). The package's tasks (``tc_tydiqa_goldp``, ``tc_logiqa``) are always
     found. ``revision`` pins a hub model (ignored for a directory). The model arguments each task ran with
     (dtype included) are recorded under ``model_args``.
+
+    Prompts are lm-eval's plain text (the paper's runs), whatever format the model was trained in;
+    ``apply_chat_template`` wraps them in the model's chat template instead (few-shot examples as turns, lm-eval's
+    ``--apply_chat_template --fewshot_as_multiturn``), recorded in the results. A model without a chat template is
+    refused.
     Per-example scores go to ``<out_json minus .json>.samples.jsonl`` (``{"task", "subtask", "doc_id", "score"}``,
-    one line per example; a group's examples under its own task name) for the paired bootstrap of the report.
+    one line per example; a group's examples under its own task name) for the paired bootstrap of the report; the
+    examples of a generation task also keep the model's output (``generated``) and the reference (``target``).
     """
     from lm_eval.tasks import TaskManager
 
@@ -568,9 +575,12 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
             lm = None
             _free_accelerator_memory()
             lm, lm_args = make_hf_lm(str(model), **json.loads(args)), args
+            if apply_chat_template and not getattr(lm.tokenizer, "chat_template", None):
+                raise ValueError(f"{model}: the model's tokenizer has no chat template; set "
+                                 "evaluation.apply_chat_template: false (lm-eval's plain prompts)")
         used_args.update({b["task"]: json.loads(args) for b in group})
         out = run_lm_eval(lm, tm, [b["task"] for b in group], num_fewshot=shots, limit=json.loads(run_limit),
-                          seed=seed)
+                          seed=seed, apply_chat_template=apply_chat_template)
         for b in group:
             found = out["results"].get(b["task"], {})
             key = f"{b['metric']},none"
@@ -593,6 +603,7 @@ def evaluate_benchmarks(model: str, benchmarks: Sequence[dict[str, Any]], out_js
         "metrics": metrics, "average": {"score": sum(m["score"] for m in metrics.values()) / len(metrics)},
         "seed": int(seed), "limit": limit, "device": str(dev),
         "revision": hub.get("revision"), "model_args": {b["task"]: used_args[b["task"]] for b in benchmarks},
+        "apply_chat_template": bool(apply_chat_template),
     })
 
 
@@ -649,7 +660,18 @@ def benchmark_sample_rows(out: dict[str, Any], task: str, metric: str) -> list[d
             leaves.append(name)
     rows = []
     for leaf in leaves:
+        generation = (out.get("configs", {}).get(leaf) or {}).get("output_type") == "generate_until"
         for s in sorted(out.get("samples", {}).get(leaf, []), key=lambda s: s["doc_id"]):
             if metric in s:
-                rows.append({"task": task, "subtask": leaf, "doc_id": s["doc_id"], "score": float(s[metric])})
+                row = {"task": task, "subtask": leaf, "doc_id": s["doc_id"], "score": float(s[metric])}
+                if generation:  # what the model wrote (after the task's filters) and what it was scored against
+                    row.update(generated=_first(s.get("filtered_resps")), target=s.get("target"))
+                rows.append(row)
     return rows
+
+
+def _first(resps: Any) -> Any:
+    """The one generation of a generate_until example (lm-eval logs it as ``[text]``, or ``[[text]]``)."""
+    while isinstance(resps, list) and resps:
+        resps = resps[0]
+    return resps if isinstance(resps, str) else None

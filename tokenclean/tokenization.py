@@ -26,6 +26,15 @@ too, so position 0, never trained, is always a token without context.
 
 Plain-text records (``{"text": ...}``, the pretraining corpus only) train every token after the first,
 their eos included.
+
+``chat_format="template"`` renders a chat record with the tokenizer's own chat template instead
+(``apply_chat_template``, as the model's makers format conversations) and trains, of each assistant turn, exactly
+what the template writes for it after its generation prompt, trailing whitespace excepted: its content and its
+end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``). That span is found by rendering the conversation up
+to the turn with ``add_generation_prompt=True`` and up to and including the turn: the second must extend the
+first, and each must be a prefix of the whole conversation, or the template is refused (it renders history
+differently from a reply, so no exact mask exists). Nothing is prepended: the template writes the bos text when the
+model wants one. The same first-character rule maps characters to tokens.
 """
 from __future__ import annotations
 
@@ -44,6 +53,8 @@ log = logging.getLogger(__name__)
 
 ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 TURN_END = "\n"  # ends every message's text (the last one is stripped away)
+# How chat records become text: the paper's Tulu format, or the tokenizer's own chat template (module docstring)
+CHAT_FORMATS = ("tulu", "template")
 NO_CLASS = -1  # token_class of tokens outside loss_mask (and of all tokens when the data carry no classes)
 BOILERPLATE = TOKEN_CLASSES.index("boilerplate")
 
@@ -140,6 +151,56 @@ def render(record: Record, eos_token: str) -> SampleText:
     return SampleText(stripped, tuple(trained), tuple(eos_at), span, classes)
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer brings a chat template of its own (``chat_format: template`` needs one)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja's TemplateError (e.g. "roles must alternate") and whatever the template raises
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{where}: the tokenizer's chat template refuses this record ({reason}); fix the record or "
+                        "use chat_format: tulu") from None
+
+
+def render_template(record: Record, tokenizer: Any, where: str = "") -> SampleText:
+    """The training text of chat ``record`` under the tokenizer's chat template (see the module docstring)."""
+    if record.plain_text:
+        return render(record, tokenizer.eos_token)
+    messages = [{"role": m.role, "content": m.content} for m in record.messages]
+    whole = _apply_template(tokenizer, messages, False, where)
+    trained: list[tuple[int, int]] = []
+    span: tuple[int, int] | None = None
+    classes: tuple[tuple[int, int, int], ...] = ()
+    last_assistant = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+    for i, m in enumerate(record.messages):
+        if m.role != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:i], True, where) if i else ""
+        through = _apply_template(tokenizer, messages[:i + 1], False, where)
+        if not (through.startswith(before) and whole.startswith(through)):
+            raise ValueError(f"the chat template renders assistant turn {i + 1} differently from the prompt before "
+                             "it or from the whole conversation (e.g. it rewrites earlier turns), so its trained "
+                             "tokens cannot be found exactly; use chat_format: tulu")
+        start, end = len(before), len(before) + len(through[len(before):].rstrip())
+        if end > start:
+            trained.append((start, end))
+        if i == last_assistant and record.classes:
+            text = whole[start:end]
+            lead = next((k for k in (0, len(m.content) - len(m.content.lstrip())) if
+                         text.startswith(m.content[k:].rstrip())), None)
+            if lead is None:
+                raise ValueError("the chat template rewrites the response's content, so its ground-truth classes "
+                                 "cannot be placed; use chat_format: tulu")
+            content = m.content[lead:].rstrip()
+            span = (start, start + len(content))
+            classes = tuple((start + max(s - lead, 0), start + min(e - lead, len(content)), c)
+                            for s, e, c in record.classes if min(e - lead, len(content)) > max(s - lead, 0))
+    return SampleText(whole, tuple(trained), (), span, classes)
+
+
 def _token_classes(starts: np.ndarray, ends: np.ndarray, spans: tuple[tuple[int, int, int], ...]) -> np.ndarray:
     """Class of each token = class of the span holding the token's first character; a token whose first
     character (a leading space) is in no span takes the class of its last character; else boilerplate."""
@@ -196,16 +257,32 @@ def _check_encoded(sample: SampleText, ids: list[int], starts: np.ndarray, ends:
                              f"token {tokenizer.eos_token_id}; it cannot tokenize chat data")
 
 
-def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> tuple[TokenTable, dict[str, int]]:
-    """Tokenize records into a TokenTable; samples whose response is entirely truncated away are skipped."""
+def require_chat_format(chat_format: str, tokenizer: Any, name: str = "the tokenizer") -> None:
+    """``chat_format`` is known, and ``template`` only with a tokenizer that has a chat template."""
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {chat_format!r} (known: {', '.join(CHAT_FORMATS)})")
+    if chat_format == "template" and not has_chat_template(tokenizer):
+        raise ValueError(f"chat_format: template, but {name} has no chat template (no chat_template in its "
+                         "tokenizer_config.json or chat_template.jinja); use chat_format: tulu")
+
+
+def tokenize_records(records: list[Record], tokenizer: Any, max_length: int,
+                     chat_format: str = "tulu") -> tuple[TokenTable, dict[str, int]]:
+    """Tokenize records into a TokenTable; samples whose response is entirely truncated away are skipped.
+    ``chat_format``: ``tulu`` (the paper's format) or ``template`` (the tokenizer's chat template)."""
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos token; set one before tokenizing SFT data")
-    samples = [render(r, tokenizer.eos_token) for r in records]
+    require_chat_format(chat_format, tokenizer)
+    if chat_format == "template":
+        samples = [render_template(r, tokenizer, _where(r, i)) for i, r in enumerate(records)]
+        head = []  # the template writes the bos text itself when the model wants one
+    else:
+        samples = [render(r, tokenizer.eos_token) for r in records]
+        bos = tokenizer.bos_token_id
+        head = [bos] if bos is not None else []
     encoded = _encode([s.text for s in samples], records, tokenizer)
-    bos = tokenizer.bos_token_id
-    head = [bos] if bos is not None else []
 
     all_ids: list[np.ndarray] = []
     all_mask: list[np.ndarray] = []
@@ -267,16 +344,18 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int) -> 
 
 
 def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int, out: str | os.PathLike,
-                  trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
+                  trust_remote_code: bool = False, revision: str | None = None,
+                  chat_format: str = "tulu") -> dict[str, Any]:
     """CLI entry: validate ``data``, tokenize it and write ``out`` (nothing is written if anything fails).
-    ``revision`` pins a hub tokenizer; the commit loaded is recorded either way."""
+    ``revision`` pins a hub tokenizer; the commit loaded is recorded either way, and so is ``chat_format``."""
     from tokenclean.models import hub_commit
 
     records = read_jsonl(data, allow_plain_text=False)
     commit = hub_commit(tokenizer_name, revision)
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code, commit)
+    require_chat_format(chat_format, tokenizer, repr(str(tokenizer_name)))
     try:
-        table, stats = tokenize_records(records, tokenizer, max_length)
+        table, stats = tokenize_records(records, tokenizer, max_length, chat_format)
     except DataError:
         raise  # already names the file and line
     except ValueError as e:
@@ -291,6 +370,7 @@ def tokenize_file(data: str | os.PathLike, tokenizer_name: str, max_length: int,
         "tokenizer_commit": commit,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
+        "chat_format": chat_format,
         **stats,
     }
     return table.save(Path(out), meta)
@@ -307,8 +387,12 @@ def concat_files(tokens: list[str | os.PathLike], out: str | os.PathLike) -> dic
     if len(fingerprints) != 1:
         raise ValueError(f"{', '.join(map(str, tokens))} were tokenized with different tokenizers; re-tokenize them "
                          "with one tokenizer before concatenating")
+    formats = {m.get("chat_format", "tulu") for _, m in loaded}  # tables from before the setting are tulu
+    if len(formats) != 1:
+        raise ValueError(f"{', '.join(map(str, tokens))} were tokenized in different chat formats "
+                         f"({', '.join(sorted(formats))}); re-tokenize them with one chat_format")
     table = TokenTable.concat([t for t, _ in loaded])
-    meta = {"kind": "tokens", "data": [m.get("data") for _, m in loaded], "sources": [str(t) for t in tokens],
+    meta = {"kind": "tokens", "chat_format": formats.pop(), "data": [m.get("data") for _, m in loaded], "sources": [str(t) for t in tokens],
             "source_fingerprints": [m["fingerprint"] for _, m in loaded],
             "data_sha256": [m.get("data_sha256") for _, m in loaded],
             "tokenizer": loaded[0][1].get("tokenizer"), "tokenizer_fingerprint": fingerprints.pop(),
