@@ -9,6 +9,7 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
 from tokenclean.config import ConfigError, check_config  # noqa: E402  (pure Python: no torch at planning time)
+from tokenclean.preflight import check_plan  # noqa: E402
 
 
 report: "report/workflow.rst"
@@ -21,9 +22,12 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
-# The schema (schemas/config.schema.yaml) and the rules it cannot state; a problem is one line, before any job.
+# The schema (schemas/config.schema.yaml) and the rules it cannot state, then what planning can check cheaply of the
+# data files, the benchmarks' metrics and the base model (tokenclean/preflight.py); a problem is one line, before any
+# job.
 try:
     check_config(config, workflow.overwrite_configfiles or workflow.configfiles)
+    check_plan(config, workflow.overwrite_configfiles or workflow.configfiles)
 except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)  # bad input, as every tokenclean command reports it

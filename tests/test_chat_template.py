@@ -125,7 +125,7 @@ def test_a_record_the_template_refuses_names_its_line(tiny_tokenizer_dir):
 def test_template_without_a_template_is_one_line(tiny_tokenizer_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    with pytest.raises(ValueError, match="chat_format: template, but .* has no chat template.*use chat_format: tulu"):
+    with pytest.raises(ValueError, match=r"chat_format: template, but .* has no chat template.*use chat_format: tulu"):
         tokenize_file(data, str(tiny_tokenizer_dir), 64, tmp_path / "t.tokens.npz", chat_format="template")
     assert not (tmp_path / "t.tokens.npz").exists()
 

@@ -392,7 +392,8 @@ def concat_files(tokens: list[str | os.PathLike], out: str | os.PathLike) -> dic
         raise ValueError(f"{', '.join(map(str, tokens))} were tokenized in different chat formats "
                          f"({', '.join(sorted(formats))}); re-tokenize them with one chat_format")
     table = TokenTable.concat([t for t, _ in loaded])
-    meta = {"kind": "tokens", "chat_format": formats.pop(), "data": [m.get("data") for _, m in loaded], "sources": [str(t) for t in tokens],
+    meta = {"kind": "tokens", "chat_format": formats.pop(), "data": [m.get("data") for _, m in loaded],
+            "sources": [str(t) for t in tokens],
             "source_fingerprints": [m["fingerprint"] for _, m in loaded],
             "data_sha256": [m.get("data_sha256") for _, m in loaded],
             "tokenizer": loaded[0][1].get("tokenizer"), "tokenizer_fingerprint": fingerprints.pop(),

@@ -1,0 +1,126 @@
+"""Planning's cheap checks (tokenclean/preflight.py): each problem is one line naming the config file, the key and,
+for data, the data file and line, before any job runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenclean.config import ConfigError, check_config
+from tokenclean.preflight import check_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "configs" / "paper" / "llama-3.2-3b.yaml"
+
+
+def own_data(tmp_path: Path, **changes) -> tuple[dict, list[str]]:
+    """The paper's config on local data files (valid unless changed), written to a config file."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(5)))
+    config = yaml.safe_load(PAPER.read_text())
+    config["data"] = {"pool": {"path": str(pool)}, "warmup": {"first_of_pool": 2}}
+    config.update(changes)
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return check_config(config, [str(path)]), [str(path)]
+
+
+def test_the_paper_configs_pass(tmp_path):
+    config, files = own_data(tmp_path)
+    check_plan(config, files)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r"pool\.jsonl:3: invalid JSON"),
+    (json.dumps({"text": "plain"}), r"pool\.jsonl:3: neither 'messages' nor 'prompt'/'completion'"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"pool\.jsonl:3: field 'messages': no assistant"),
+])
+def test_a_bad_record_among_the_first_is_named_by_file_and_line(tmp_path, line, match):
+    config, files = own_data(tmp_path)
+    pool = Path(config["data"]["pool"]["path"])
+    rows = pool.read_text().splitlines()
+    pool.write_text("\n".join(rows[:2] + [line] + rows[2:]) + "\n")
+    with pytest.raises(ConfigError, match=r"^.*my\.yaml: data\.pool\.path: .*" + match):
+        check_plan(config, files)
+
+
+def test_a_missing_or_empty_data_file(tmp_path):
+    config, files = own_data(tmp_path)
+    config["data"]["warmup"] = {"path": str(tmp_path / "nope.jsonl")}
+    with pytest.raises(ConfigError, match=r"data\.warmup\.path: .*nope\.jsonl: data file not found"):
+        check_plan(config, files)
+    Path(config["data"]["pool"]["path"]).write_text("\n\n")
+    with pytest.raises(ConfigError, match=r"data\.pool\.path: .*pool\.jsonl: no records"):
+        check_plan(config, files)
+
+
+def test_a_metric_the_task_does_not_report_and_an_unknown_task(tmp_path):
+    config, files = own_data(tmp_path)
+    mmlu = next(i for i, b in enumerate(config["evaluation"]["benchmarks"]) if b["task"] == "mmlu")
+    config["evaluation"]["benchmarks"][mmlu]["metric"] = "acc_norm"  # mmlu's group aggregates acc only
+    with pytest.raises(ConfigError, match=rf"evaluation\.benchmarks\[{mmlu}\]\.metric: task mmlu .*reports no "
+                                          r"metric 'acc_norm' \(it reports: acc\)"):
+        check_plan(config, files)
+    config["evaluation"]["benchmarks"][mmlu] = {"task": "mmlu_typo", "metric": "acc", "num_fewshot": 0}
+    with pytest.raises(ConfigError, match=rf"benchmarks\[{mmlu}\]\.task: unknown lm-eval task 'mmlu_typo'"):
+        check_plan(config, files)
+
+
+def test_an_included_task_yaml_with_its_include_chain(tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "base.yaml").write_text("output_type: generate_until\nmetric_list:\n  - metric: exact\n"
+                                     "process_results: !function utils.process\n")
+    (tasks / "mine.yaml").write_text("include: base.yaml\ntask: my_task\n")
+    config, files = own_data(tmp_path)
+    config["evaluation"]["include_path"] = str(tasks)
+    config["evaluation"]["benchmarks"] = [{"task": "my_task", "metric": "exact", "num_fewshot": 0}]
+    check_plan(config, files)
+    config["evaluation"]["benchmarks"][0]["metric"] = "f1"
+    with pytest.raises(ConfigError, match=r"task my_task \(.*mine\.yaml\) reports no metric 'f1' \(it reports: exact\)"):
+        check_plan(config, files)
+
+
+def _model(tmp_path: Path, model_type: str, template: bool) -> Path:
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"} if template else {}))
+    return d
+
+
+def test_the_chat_template_setting_needs_a_model_with_one(tmp_path):
+    config, files = own_data(tmp_path)
+    config["base_model"] = {"name": str(_model(tmp_path, "llama", template=False))}
+    check_plan(config, files)  # tulu needs no template
+    config["chat_format"] = "template"
+    with pytest.raises(ConfigError, match=r"my\.yaml: chat_format: the tokenizer of .* has no chat template; use "
+                                          r"chat_format: tulu$"):
+        check_plan(config, files)
+    config["chat_format"] = "tulu"
+    config["evaluation"]["apply_chat_template"] = True
+    with pytest.raises(ConfigError, match=r"evaluation\.apply_chat_template: .* has no chat template"):
+        check_plan(config, files)
+    _model(tmp_path, "llama", template=True)
+    config["chat_format"] = "template"
+    check_plan(config, files)
+
+
+def test_a_method_that_reads_attention_weights_needs_a_decoder_that_has_them(tmp_path):
+    config, files = own_data(tmp_path)
+    config["base_model"] = {"name": str(_model(tmp_path, "gpt2", template=False))}
+    config["methods"] = ["full"]
+    check_plan(config, files)
+    config["methods"] = ["full", "sstoken"]
+    with pytest.raises(ConfigError, match=r"methods\[1\]: sstoken reads the last layer's attention weights .*gpt2"):
+        check_plan(config, files)
+    _model(tmp_path, "llama", template=False)
+    check_plan(config, files)
+
+
+def test_the_embedded_world_refuses_the_template_setting():
+    config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    with pytest.raises(ConfigError, match="chat_format: the embedded world's tokenizer has no chat template"):
+        check_config({**config, "chat_format": "template"})

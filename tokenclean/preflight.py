@@ -1,0 +1,244 @@
+"""What planning can check cheaply before any job runs, beyond the config's own shape (tokenclean/config.py):
+the data files, the benchmarks' metrics and the model's fit to the chat format and the methods.
+
+A problem found here would otherwise surface hours later, after unrelated jobs ran: a bad record at the data
+job, a metric lm-eval's task does not report at the end of the whole evaluation. Each check reads little: the
+first :data:`SAMPLE_RECORDS` records of each data file (with the project's own parser), the task YAMLs (text, no
+lm-eval import) and the base model's JSON files when they are on this machine. Pure Python, no torch: the
+Snakefile calls :func:`check_plan` while planning and turns a :class:`~tokenclean.config.ConfigError` into one line.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokenclean import methods as registry
+from tokenclean import online
+from tokenclean.config import ConfigError, _key_path, _shown, _source
+from tokenclean.data import DataError, iter_jsonl, parse_record
+
+SAMPLE_RECORDS = 100  # records of each data file parsed at planning (the data job validates them all)
+PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"  # as tokenclean.evaluation (which imports lm-eval)
+# Model types whose decoder has no ``layers[-1].self_attn`` returning weights (tokenclean.loss.last_attention_layer):
+# a method that reads attention weights (ssToken) cannot train them.
+NO_ATTENTION_LAYOUT = frozenset({"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "falcon", "bloom", "opt", "mpt",
+                                 "codegen", "rwkv", "mamba", "mamba2", "jamba", "recurrent_gemma"})
+
+
+class PlanProblem(Exception):
+    """A problem at config key ``path`` (a list, as tokenclean.config locates keys): ``what``."""
+
+    def __init__(self, path: list[Any], what: str) -> None:
+        super().__init__(what)
+        self.path, self.what = path, what
+
+
+def check_plan(config: dict[str, Any], files: list[str] | None = None) -> None:
+    """Every cheap check; raises ConfigError with one line, ``<config file>: <key>: <what>`` (the data file and
+    line in ``what``)."""
+    try:
+        check_data(config)
+        check_benchmarks(config)
+        check_model(config)
+    except PlanProblem as e:
+        shown = [_shown(Path(f)) for f in files or []]
+        raise ConfigError(f"{_source(e.path, shown)}: {_key_path(e.path)}: {e.what}") from None
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def check_data(config: dict[str, Any], n: int = SAMPLE_RECORDS) -> None:
+    """Each local data file exists, and its first ``n`` records parse as SFT records (file:line on the first that
+    does not). Hub sources are checked by the data job (planning does not go online)."""
+    for key in ("pool", "warmup"):
+        source = config.get("data", {}).get(key, {})
+        if "path" not in source:
+            continue
+        path = Path(source["path"])
+        if not path.is_file():
+            raise PlanProblem(["data", key, "path"], f"{path}: data file not found")
+        try:
+            seen = 0
+            for where, obj in islice(iter_jsonl(path), n):
+                parse_record(obj, where, allow_plain_text=False)
+                seen += 1
+        except DataError as e:
+            raise PlanProblem(["data", key, "path"], str(e)) from None
+        except OSError as e:
+            raise PlanProblem(["data", key, "path"], f"{path}: cannot be read ({e.strerror or e})") from None
+        if not seen:
+            raise PlanProblem(["data", key, "path"], f"{path}: no records (the file is empty)")
+
+
+# --- benchmarks ------------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Task YAMLs as plain data: lm-eval's ``!function`` tags become their text."""
+
+
+_Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _yaml_files(dirs: list[Path]) -> Iterator[Path]:
+    for d in dirs:
+        if d.is_dir():
+            yield from sorted(d.rglob("*.yaml"))
+
+
+def _lm_eval_tasks() -> Path | None:
+    """lm-eval's stock task directory, found without importing lm-eval (which takes seconds)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("lm_eval")
+    return Path(spec.origin).parent / "tasks" if spec and spec.origin else None
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _resolved(path: Path, depth: int = 0) -> dict[str, Any]:
+    """A task YAML with its ``include:`` chain merged under it, as lm-eval reads it."""
+    data = _load(path)
+    include = data.get("include")
+    if isinstance(include, str) and depth < 10:
+        base = _resolved((path.parent / include), depth + 1) if (path.parent / include).is_file() else {}
+        data = {**base, **{k: v for k, v in data.items() if k != "include"}}
+    return data
+
+
+def _find(names: set[str], dirs: list[Path]) -> dict[str, tuple[str, Path]]:
+    """name -> ("task" | "group" | "tag", its YAML) for the wanted names."""
+    found: dict[str, tuple[str, Path]] = {}
+    pattern = re.compile(r"^(task|group|tag):\s*(.+)$", re.M)
+    for path in _yaml_files(dirs):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not any(name in text for name in names):
+            continue
+        for kind, value in pattern.findall(text):
+            for name in re.findall(r"[^\s\[\],\"']+", value):
+                if name in names and (name not in found or found[name][0] == "tag"):
+                    found[name] = (kind, path)
+    return found
+
+
+def _metrics(kind: str, data: dict[str, Any]) -> set[str] | None:
+    """The metrics a task or group reports, or None where its YAML does not say (lm-eval's defaults, a tag)."""
+    key = "metric_list" if kind == "task" else "aggregate_metric_list"
+    listed = data.get(key)
+    if not isinstance(listed, list):
+        return None
+    return {str(m.get("metric")) for m in listed if isinstance(m, dict) and m.get("metric")}
+
+
+def check_benchmarks(config: dict[str, Any]) -> None:
+    """Each configured benchmark is a task, group or tag of lm-eval (stock, the package's or under include_path),
+    and its metric is one its YAML reports (where the YAML lists them)."""
+    ev = config.get("evaluation", {})
+    benchmarks = ev.get("benchmarks") or []
+    if not benchmarks:
+        return
+    include = ev.get("include_path")
+    if include and not Path(include).is_dir():
+        if "world" in config:
+            return  # an embedded world's tasks are written by its world job
+        raise PlanProblem(["evaluation", "include_path"], f"{include}: no such directory")
+    dirs = ([Path(include)] if include else []) + [PACKAGE_TASKS]
+    stock = _lm_eval_tasks()
+    names = {b["task"] for b in benchmarks}
+    found = _find(names, dirs)
+    if names - set(found) and stock is not None:
+        found.update(_find(names - set(found), [stock]))
+    for i, b in enumerate(benchmarks):
+        if b["task"] not in found:
+            if stock is None:
+                continue  # no lm-eval here: the evaluation job reports it
+            raise PlanProblem(["evaluation", "benchmarks", i, "task"],
+                              f"unknown lm-eval task {b['task']!r}: neither a stock task"
+                              f"{f' nor one under {include}' if include else ''}")
+        kind, path = found[b["task"]]
+        reported = _metrics(kind, _resolved(path))
+        metric = b.get("metric", "acc")
+        if reported is not None and metric not in reported:
+            raise PlanProblem(["evaluation", "benchmarks", i, "metric"],
+                              f"task {b['task']} ({path}) reports no metric {metric!r} "
+                              f"(it reports: {', '.join(sorted(reported))})")
+
+
+# --- the base model --------------------------------------------------------------------------------------------
+
+
+def _model_file(config: dict[str, Any], name: str) -> Path | None:
+    """A file of the base model when it is on this machine (a directory, or the hub cache; never the network)."""
+    model = config.get("base_model", {})
+    ref = model.get("name")
+    if not ref:
+        return None
+    if Path(ref).is_dir():
+        path = Path(ref) / name
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        hit = try_to_load_from_cache(ref, name, revision=model.get("revision"))
+    except Exception:  # an id the hub library refuses: the jobs report it
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def _has_chat_template(config: dict[str, Any]) -> bool | None:
+    """Whether the base model's tokenizer has a chat template; None when its files are not on this machine."""
+    tokenizer_config = _model_file(config, "tokenizer_config.json")
+    if tokenizer_config is None:
+        return None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if _model_file(config, name) is not None:
+            return True
+    try:
+        return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model(config: dict[str, Any]) -> None:
+    """The base model has a chat template where the config uses it, and a decoder whose attention weights a
+    method that reads them can read."""
+    if "world" in config:
+        return  # the workflow makes the base model: its tokenizer and layout are the package's
+    uses = [key for key, on in ((["chat_format"], config.get("chat_format") == "template"),
+                                (["evaluation", "apply_chat_template"],
+                                 config.get("evaluation", {}).get("apply_chat_template"))) if on]
+    if uses and _has_chat_template(config) is False:
+        raise PlanProblem(uses[0], f"the tokenizer of {config['base_model']['name']} has no chat template; use "
+                          f"{'chat_format: tulu' if uses[0] == ['chat_format'] else 'apply_chat_template: false'}")
+    readers = [m for m in config.get("methods", []) if m in registry.METHODS and registry.METHODS[m].online
+               and "prompt_attention" in online.ONLINE_METHODS[registry.METHODS[m].online].inputs]
+    if not readers:
+        return
+    model_config = _model_file(config, "config.json")
+    try:
+        model_type = json.loads(model_config.read_text(encoding="utf-8")).get("model_type") if model_config else None
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type in NO_ATTENTION_LAYOUT:
+        raise PlanProblem(["methods", config["methods"].index(readers[0])],
+                          f"{readers[0]} reads the last layer's attention weights (decoder.layers[-1].self_attn), "
+                          f"which a {model_type} model ({config['base_model']['name']}) does not have; "
+                          "drop the method or use a Llama-family base model")
