@@ -124,3 +124,34 @@ def test_the_embedded_world_refuses_the_template_setting():
     config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     with pytest.raises(ConfigError, match="chat_format: the embedded world's tokenizer has no chat template"):
         check_config({**config, "chat_format": "template"})
+
+
+def _snakemake(work: Path, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), *args],
+                          capture_output=True, text=True, cwd=work, env={**os.environ}, timeout=300, check=False)
+
+
+@pytest.mark.slow  # starts Snakemake twice
+def test_planning_stops_on_a_bad_record_and_a_failed_job_shows_its_error(tmp_path):
+    """A bad record among the first is one line at `snakemake -n`; one further on passes planning, and the data
+    job that finds it prints its one-line error on the console (profiles/default: show-failed-logs)."""
+    config, _ = own_data(tmp_path)
+    pool = Path(config["data"]["pool"]["path"])
+    good = json.dumps({"prompt": "q", "completion": "a"}) + "\n"
+    pool.write_text(good * 2 + "{oops\n")
+    files = yaml.safe_load((tmp_path / "my.yaml").read_text())
+    files["results_dir"] = "results"
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(files))
+    proc = _snakemake(tmp_path, "-n", "--configfile", "my.yaml")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: my.yaml: data.pool.path: ")
+    assert "pool.jsonl:3: invalid JSON" in proc.stderr
+    pool.write_text(good * 150 + "{oops\n")  # line 151: past what planning reads
+    target = f"results/{files['experiment']}/data"
+    proc = _snakemake(tmp_path, target, "--cores", "1", "--configfile", "my.yaml")
+    assert proc.returncode != 0
+    assert "pool.jsonl:151: invalid JSON" in proc.stdout + proc.stderr  # the log's line, not only its path
