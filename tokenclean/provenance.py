@@ -22,7 +22,7 @@ from tokenclean.artifacts import ArtifactError, TokenTable, load_array, read_jso
 # distribution names of the packages whose versions change results
 PACKAGES = ("tokenclean", "torch", "transformers", "peft", "lm_eval", "datasets", "tokenizers")
 DATA_FILES = ("pool", "warmup")
-TOKEN_KEYS = ("data", "data_fingerprint", "tokenizer", "tokenizer_revision", "tokenizer_commit",
+TOKEN_KEYS = ("data", "data_fingerprint", "tokenizer", "tokenizer_revision", "tokenizer_commit", "chat_format",
               "tokenizer_fingerprint", "max_length", "n_samples", "n_tokens", "fingerprint")
 LOSS_KEYS = ("model", "model_revision", "model_commit", "model_fingerprint", "tokens_fingerprint", "dtype", "device")
 
