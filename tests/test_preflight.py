@@ -79,7 +79,8 @@ def test_an_included_task_yaml_with_its_include_chain(tmp_path):
     config["evaluation"]["benchmarks"] = [{"task": "my_task", "metric": "exact", "num_fewshot": 0}]
     check_plan(config, files)
     config["evaluation"]["benchmarks"][0]["metric"] = "f1"
-    with pytest.raises(ConfigError, match=r"task my_task \(.*mine\.yaml\) reports no metric 'f1' \(it reports: exact\)"):
+    with pytest.raises(ConfigError, match=r"task my_task \(.*mine\.yaml\) reports no metric 'f1' "
+                                          r"\(it reports: exact\)"):
         check_plan(config, files)
 
 
