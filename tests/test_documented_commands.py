@@ -40,6 +40,7 @@ LONG = {
     "make test-fast",
     "make run CONFIG=configs/smoke.yaml",
     ".venv/bin/snakemake --cores all --configfile my.yaml",
+    "make run CONFIG=my.yaml",
     ".venv/bin/snakemake --cores all --use-conda",
     f".venv/bin/snakemake --profile profiles/workstation {PAPER}",
     f".venv/bin/snakemake --profile profiles/slurm {PAPER}",
@@ -58,6 +59,12 @@ LONG = {
 # Make targets quick enough to run verbatim (besides the dry runs).
 QUICK = {"make lint"}
 PLACEHOLDERS = {"my.yaml": "configs/smoke.yaml"}
+
+
+def with_placeholders(command: str) -> str:
+    """``command`` with each placeholder file (a word, or a ``NAME=`` value) replaced by a real one."""
+    return " ".join(re.sub(r"^(\w+=)?(.+)$", lambda m: (m[1] or "") + PLACEHOLDERS.get(m[2], m[2]), w)
+                    for w in command.split())
 CHECKED = ("make", ".venv/bin/snakemake", "snakemake", "tokenclean")
 
 
@@ -83,7 +90,7 @@ def sh(command: str) -> subprocess.CompletedProcess:
 
 def check_make(command: str, dry: bool) -> None:
     """`make` without reinstalling; with `dry`, `make -n` and a dry run of each snakemake command it prints."""
-    args = command.split()[1:]
+    args = with_placeholders(command).split()[1:]
     proc = sh(shlex.join(["make", "-o", STAMP, *(["-n"] if dry else []), *args]))
     assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}{proc.stdout[-3000:]}"
     if not dry:
@@ -141,7 +148,7 @@ def test_documented_command_works_from_the_repository_root(command):
         check_run(command, command)
     else:
         assert command in LONG, f"a new command that would run a workflow: add it to LONG: {command}"
-        check_run(" ".join(PLACEHOLDERS.get(w, w) for w in command.split()) + " -n", command)
+        check_run(with_placeholders(command) + " -n", command)
 
 
 def test_documented_tokenclean_commands_parse():
