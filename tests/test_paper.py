@@ -160,7 +160,9 @@ def test_data_rule_writes_pool_and_warmup_with_checksums(tmp_path):
     warm = write_lines(tmp_path / "warm.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
     meta = prepare_data({"pool": {"path": str(pool)}, "warmup": {"path": str(warm)}}, tmp_path / "out")
     lines = (tmp_path / "out" / "pool.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and set(json.loads(lines[0])) == {"messages"}  # only the fields training reads
+    # the fields training reads, the record's id and its other columns
+    assert len(lines) == 12 and json.loads(lines[0]) == {"id": "x0", **{k: v for k, v in ds2_like(1)[0].items()
+                                                                       if k in ("messages",)}, "meta": {"source": "flan"}}
     assert meta["warmup"]["records"] == 3 and json.loads((tmp_path / "out" / "data.json").read_text()) == meta
     import hashlib
     assert meta["pool"]["sha256"] == hashlib.sha256((tmp_path / "out" / "pool.jsonl").read_bytes()).hexdigest()
