@@ -56,6 +56,7 @@ ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": 
               "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "bing": "assistant",
               "bard": "assistant", "ai": "assistant"}
 SPEC_KEYS = ("path", "hub", "split", "revision", "limit", "format", "columns", "roles")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 EXTENSIONS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
               ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 
@@ -112,6 +113,30 @@ def _line_numbers(path: Path) -> list[int]:
         return [n for n, raw in enumerate(f, start=1) if raw.strip()]
 
 
+def _require_utf8(path: Path) -> None:
+    """A text file is UTF-8 throughout: Arrow's readers take invalid bytes into a table and fail only on reading
+    the value, nowhere near the line that holds them. Names the line and the byte in it, as JSON lines' errors do."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    at = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                bad = at + e.start
+                with open(path, "rb") as g:
+                    head = g.read(bad)
+                line, line_start = head.count(b"\n") + 1, head.rfind(b"\n") + 1
+                raise DataError(f"{path}:{line}: invalid UTF-8 at byte {bad - line_start}") from None
+            at += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: invalid UTF-8 at its end (the file is cut short)") from None
+
+
 def _is_json_array(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -124,6 +149,11 @@ def _json_file(path: Path, cache: Path) -> Loaded:
     JSON but no table for Arrow (a field of varying types) is then taken as read."""
     from datasets import load_dataset
 
+    if path.suffix.lower() in COMPRESSED:  # datasets reads it; rows are named by their index
+        data = _datasets_call(path, lambda: load_dataset("json", data_files=str(path), split="train",
+                                                         cache_dir=str(cache)), cache, "not readable as JSON")
+        return Loaded(data, list(data.column_names), path.name, lambda i: f"{path}: row {i}", "JSON (compressed)")
+    _require_utf8(path)
     array = _is_json_array(path)
     lines: list[int] = []
 
@@ -168,11 +198,9 @@ def _csv_file(path: Path, cache: Path) -> Loaded:
     from datasets import Features, Value, load_dataset
 
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f, delimiter=delimiter), [])
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    _require_utf8(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
     if not header:
         raise DataError(f"{path}: no records (the file is empty)")
     features = Features({name: Value("string") for name in header})
@@ -185,7 +213,7 @@ def _csv_file(path: Path, cache: Path) -> Loaded:
 def _builder(path: Path) -> str:
     """``datasets``' packaged loader for a file: by its extension, else by its first bytes."""
     name = path.name.lower()
-    for ext in (".gz", ".bz2", ".xz", ".zst"):
+    for ext in COMPRESSED:
         name = name.removesuffix(ext)
     builder = EXTENSIONS.get(Path(name).suffix)
     if builder:
