@@ -213,7 +213,6 @@ def test_an_id_column_is_kept_and_a_row_without_one_is_named_by_its_place(tmp_pa
     assert line["id"] == "pool.jsonl:0" and line["meta"]["id"] == "r0"
 
 
-# What each accepted-with-a-setting case needs: (rows, file name, source settings, a check of record 0)
 def test_column_names_roles_and_format_can_be_named_in_the_source(tmp_path):
     qa = write_csv(tmp_path / "qa.csv", [{"question": "Add 1 and 5 .", "answer": "6", "uid": "q1"}])
     prepare_data({"pool": {"path": str(qa), "columns": {"prompt": "question", "completion": "answer", "id": "uid"}},

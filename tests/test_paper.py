@@ -240,7 +240,7 @@ def test_unreachable_hub_data_is_one_line_naming_it_and_the_local_config(source,
     rc, err = run_cli(capsys, "data", "--spec", json.dumps(spec), "--out", str(tmp_path / "data"))
     line = error_line(err, "data")
     assert rc != 0 and "'nobody-tokenclean/no-such-data'" in line and "hub" in line
-    assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/file.jsonl}}")
+    assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/copy}}")
     assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["pool.jsonl"]
 
 
