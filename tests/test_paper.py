@@ -161,8 +161,9 @@ def test_data_rule_writes_pool_and_warmup_with_checksums(tmp_path):
     meta = prepare_data({"pool": {"path": str(pool)}, "warmup": {"path": str(warm)}}, tmp_path / "out")
     lines = (tmp_path / "out" / "pool.jsonl").read_text().splitlines()
     # the fields training reads, the record's id and its other columns
-    assert len(lines) == 12 and json.loads(lines[0]) == {"id": "x0", **{k: v for k, v in ds2_like(1)[0].items()
-                                                                       if k in ("messages",)}, "meta": {"source": "flan"}}
+    row0 = ds2_like(1)[0]
+    assert len(lines) == 12 and json.loads(lines[0]) == {"id": "x0", "messages": row0["messages"],
+                                                         "meta": {"source": "flan"}}
     assert meta["warmup"]["records"] == 3 and json.loads((tmp_path / "out" / "data.json").read_text()) == meta
     import hashlib
     assert meta["pool"]["sha256"] == hashlib.sha256((tmp_path / "out" / "pool.jsonl").read_bytes()).hexdigest()

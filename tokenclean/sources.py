@@ -19,8 +19,9 @@ Record formats (:data:`FORMATS`): OpenAI ``messages`` (``role``/``content``, or 
 trained. A plain ``{"text": ...}`` record belongs to a pretraining corpus and is refused.
 
 Each written record carries ``id`` (the source's ``id``/``idx`` column, else, or where that is empty,
-``<source name>:<row>``, the row counted from 0 as ``datasets`` indexes it) and ``meta`` (the source's other columns), so that what the suite makes
-of a record (its kept tokens, its scores) can be joined back to the user's own records.
+``<source name>:<row>``, the row counted from 0 as ``datasets`` indexes it) and ``meta`` (the source's other
+columns), so that what the suite makes of a record (its kept tokens, its scores) can be joined back to the user's
+own records.
 """
 from __future__ import annotations
 
@@ -327,13 +328,19 @@ def _role(value: object, shape: Shape, where: str, field: str) -> str:
                     f"e.g. roles: {{{value}: user}})")
 
 
+def _json_text(value: object) -> object:
+    """A list column stored as JSON text (CSV) as the list; any other value as it is."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
 def _turns(value: object, shape: Shape, where: str, field: str) -> list[dict[str, str]]:
     """A list of turns (``role``/``content`` or ``from``/``value``, or the names ``columns`` gives) as messages."""
-    if isinstance(value, str):  # a list column stored as JSON text (CSV)
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
+    value = _json_text(value)
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{field}': expected a non-empty list of turns")
     out = []
@@ -377,12 +384,7 @@ def _alpaca(row: dict[str, Any], shape: Shape, where: str) -> dict[str, Any]:
     if extra is not None and _text(extra, where, col("input")).strip():
         prompt = f"{prompt}\n{extra}"  # as LLaMA-Factory and the Alpaca trainers join them
     messages: list[dict[str, str]] = []
-    history = row.get(col("history"))
-    if isinstance(history, str):
-        try:
-            history = json.loads(history)
-        except json.JSONDecodeError:
-            pass
+    history = _json_text(row.get(col("history")))
     for i, pair in enumerate(history or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataError(f"{where}: field '{col('history')}[{i}]': expected a [user, assistant] pair")
