@@ -160,7 +160,10 @@ def test_data_rule_writes_pool_and_warmup_with_checksums(tmp_path):
     warm = write_lines(tmp_path / "warm.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
     meta = prepare_data({"pool": {"path": str(pool)}, "warmup": {"path": str(warm)}}, tmp_path / "out")
     lines = (tmp_path / "out" / "pool.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and set(json.loads(lines[0])) == {"messages"}  # only the fields training reads
+    # the fields training reads, the record's id and its other columns
+    row0 = ds2_like(1)[0]
+    assert len(lines) == 12 and json.loads(lines[0]) == {"id": "x0", "messages": row0["messages"],
+                                                         "meta": {"source": "flan"}}
     assert meta["warmup"]["records"] == 3 and json.loads((tmp_path / "out" / "data.json").read_text()) == meta
     import hashlib
     assert meta["pool"]["sha256"] == hashlib.sha256((tmp_path / "out" / "pool.jsonl").read_bytes()).hexdigest()
@@ -238,7 +241,7 @@ def test_unreachable_hub_data_is_one_line_naming_it_and_the_local_config(source,
     rc, err = run_cli(capsys, "data", "--spec", json.dumps(spec), "--out", str(tmp_path / "data"))
     line = error_line(err, "data")
     assert rc != 0 and "'nobody-tokenclean/no-such-data'" in line and "hub" in line
-    assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/file.jsonl}}")
+    assert line.endswith(f"point the config at the copy: data.{source}: {{path: /path/to/copy}}")
     assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["pool.jsonl"]
 
 

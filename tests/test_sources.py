@@ -58,7 +58,9 @@ def test_a_hub_source_loads_and_records_the_resolved_commit(tmp_path, hub):
     for name in ("pool", "warmup"):
         assert on_disk[name]["sha256"] == hashlib.sha256((tmp_path / "out" / f"{name}.jsonl").read_bytes()).hexdigest()
     assert on_disk["pool"]["empty_messages"] == 2 and on_disk["warmup"]["empty_messages"] == 0
-    assert (tmp_path / "out" / "pool.jsonl").read_text().splitlines()[1] == json.dumps(GOOD)
+    # the hub's id where a row has one, else the data set and the row
+    assert [json.loads(line) for line in (tmp_path / "out" / "pool.jsonl").read_text().splitlines()[:2]] == \
+        [{"id": "someone/ds:0", **GOOD}, {"id": "3", **GOOD}]
 
 
 def test_a_hub_record_with_only_text_is_refused(tmp_path, hub):

@@ -710,6 +710,9 @@ def _table_problem(arrays: dict[str, np.ndarray]) -> str | None:
                                                                                                       n_samples)):
             return (f"member '{key}' holds shape {value.shape}, expected one entry per token ({n_tokens}) or per "
                     f"sample ({n_samples})")
+    record_id = arrays.get("record_id")
+    if record_id is not None and (record_id.dtype.kind != "U" or len(record_id) != n_samples):
+        return f"member 'record_id' holds {record_id.dtype} values, expected one text id per sample"
     token_class = arrays.get("token_class")
     if token_class is not None and len(token_class) and (
             token_class.dtype.kind not in "iu" or token_class.min() < -1 or token_class.max() >= len(TOKEN_CLASSES)):
@@ -734,7 +737,8 @@ class TokenTable:
 
     ``loss_mask`` is True where full-token SFT trains (response tokens and their end-of-turn token).
     ``extras`` holds further per-token (length N) or per-sample (length S) arrays, e.g. ``sample_index``
-    (the source line of each sample) and ``token_class`` (ground truth in the synthetic world).
+    (the source line of each sample), ``record_id`` (the user's id of each sample's record, fixed-width text;
+    own data only) and ``token_class`` (ground truth in the synthetic world).
     """
 
     input_ids: np.ndarray

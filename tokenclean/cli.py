@@ -434,9 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per task (an integer), or a fraction of each task below 1 (the paper: 0.99)")
     p.add_argument("--seed", type=_numpy_seed, default=0)
 
-    p = add("data", cmd_data, "Bring SFT data into an experiment: pool and warm-up set as validated JSON lines.")
+    p = add("data", cmd_data, "Bring SFT data into an experiment: pool and warm-up set as validated JSON lines, "
+            "each record with its id and other columns (docs/own-data.md).")
     p.add_argument("--spec", type=_json_arg, required=True,
-                   help='JSON: {"pool": {"path"|"hub": ...}, "warmup": {"path"|"hub"|"first_of_pool": ...}}')
+                   help='JSON: {"pool": {"path"|"hub": ...}, "warmup": {"path"|"hub"|"first_of_pool": ...}}; a path '
+                        "is JSON lines, a JSON array, Parquet, CSV, Arrow, a save_to_disk folder or a folder of such "
+                        "files; a source may add format, columns, roles, split, limit")
     p.add_argument("--out", required=True, help="output directory (pool.jsonl, warmup.jsonl, data.json)")
 
     p = add("quality", cmd_quality, "Kept fraction per ground-truth token class for each selection: a mask or an "
@@ -571,7 +574,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
     spec = getattr(args, "spec", None) or {}  # the data command's sources: {"pool": {"path": ...}, ...}
     for path in [s["path"] for s in spec.values() if isinstance(s, dict) and isinstance(s.get("path"), str)]:
-        if Path(path).exists():  # a missing one: prepare_data says which config key to fix
+        if Path(path).is_file():  # a missing one: prepare_data says which config key to fix; a folder is a source
             require_file(path)
     for name in INPUT_FILES:
         for path in _paths(getattr(args, name, None)):

@@ -6,7 +6,8 @@ Accepted record forms (one JSON object per line):
 - ``{"text": str}``: plain text, every token trained (pretraining corpora only: SFT sources refuse it).
 Contents may be empty or whitespace-only: the official runs tokenized such records (an empty assistant turn
 still trains its end-of-turn token), so they are accepted and counted, not refused.
-A record may carry ``"classes": [[start, end, name], ...]``: ground-truth character spans over the content of
+A record may carry ``"id"`` (any JSON value, kept as text: the user's id of the record, which ``tokenclean data``
+writes for every record) and ``"classes": [[start, end, name], ...]``: ground-truth character spans over the content of
 its last assistant turn (the synthetic world writes them; real data has none).
 
 Every problem is reported as one line naming the file, the line and the field.
@@ -61,6 +62,8 @@ class Record:
     messages: tuple[Message, ...]
     plain_text: bool = False
     classes: tuple[tuple[int, int, int], ...] | None = None  # (start, end, class id) over the last assistant turn
+    # the user's id of the record (``tokenclean data`` gives every record one), carried into the token table
+    id: str | None = None
     # ``file:line`` it was read from, for errors found later (e.g. by the tokenizer)
     where: str = field(default="", compare=False)
 
@@ -114,7 +117,8 @@ def parse_record(obj: object, where: str, allow_plain_text: bool = True) -> Reco
         raise DataError(f"{where}: neither 'messages' nor 'prompt'/'completion' is present (an SFT record needs one; "
                         f"plain 'text' records belong to a pretraining corpus)")
     classes = _parse_classes(obj["classes"], record, where) if "classes" in obj else None
-    return Record(record.messages, record.plain_text, classes, where)
+    rid = obj.get("id")
+    return Record(record.messages, record.plain_text, classes, None if rid is None else str(rid), where)
 
 
 def _parse_classes(spans: object, record: Record, where: str) -> tuple[tuple[int, int, int], ...]:

@@ -1,6 +1,7 @@
 """Export a token table with its selection for other trainers (Hugging Face ``Trainer``, TRL, LLaMA-Factory, ...).
 
-One row per sample with ``input_ids``, ``labels`` and ``attention_mask`` (and ``weights`` when given), the
+One row per sample with ``input_ids``, ``labels`` and ``attention_mask`` (and ``weights`` when given; and ``id``,
+the user's id of the record, where the table was made from own data: ``tokenclean data``), the
 columns a causal LM's ``forward(labels=...)`` and the standard collators (``DataCollatorForSeq2Seq`` pads
 ``labels`` with -100) read. ``labels`` are NOT shifted: ``labels[p]`` is ``input_ids[p]`` where token p is
 trained and -100 elsewhere; the model shifts them itself (token p is predicted from position p-1), the same
@@ -31,7 +32,8 @@ PROVENANCE_NAME = "export.json"
 
 def export_columns(table: TokenTable, mask: np.ndarray | None = None, weights: np.ndarray | None = None,
                    keep_empty: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
-    """The flat columns of the written samples and their offsets: ``(offsets, columns, counts)``.
+    """The flat columns of the written samples and their offsets: ``(offsets, columns, counts)``; where the table
+    holds the records' ids (own data), ``columns["id"]`` is one per written sample, not per token.
 
     A token is trained where ``loss_mask`` and ``mask`` (default: every ``loss_mask`` token) hold. Samples
     with no trained token are dropped unless ``keep_empty``, as :func:`tokenclean.training.train_model` drops
@@ -48,6 +50,8 @@ def export_columns(table: TokenTable, mask: np.ndarray | None = None, weights: n
                "attention_mask": np.ones(len(ids), dtype=np.int8)}
     if weights is not None:
         columns["weights"] = np.where(trained, weights[tokens], 0).astype(np.float32)
+    if "record_id" in table.extras:  # own data: the user's id of each written sample, to join results back
+        columns["id"] = table.extras["record_id"][keep]
     counts = {"n_samples_in_table": table.n_samples, "n_samples": int(keep.sum()),
               "n_samples_dropped": int((~keep).sum()), "n_tokens": len(ids),
               "n_response_tokens": int(table.loss_mask[tokens].sum()), "n_trained_tokens": int(trained.sum())}
@@ -61,12 +65,14 @@ def _arrow_table(offsets: np.ndarray, columns: dict[str, np.ndarray]) -> Any:
     large = offsets[-1] >= np.iinfo(np.int32).max
     make = pa.LargeListArray if large else pa.ListArray
     index = pa.array(offsets.astype(np.int64 if large else np.int32))
-    return pa.table({name: make.from_arrays(index, pa.array(values)) for name, values in columns.items()})
+    return pa.table({name: pa.array(values.tolist(), pa.string()) if name == "id" else
+                     make.from_arrays(index, pa.array(values)) for name, values in columns.items()})
 
 
 def _jsonl_lines(offsets: np.ndarray, columns: dict[str, np.ndarray]) -> Iterator[str]:
-    for a, b in itertools.pairwise(offsets):
-        yield json.dumps({name: values[a:b].tolist() for name, values in columns.items()}, separators=(",", ":")) + "\n"
+    for i, (a, b) in enumerate(itertools.pairwise(offsets)):
+        yield json.dumps({name: str(values[i]) if name == "id" else values[a:b].tolist()
+                          for name, values in columns.items()}, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 def export_file(tokens: str | os.PathLike, out: str | os.PathLike, mask_path: str | os.PathLike | None = None,

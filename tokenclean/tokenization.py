@@ -333,6 +333,8 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int,
                          "raise max_length")
     lengths = np.array([len(a) for a in all_ids], dtype=np.int64)
     extras = {"sample_index": np.asarray(kept_index, dtype=np.int64)}
+    if any(r.id is not None for r in records):  # own data: the user's ids, to join results back (no object arrays)
+        extras["record_id"] = np.asarray([records[i].id or "" for i in kept_index], dtype=np.str_)
     if any(r.classes for r in records):
         extras["token_class"] = np.concatenate(all_cls)
     offsets = np.concatenate([[0], np.cumsum(lengths)])

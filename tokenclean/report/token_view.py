@@ -8,7 +8,7 @@ chosen selection dropped: a mask's, or an online run's (a token it weighted belo
 (with the online runs' weights). Samples are picked
 deterministically: in the embedded world, in turn one with corrupted tokens, one with garbage, one with novel
 tokens (knowledge only the pool holds) and one clean, each the first of its kind not yet shown; otherwise the
-first samples of the pool.
+first samples of the pool. Own data's samples are headed by the id of their record (``tokenclean data``).
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def _css_color(score: float, scale: float) -> str:
 
 
 def render(samples: list[dict[str, Any]], masks: list[str], title: str, scale: float) -> str:
-    """The page: ``samples`` = [{"index", "prompt", "tokens": [{"text", "score", "class", "kept": [bool per
+    """The page: ``samples`` = [{"index", "id" (optional: the user's id of the record), "prompt", "tokens":
+    [{"text", "score", "class", "kept": [bool per
     selection], "weight": [an online run's weight, else None, per selection] (optional)}]}]."""
     esc = html.escape
     default = next((i for i, m in enumerate(masks) if m.startswith("fixed")), 0)
@@ -96,8 +97,9 @@ def render(samples: list[dict[str, Any]], masks: list[str], title: str, scale: f
                  f"{'' if masks else ' checked'}><label for=\"mnone\">none (every token)</label>")
     body = ["<main>"]
     for s in samples:
-        body.append(f"<div class=\"sample\" id=\"sample-{s['index']}\"><div class=\"prompt\">sample {s['index']}: "
-                    f"{esc(s['prompt'])}</div><div class=\"resp\">")
+        header = f" (id {esc(s['id'])})" if s.get("id") is not None else ""
+        body.append(f"<div class=\"sample\" id=\"sample-{s['index']}\"><div class=\"prompt\">sample {s['index']}"
+                    f"{header}: {esc(s['prompt'])}</div><div class=\"resp\">")
         spans = []
         for t in s["tokens"]:
             # a selection's name, with the online run's weight for this token where it has one
@@ -147,7 +149,9 @@ def write_token_view(tokens: str | os.PathLike, base_loss: str | os.PathLike, re
         texts = token_texts(tok, ids)
         resp = np.flatnonzero(table.loss_mask[a:b])
         first = int(resp[0]) if resp.size else len(ids)
-        samples.append({"index": i, "prompt": "".join(texts[:first]), "tokens": [
+        record_id = table.extras.get("record_id")
+        samples.append({"index": i, "id": None if record_id is None else str(record_id[i]),
+                        "prompt": "".join(texts[:first]), "tokens": [
             {"text": texts[p], "score": float(score[a + p]),
              "class": (TOKEN_CLASSES[int(token_class[a + p])]
                        if token_class is not None and token_class[a + p] >= 0 else ""),
