@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -30,6 +31,13 @@ def plan(workdir: Path, *configfiles: Path, env: dict[str, str] | None = None, p
                           timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def without_profile_notice(stderr: str) -> str:
+    """Snakemake's stderr without the line it prints before anything else on every run, naming the profiles it
+    reads (profiles/default, beside the Snakefile, always): what follows is the workflow's own."""
+    return re.sub(r"\AUsing (profiles? .+? and )?(workflow specific profile \S+ )?for setting default command "
+                  r"line arguments\.\n", "", stderr)
 
 
 def to_run(planned: dict) -> Counter:

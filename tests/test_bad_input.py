@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.snakemake_plan import without_profile_notice
 from tokenclean.artifacts import TokenTable, load_array, save_array
 from tokenclean.cli import main
 
@@ -209,8 +210,8 @@ def dry_run(workdir: Path, override: str) -> subprocess.CompletedProcess:
 def test_a_bad_config_stops_the_workflow_before_any_job(tmp_path, override, key):
     proc = dry_run(tmp_path, override)
     assert proc.returncode != 0
-    assert proc.stderr.startswith(f"config error: override.yaml: {key}: ") and proc.stderr.count("\n") == 1, \
-        proc.stderr[-2000:]
+    err = without_profile_notice(proc.stderr)
+    assert err.startswith(f"config error: override.yaml: {key}: ") and err.count("\n") == 1, proc.stderr[-2000:]
     assert not (tmp_path / "results").exists()
 
 

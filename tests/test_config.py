@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.snakemake_plan import plan
+from tests.snakemake_plan import plan, without_profile_notice
 from tokenclean.config import ConfigError, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,9 +217,10 @@ def test_snakemake_prints_the_config_error_in_one_line_before_any_job(case, tmp_
     cfg, expected = BAD[case]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-s", str(ROOT / "Snakefile"), "--cores", "1", "--configfile", "x.yaml")
+    err = without_profile_notice(proc.stderr)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
-    assert proc.stderr.startswith(f"config error: x.yaml: {expected}"), proc.stderr
+    assert err.strip().splitlines() == [err.strip()], proc.stderr[-3000:]
+    assert err.startswith(f"config error: x.yaml: {expected}"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
 
 
@@ -230,8 +231,9 @@ def test_a_bad_method_parameter_stops_the_dry_run_in_one_line(case, tmp_path):
     cfg, expected = METHOD_PARAMS_BAD[case]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-s", str(ROOT / "Snakefile"), "-n", "--cores", "1", "--configfile", "x.yaml")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
-    assert proc.stderr.startswith(f"config error: x.yaml: {expected}"), proc.stderr
+    err = without_profile_notice(proc.stderr)
+    assert proc.returncode == 2 and err.strip().splitlines() == [err.strip()], proc.stderr[-3000:]
+    assert err.startswith(f"config error: x.yaml: {expected}"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "results").exists()
 
 

@@ -32,6 +32,20 @@ def test_the_paper_configs_pass(tmp_path):
     check_plan(config, files)
 
 
+def test_data_in_any_accepted_shape_passes_planning(tmp_path):
+    """Planning reads the sources with the data job's own loader: an Alpaca JSON array and ShareGPT records
+    pass, as they pass the data job (a JSON-lines-only check would refuse both)."""
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]))
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"q{i}"},
+                                                               {"from": "gpt", "value": f"a{i}"}]}) + "\n"
+                                for i in range(5)))
+    config, files = own_data(tmp_path)
+    config["data"] = {"pool": {"path": str(alpaca)}, "warmup": {"path": str(sharegpt)}}
+    check_plan(config, files)
+
+
 @pytest.mark.parametrize("line, match", [
     ("{not json", r"pool\.jsonl:3: invalid JSON"),
     (json.dumps({"text": "plain"}), r"pool\.jsonl:3: neither 'messages' nor 'prompt'/'completion'"),
@@ -49,7 +63,7 @@ def test_a_bad_record_among_the_first_is_named_by_file_and_line(tmp_path, line, 
 def test_a_missing_or_empty_data_file(tmp_path):
     config, files = own_data(tmp_path)
     config["data"]["warmup"] = {"path": str(tmp_path / "nope.jsonl")}
-    with pytest.raises(ConfigError, match=r"data\.warmup\.path: .*nope\.jsonl: data file not found"):
+    with pytest.raises(ConfigError, match=r"data\.warmup\.path: .*nope\.jsonl: data file or folder not found"):
         check_plan(config, files)
     Path(config["data"]["pool"]["path"]).write_text("\n\n")
     with pytest.raises(ConfigError, match=r"data\.pool\.path: .*pool\.jsonl: no records"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import yaml
 from tokenclean import methods as registry
 from tokenclean import online
 from tokenclean.config import ConfigError, _key_path, _shown, _source
-from tokenclean.data import DataError, iter_jsonl, parse_record
+from tokenclean.data import DataError
+from tokenclean.sources import load_source
 
 SAMPLE_RECORDS = 100  # records of each data file parsed at planning (the data job validates them all)
 PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"  # as tokenclean.evaluation (which imports lm-eval)
@@ -55,25 +55,24 @@ def check_plan(config: dict[str, Any], files: list[str] | None = None) -> None:
 
 
 def check_data(config: dict[str, Any], n: int = SAMPLE_RECORDS) -> None:
-    """Each local data file exists, and its first ``n`` records parse as SFT records (file:line on the first that
-    does not). Hub sources are checked by the data job (planning does not go online)."""
+    """Each local data source exists, and its first ``n`` records read as SFT records in its format, through the
+    data job's own loader (tokenclean.sources: file:line or row on the first that does not). Hub sources are
+    checked by the data job (planning does not go online)."""
     for key in ("pool", "warmup"):
         source = config.get("data", {}).get(key, {})
-        if "path" not in source:
+        if not isinstance(source, dict) or "path" not in source:
             continue
         path = Path(source["path"])
-        if not path.is_file():
-            raise PlanProblem(["data", key, "path"], f"{path}: data file not found")
+        if not path.exists():
+            raise PlanProblem(["data", key, "path"], f"{path}: data file or folder not found")
+        limit = min(n, source.get("limit") or n)
         try:
-            seen = 0
-            for where, obj in islice(iter_jsonl(path), n):
-                parse_record(obj, where, allow_plain_text=False)
-                seen += 1
+            rows, _ = load_source({**source, "limit": limit}, f"data.{key}")
         except DataError as e:
             raise PlanProblem(["data", key, "path"], str(e)) from None
         except OSError as e:
             raise PlanProblem(["data", key, "path"], f"{path}: cannot be read ({e.strerror or e})") from None
-        if not seen:
+        if not rows:
             raise PlanProblem(["data", key, "path"], f"{path}: no records (the file is empty)")
 
 
