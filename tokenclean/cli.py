@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -652,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(args)
         args.func(args)
     except (DataError, ArtifactError, ValueError, OSError, FloatingPointError) as e:
-        print(f"tokenclean {args.command}: error: {error_line(e)}", file=sys.stderr)
+        # the log may sit on the disk that is full: then the exit code alone says why the command stopped
+        with contextlib.suppress(OSError):
+            print(f"tokenclean {args.command}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 2
     return 0
 
