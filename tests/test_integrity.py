@@ -217,6 +217,23 @@ def test_a_damaged_evaluation_result_names_the_evaluate_rule(tmp_path, capsys, h
     one_line_damage_error(capsys, "report", ev, "evaluate")
 
 
+@pytest.mark.parametrize("how", ["truncated", "emptied"])
+def test_a_damaged_table_names_the_report_rule(tmp_path, how):
+    """A table a later rule reads (figures, compare) that was cut short or emptied: the reader's one line says
+    what is wrong and what re-creates it."""
+    from tokenclean.artifacts import ArtifactError, csv_text, read_csv_rows
+
+    table = tmp_path / "results" / "x" / "table.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text(csv_text([{"method": "full", "average_mean": 0.5 + i / 100} for i in range(3)]))
+    damage(table, how, at=None)
+    if how == "truncated":  # cut inside the header: the rows' number cells no longer line up
+        table.write_text(table.read_text().splitlines()[0][:8] + "\n")
+    with pytest.raises(ArtifactError, match=r"table\.csv: .*; re-create it: delete .*table\.csv and run snakemake "
+                                            r"again, or run snakemake with --forcerun report$"):
+        read_csv_rows(table, ["method"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # training checkpoints: set aside and restarted, never resumed
 # ---------------------------------------------------------------------------------------------------------

@@ -487,8 +487,18 @@ def read_csv_rows(path: str | os.PathLike, columns: list[str] = ()
                   ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """The header and the rows (each with its line number) of a CSV that tokenclean wrote (:func:`csv_text`): the one
     reader of them. Checked: ``columns`` present, at least one row, every row as long as the header, and every cell
-    of a number column (:data:`NUMBER_COLUMN`) empty or a finite number, or "nan" where a measure may not apply."""
+    of a number column (:data:`NUMBER_COLUMN`) empty or a finite number, or "nan" where a measure may not apply.
+    A workflow output that fails a check (cut short, emptied, edited) says what re-creates it (:func:`remedy`)."""
     path = require_file(path)
+    try:
+        return _csv_rows(path, columns)
+    except ArtifactError as e:
+        if made_by(path) is None:
+            raise
+        raise ArtifactError(f"{e}; {remedy(path)}") from None
+
+
+def _csv_rows(path: Path, columns: list[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
