@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenclean.artifacts import atomic_dir, write_fault, write_json
+from tokenclean.artifacts import WriteError, atomic_dir, write_fault, write_json
 from tokenclean.data import ROLES, DataError, is_whole, iter_jsonl, parse_record
 
 log = logging.getLogger(__name__)
@@ -554,6 +554,21 @@ def _write(rows: list[dict[str, Any]], path: Path) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _load_into(spec: dict[str, Any], key: str, cache: Path, out_dir: str | os.PathLike
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`load_source` with ``datasets``' cache inside the output being written: a fault of the machine there is
+    the output folder's, and its error names that folder, never the hidden cache."""
+    try:
+        return load_source(spec, key, cache)
+    except WriteError as e:
+        raise e.at(out_dir) from e.__cause__
+    except OSError as e:
+        fault = write_fault(e, out_dir) if str(cache) in str(e.filename or e) else None
+        if fault is None:
+            raise
+        raise fault from e
+
+
 def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
     """Write ``pool.jsonl``, ``warmup.jsonl`` and ``data.json`` (sources, record counts, sha256) into ``out_dir``.
     ``datasets`` writes its cache inside the new output (deleted before it is put in place): nothing is left
@@ -566,7 +581,7 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
     meta: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         cache = tmp / ".datasets-cache"
-        pool, pool_from = load_source(spec["pool"], "data.pool", cache)
+        pool, pool_from = _load_into(spec["pool"], "data.pool", cache, out_dir)
         if not pool:
             raise DataError(f"the pool source {pool_from.get('path') or pool_from.get('hub')} holds no records")
         if isinstance(spec["warmup"], dict) and "first_of_pool" in spec["warmup"]:
@@ -577,7 +592,7 @@ def prepare_data(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
                 raise DataError(f"data.warmup.first_of_pool = {n}, but the pool holds {len(pool)} records")
             warmup, warmup_from = pool[:n], {"first_of_pool": n}
         else:
-            warmup, warmup_from = load_source(spec["warmup"], "data.warmup", cache)
+            warmup, warmup_from = _load_into(spec["warmup"], "data.warmup", cache, out_dir)
         if not warmup:
             raise DataError(f"the warm-up source {warmup_from.get('path') or warmup_from.get('hub')} holds no "
                             "records")
