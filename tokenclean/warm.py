@@ -147,8 +147,9 @@ def serve(path: str) -> None:
     os.replace(staging, path)  # ready: jobs that start from now on are forks
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"tokenclean warm start: ready at {path} ({len(sys.modules)} modules imported)", file=sys.stderr,
-          flush=True)
+    with contextlib.suppress(OSError):  # its log may sit on a full disk: the server serves all the same
+        print(f"tokenclean warm start: ready at {path} ({len(sys.modules)} modules imported)", file=sys.stderr,
+              flush=True)
     listener.settimeout(5.0)
     try:
         while os.getppid() == parent:
@@ -186,8 +187,9 @@ def _child(conn: socket.socket, server_env: dict[str, str]) -> None:
         if reason or len(fds) != 3:
             _send(conn, {"fallback": reason or "its standard streams did not arrive"})
             os._exit(0)
-        print(f"tokenclean warm start: job {os.getpid()}: tokenclean {' '.join(request['argv'][:1])} in "
-              f"{request['cwd']}", file=sys.stderr, flush=True)  # the server's log: which job each fork ran
+        with contextlib.suppress(OSError):  # the server's log says which job each fork ran (a full disk: not)
+            print(f"tokenclean warm start: job {os.getpid()}: tokenclean {' '.join(request['argv'][:1])} in "
+                  f"{request['cwd']}", file=sys.stderr, flush=True)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
