@@ -224,6 +224,10 @@ def _child(conn: socket.socket, server_env: dict[str, str]) -> None:
             code = 1
         code = 0 if code is None else int(code)
     finally:
+        import atexit
+
+        with contextlib.suppress(Exception):  # what a fresh process does as it ends (temporary folders, logging)
+            atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
