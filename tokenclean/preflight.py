@@ -232,28 +232,21 @@ def empty_model(config: dict[str, Any]) -> Any | None:
     """The base model built from its config with empty weights (meta device), or None where its config is not on
     this machine or does not build here (the jobs then report it). The embedded world's base is the package's
     tiny Llama (its layer names do not depend on its sizes)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-    except ImportError:
-        return None
     if "world" in config:
-        model_config: Any = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=2, vocab_size=128, tie_word_embeddings=True)
-        trust = False
-    else:
-        found = _model_file(config, "config.json")
-        if found is None:
-            return None
-        trust = bool(config.get("base_model", {}).get("trust_remote_code"))
-        try:
-            model_config = AutoConfig.from_pretrained(str(found.parent), trust_remote_code=trust)
-        except Exception:  # unreadable, an unknown model type, remote code not trusted: the jobs report it
-            return None
-    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust, attn_implementation="eager")
-    except Exception:  # not a causal LM this transformers builds: the jobs report it
+            return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                num_attention_heads=2, vocab_size=128, tie_word_embeddings=True))
+    found = _model_file(config, "config.json")
+    if found is None:
+        return None
+    from tokenclean.models import empty_model as build
+
+    try:
+        return build(str(found.parent), bool(config.get("base_model", {}).get("trust_remote_code")))
+    except Exception:  # unreadable, an unknown or no causal LM, remote code not trusted: the jobs report it
         return None
 
 

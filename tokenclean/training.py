@@ -137,7 +137,8 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
     plan = lora.plan(model, cfg.lora_targets, cfg.lora_r)
     if plan.warning():
         log.warning("%s", plan.warning())
-    widths = [min(m.weight.shape) for name, m in model.named_modules() if name in set(plan.modules)]
+    chosen = set(plan.modules)
+    widths = [min(m.weight.shape) for name, m in model.named_modules() if name in chosen]
     if widths and cfg.lora_r > max(widths):  # a full-rank update at more cost (the tiny GPU-check preset's r 64)
         log.warning("lora_r %d is wider than every LoRA target layer (at most %d): the adapter is full rank",
                     cfg.lora_r, max(widths))
@@ -701,6 +702,11 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     require_tokenizer_of(tokens, tmeta, tokenizer, model_name)
     distributed.check_sharding(cfg.lora_r)  # before the model loads
+    if cfg.lora_r > 0:  # a target that matches no layer: one line before the weights load
+        from tokenclean import lora
+        from tokenclean.models import empty_model
+
+        lora.plan(empty_model(model_name, trust_remote_code, commit), cfg.lora_targets, cfg.lora_r)
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
     require_ids_fit(model, model_name, table.input_ids, tokens)
