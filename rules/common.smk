@@ -253,13 +253,13 @@ def online_flags(wildcards, input) -> str:
         return ""
     flags = f"--online {m.online}"
     params = dict(config["method_params"].get(method, {}))
-    rule = params.pop("loss_normalization", None)  # the trainer's setting, not the weighting's
+    normalization = params.pop("loss_normalization", None)  # the trainer's setting, not the weighting's
     if m.takes_ratio:
         params["ratio"] = float(ratio)
     if params:
         flags += f" --online-params {as_json(params)}"
-    if rule:
-        flags += f" --loss-normalization {rule}"
+    if normalization:
+        flags += f" --loss-normalization {normalization}"
     for need in ("ref_loss", "base_loss"):
         if need in input.keys():
             flags += f" --{need.replace('_', '-')} {input[need]}"
