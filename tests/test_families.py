@@ -334,9 +334,10 @@ def test_lora_targets_given_as_a_list_or_a_string_reach_the_trainer_alike():
 
 @pytest.mark.slow  # starts Snakemake
 def test_snakemake_n_stops_on_a_misspelt_target_in_one_line(families, tmp_path):
-    from tests.test_preflight import _snakemake
+    from tests.test_preflight import PAPER, _snakemake
 
     config, _ = planned(tmp_path, families["gpt_neox"], lora_targets="query_key_valu")
+    config["evaluation"]["benchmarks"] = yaml.safe_load(PAPER.read_text())["evaluation"]["benchmarks"]
     config["results_dir"] = "results"
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
     proc = _snakemake(tmp_path, "-n", "--configfile", "my.yaml")
