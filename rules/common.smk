@@ -165,13 +165,25 @@ def sft_runs() -> list[str]:
     return registry.runs(config["methods"], config["ratios"], config["seeds"])
 
 
-def train_flags(section: dict) -> str:
+def train_flags(section: dict, leave_out: tuple = ()) -> str:
     """The `train` block of a config section as `tokenclean train` flags, in key order: a job's params (and so
-    whether it re-runs) do not depend on the order the config file happens to list its keys in."""
+    whether it re-runs) do not depend on the order the config file happens to list its keys in. A list (the
+    names of lora_targets) is one comma-separated word."""
     flags = []
     for key, value in sorted(section.get("train", {}).items()):
-        flags += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+        if key not in leave_out:
+            word = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            flags += [f"--{key.replace('_', '-')}", shlex.quote(word)]
     return " ".join(flags)
+
+
+def sft_train_flags(wildcards) -> str:
+    """An SFT row's `train_flags(config["sft"])`. An online row leaves out sft.train.loss_normalization (the
+    mask rows' rule, e.g. the paper's micro_batch): it averages as its method's reference does
+    (tokenclean/online.py), unless method_params.<method>.loss_normalization says otherwise (online_flags)."""
+    if KIND[parse_run(wildcards.run)[0]] != "online":
+        return train_flags(config["sft"])
+    return train_flags(config["sft"], leave_out=("loss_normalization",))
 
 
 def as_json(obj) -> str:
@@ -241,10 +253,13 @@ def online_flags(wildcards, input) -> str:
         return ""
     flags = f"--online {m.online}"
     params = dict(config["method_params"].get(method, {}))
+    normalization = params.pop("loss_normalization", None)  # the trainer's setting, not the weighting's
     if m.takes_ratio:
         params["ratio"] = float(ratio)
     if params:
         flags += f" --online-params {as_json(params)}"
+    if normalization:
+        flags += f" --loss-normalization {normalization}"
     for need in ("ref_loss", "base_loss"):
         if need in input.keys():
             flags += f" --{need.replace('_', '-')} {input[need]}"

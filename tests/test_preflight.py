@@ -123,16 +123,23 @@ def test_the_chat_template_setting_needs_a_model_with_one(tmp_path):
     check_plan(config, files)
 
 
-def test_a_method_that_reads_attention_weights_needs_a_decoder_that_has_them(tmp_path):
+def test_a_method_that_reads_attention_weights_needs_a_model_that_returns_them(tmp_path):
+    """Judged on the model built from its config with empty weights: whatever its layout, a family whose
+    transformers class returns attention weights passes (GPT-2, GPT-NeoX: not Llama's module path), Mamba,
+    which has none, is refused in one line (tests/test_families.py: the checks on real tiny models)."""
     config, files = own_data(tmp_path)
-    config["base_model"] = {"name": str(_model(tmp_path, "gpt2", template=False))}
+    for block in ("warmup", "sft"):  # LoRA targets are checked on the same model: not this test's subject
+        config[block]["train"]["lora_r"] = 0
+    config["base_model"] = {"name": str(_model(tmp_path, "mamba", template=False))}
     config["methods"] = ["full"]
     check_plan(config, files)
     config["methods"] = ["full", "sstoken"]
-    with pytest.raises(ConfigError, match=r"methods\[1\]: sstoken reads the last layer's attention weights .*gpt2"):
+    with pytest.raises(ConfigError, match=r"methods\[1\]: sstoken reads the last layer's attention weights, but a "
+                                          r"mamba model .*: it returns no attention weights"):
         check_plan(config, files)
-    _model(tmp_path, "llama", template=False)
-    check_plan(config, files)
+    for family in ("gpt2", "gpt_neox", "llama"):
+        _model(tmp_path, family, template=False)
+        check_plan(config, files)
 
 
 def test_the_embedded_world_refuses_the_template_setting():

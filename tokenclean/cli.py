@@ -105,7 +105,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                            metavar="BOOL", help=f"default {f.default}")
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            g.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+            g.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help", f"default {f.default}"))
 
 
 def _add_revision_flag(p: argparse.ArgumentParser) -> None:
