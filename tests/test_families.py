@@ -44,8 +44,8 @@ LAYERS = 2
 # One family beyond Llama runs every path in `make test-fast`; the others with the slow tests (a few seconds each)
 SOME = [f if f == "gpt_neox" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# every linear layer but the output head, by family (what all-linear adapts), and peft's default targets
-# (all-linear for Phi-3, which peft has no default for)
+# every linear layer but the output head, by family (what all-linear, the default, adapts), and peft's default
+# targets (`peft-default`; all-linear for Phi-3, which peft has no default for)
 LINEAR = {"llama": SEVEN, "mistral": SEVEN, "qwen2": SEVEN, "gemma": SEVEN,
           "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
           "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
@@ -136,7 +136,7 @@ def test_tokenize_loss_every_selection_rule_and_packed_full_training(family, fam
         assert mask.any() and not np.any(mask & ~table.loss_mask)
 
 
-@pytest.mark.parametrize("targets", ["all-linear", None], ids=["all-linear", "default"])
+@pytest.mark.parametrize("targets", ["all-linear", None, "peft-default"], ids=["all-linear", "unset", "peft-default"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_changes_exactly_the_targeted_layers_and_records_them(family, targets, families, tmp_path):
     """After LoRA training and the merge, every targeted layer's weights changed and no other weight did; the
@@ -151,13 +151,15 @@ def test_lora_changes_exactly_the_targeted_layers_and_records_them(family, targe
     record = json.loads((out / "tokenclean.json").read_text())["lora"]
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     changed = changed_modules(base, AutoModelForCausalLM.from_pretrained(out))
-    expected = LINEAR[family] if targets else DEFAULT[family]
+    expected = DEFAULT[family] if targets == "peft-default" else LINEAR[family]  # unset = all-linear
     assert changed == set(record["modules"])
     assert record["adapted"] == {name: LAYERS for name in sorted(expected)}
     assert record["adapted_modules"] == LAYERS * len(expected)
     named = dict(base.named_modules())
     assert record["adapter_parameters"] == sum(4 * sum(named[m].weight.shape) for m in changed)
     if targets is None:
+        assert record["source"] == "all-linear (lora_targets unset)"
+    elif targets == "peft-default":
         assert record["source"] == ("all-linear: peft has no default for phi3" if family == "phi3"
                                     else f"peft's default for {family}")
 
@@ -297,8 +299,13 @@ def test_planning_stops_on_a_misspelt_target_and_warns_on_a_partial_list(familie
                                           r"of this gpt_neox model; its linear layers: query_key_value, dense, "
                                           r"dense_h_to_4h, dense_4h_to_h \(or all-linear\)$"):
         check_plan(config, files)
-    config, files = planned(tmp_path, families["gpt_neox"], lora_targets=None)  # peft's default
+    config, files = planned(tmp_path, families["gpt_neox"], lora_targets=None)  # all-linear
     assert check_plan(config, files) == []
+    config, files = planned(tmp_path, families["gpt_neox"], lora_targets="peft-default")
+    assert check_plan(config, files) == []
+    config, files = planned(tmp_path, families["gpt_neox"], lora_targets=["peft-default", "dense"])
+    with pytest.raises(ConfigError, match=r"peft-default stands alone"):
+        check_plan(config, files)
     config, files = planned(tmp_path, families["phi3"], lora_targets="qkv_proj,o_proj")
     assert check_plan(config, files) == [
         f"{b}.train.lora_targets: leaves linear layers of this model untrained: gate_up_proj, down_proj (add them, or "
@@ -326,7 +333,7 @@ def test_planning_says_when_a_model_returns_no_attention_weights(families, tmp_p
 
 def test_lora_targets_given_as_a_list_or_a_string_reach_the_trainer_alike():
     assert lora.flag(["q_proj", "v_proj"]) == lora.flag("q_proj, v_proj") == "q_proj,v_proj"
-    assert lora.problem(["all-linear", "q_proj"]) == "all-linear stands alone (it already adapts every linear layer)"
+    assert lora.problem(["all-linear", "q_proj"]) == "all-linear stands alone (it names a whole set of layers)"
     assert lora.problem("q_proj,q_proj") == "q_proj listed twice"
     with pytest.raises(ValueError, match="lora_targets: 'q proj' is no module name"):
         TrainConfig(lora_targets="q proj")

@@ -9,10 +9,12 @@ model, :func:`tokenclean.training._wrap_lora`), so a target that trains nothing 
   embedding), else one line naming the unmatched names and the model's linear layers. A list that leaves some of
   the model's linear layers out is one warning line (Llama's seven names on Phi-3, whose fused ``qkv_proj`` and
   ``gate_up_proj`` they miss).
-- ``all-linear``: every linear layer but the output head (peft's shorthand).
-- unset: peft's own default for the model's family (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, e.g.
-  ``q_proj, v_proj`` for Llama, ``query_key_value`` for GPT-NeoX), and ``all-linear`` for a family peft has none
-  for (Phi-3).
+- ``all-linear``: every linear layer but the output head (peft's shorthand), and what an unset value means: on
+  every family it adapts what the paper's runs adapted on Llama (its seven projections), so a row compares
+  alike across families.
+- ``peft-default``: peft's own default for the model's family (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``,
+  e.g. ``q_proj, v_proj`` for Llama, ``query_key_value`` for GPT-NeoX), and ``all-linear`` for a family peft has
+  none for (Phi-3).
 
 No torch at import: the config check (:mod:`tokenclean.train_config`) reads :func:`names` and :func:`problem`.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALL_LINEAR = "all-linear"
+PEFT_DEFAULT = "peft-default"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -38,8 +41,9 @@ def problem(value: str | list[Any] | None) -> str | None:
     bad = [n for n in given if not _NAME.match(n)]
     if bad:
         return f"{bad[0]!r} is no module name (letters, digits, '_', '.', '-')"
-    if ALL_LINEAR in given and len(given) > 1:
-        return f"{ALL_LINEAR} stands alone (it already adapts every linear layer)"
+    for alone in (ALL_LINEAR, PEFT_DEFAULT):
+        if alone in given and len(given) > 1:
+            return f"{alone} stands alone (it names a whole set of layers)"
     repeated = sorted({n for n in given if given.count(n) > 1})
     if repeated:
         return f"{', '.join(repeated)} listed twice"
@@ -144,17 +148,19 @@ def plan(model: Any, value: str | list[Any] | None, r: int) -> Plan:
     linear = linear_layers(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     named = dict(model.named_modules())
-    if given == [ALL_LINEAR] or (not given and family_default(model_type) is None):
+    peft_default = family_default(model_type) if given == [PEFT_DEFAULT] else None
+    if given in ([], [ALL_LINEAR]) or (given == [PEFT_DEFAULT] and peft_default is None):
         targets: list[str] | str = ALL_LINEAR
-        source = ALL_LINEAR if given else f"{ALL_LINEAR}: peft has no default for {model_type}"
+        source = {(): f"{ALL_LINEAR} (lora_targets unset)", (ALL_LINEAR,): ALL_LINEAR}.get(
+            tuple(given), f"{ALL_LINEAR}: peft has no default for {model_type}")
         chosen = [n for n, m in named.items() if _is_linear(m) and m is not head]
-    elif not given and isinstance(family_default(model_type), str):  # peft's regular expression
-        targets = family_default(model_type)
+    elif isinstance(peft_default, str):  # peft's regular expression
+        targets = peft_default
         source = f"peft's default for {model_type}"
         chosen = [n for n, m in named.items() if _adaptable(m) and re.fullmatch(targets, n)]
     else:
-        targets = given or family_default(model_type)
-        source = "lora_targets" if given else f"peft's default for {model_type}"
+        targets = peft_default or given
+        source = f"peft's default for {model_type}" if peft_default else "lora_targets"
         chosen = [n for n, m in named.items() if _adaptable(m) and any(n == t or n.endswith("." + t) for t in targets)]
         matched = {t for t in targets for n in chosen if n == t or n.endswith("." + t)}
         unmatched = [t for t in targets if t not in matched]
@@ -166,7 +172,7 @@ def plan(model: Any, value: str | list[Any] | None, r: int) -> Plan:
         raise ValueError(f"lora_targets: {source} adapts no layer of this {model_type} model; its linear layers: "
                          f"{', '.join(linear) or 'none'}")
     covered = {_short(n) for n in chosen}
-    uncovered = [n for n in linear if n not in covered] if given and given != [ALL_LINEAR] else []
+    uncovered = [n for n in linear if n not in covered] if given not in ([], [ALL_LINEAR], [PEFT_DEFAULT]) else []
     return Plan(targets, source, chosen, sum(_adapter_size(named[n], r) for n in chosen), uncovered)
 
 

@@ -49,8 +49,9 @@ class TrainConfig:
     lora_r: int = 0                        # 0 = full fine-tuning
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
-    lora_targets: str = field(default="", metadata={"help": "comma-separated module names, or all-linear "
-                              "(default: peft's targets for the model's family; tokenclean/lora.py)"})
+    lora_targets: str = field(default="", metadata={"help": "comma-separated module names, all-linear (the "
+                              "default: every linear layer but the output head) or peft-default (peft's targets "
+                              "for the model's family); tokenclean/lora.py"})
     merge_dtype: str = "float32"           # LoRA: merge and save in float32 (as the official runs); auto = dtype
     device: str = "auto"
     dtype: str = "auto"
