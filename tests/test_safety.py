@@ -27,6 +27,7 @@ WRITES_INTO_CALLERS_DIR = {
     "build_tokenizer": "writes into a TemporaryDirectory of pretrain_base (or a test's directory)",
     "_write": "sources.prepare_data calls it inside atomic_dir",
     "train_model": "its training log lives in <out>.resume/ (not an output) or in the atomic_dir of the model",
+    "start": "warm.start: the warm server's log, in Snakemake's private .snakemake/ (not an output)",
 }
 
 
