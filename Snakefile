@@ -24,10 +24,11 @@ if not workflow.overwrite_configfiles:
 
 # The schema (schemas/config.schema.yaml) and the rules it cannot state, then what planning can check cheaply of the
 # data files, the benchmarks' metrics and the base model (tokenclean/preflight.py); a problem is one line, before any
-# job.
+# job, and so is a check that cannot be made here (a hub model's chat template when the model is not in the cache).
 try:
     check_config(config, workflow.overwrite_configfiles or workflow.configfiles)
-    check_plan(config, workflow.overwrite_configfiles or workflow.configfiles)
+    for _skipped in check_plan(config, workflow.overwrite_configfiles or workflow.configfiles):
+        print(f"config note: {_skipped}", file=sys.stderr)
 except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)  # bad input, as every tokenclean command reports it

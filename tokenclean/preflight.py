@@ -39,16 +39,18 @@ class PlanProblem(Exception):
         self.path, self.what = path, what
 
 
-def check_plan(config: dict[str, Any], files: list[str] | None = None) -> None:
+def check_plan(config: dict[str, Any], files: list[str] | None = None) -> list[str]:
     """Every cheap check; raises ConfigError with one line, ``<config file>: <key>: <what>`` (the data file and
-    line in ``what``)."""
+    line in ``what``). Returns the checks it could not make, one line each in the same form, for the Snakefile to
+    print: planning says what it skipped rather than passing it in silence."""
+    shown = [_shown(Path(f)) for f in files or []]
     try:
         check_data(config)
         check_benchmarks(config)
         check_model(config)
     except PlanProblem as e:
-        shown = [_shown(Path(f)) for f in files or []]
         raise ConfigError(f"{_source(e.path, shown)}: {_key_path(e.path)}: {e.what}") from None
+    return [f"{_source(p.path, shown)}: {_key_path(p.path)}: {p.what}" for p in skipped_checks(config)]
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -202,18 +204,62 @@ def _model_file(config: dict[str, Any], name: str) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # where transformers saves a template apart
+
+
+def _cache_knows_absent(config: dict[str, Any], name: str) -> bool:
+    """Whether the base model has no file ``name``, as far as this machine knows: always for a directory (its
+    listing is complete); for a hub model only where its cache recorded the file as absent at its revision (the
+    hub library notes a file it looked for and did not find)."""
+    model = config.get("base_model", {})
+    if Path(model.get("name", "")).is_dir():
+        return True
+    try:
+        from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return try_to_load_from_cache(model["name"], name, revision=model.get("revision")) is _CACHED_NO_EXIST
+    except Exception:  # an id the hub library refuses: the jobs report it
+        return False
+
+
 def _has_chat_template(config: dict[str, Any]) -> bool | None:
-    """Whether the base model's tokenizer has a chat template; None when its files are not on this machine."""
+    """Whether the base model's tokenizer has a chat template; None when this machine cannot tell: the model is
+    neither a directory nor in the hub cache, or the cache lacks a template file it never looked for. Only local
+    files are read (a directory, or the hub cache through ``try_to_load_from_cache``): planning never goes online,
+    whatever HF_HUB_OFFLINE says."""
     tokenizer_config = _model_file(config, "tokenizer_config.json")
     if tokenizer_config is None:
         return None
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if _model_file(config, name) is not None:
-            return True
+    if any(_model_file(config, name) is not None for name in TEMPLATE_FILES):
+        return True
     try:
-        return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
+        if json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"):
+            return True
     except (OSError, ValueError, AttributeError):
         return None
+    return False if all(_cache_knows_absent(config, name) for name in TEMPLATE_FILES) else None
+
+
+def _template_uses(config: dict[str, Any]) -> list[list[str]]:
+    """The config keys that use the base model's chat template (training's chat_format, the benchmarks' prompts)."""
+    return [key for key, on in ((["chat_format"], config.get("chat_format") == "template"),
+                                (["evaluation", "apply_chat_template"],
+                                 config.get("evaluation", {}).get("apply_chat_template"))) if on]
+
+
+def skipped_checks(config: dict[str, Any]) -> list[PlanProblem]:
+    """The checks planning could not make on this machine: the chat template of a hub model that is not in the
+    local cache (the tokenize job, or the evaluation, checks it once the model is downloaded)."""
+    if "world" in config:
+        return []
+    uses = _template_uses(config)
+    if not uses or _has_chat_template(config) is not None:
+        return []
+    job = "the tokenize job" if uses[0] == ["chat_format"] else "each evaluation"
+    return [PlanProblem(uses[0], f"chat template check skipped: the tokenizer of {config['base_model']['name']} is "
+                                 f"not in the local Hugging Face cache (planning never downloads); {job} checks it")]
 
 
 def check_model(config: dict[str, Any]) -> None:
@@ -221,9 +267,7 @@ def check_model(config: dict[str, Any]) -> None:
     method that reads them can read."""
     if "world" in config:
         return  # the workflow makes the base model: its tokenizer and layout are the package's
-    uses = [key for key, on in ((["chat_format"], config.get("chat_format") == "template"),
-                                (["evaluation", "apply_chat_template"],
-                                 config.get("evaluation", {}).get("apply_chat_template"))) if on]
+    uses = _template_uses(config)
     if uses and _has_chat_template(config) is False:
         raise PlanProblem(uses[0], f"the tokenizer of {config['base_model']['name']} has no chat template; use "
                           f"{'chat_format: tulu' if uses[0] == ['chat_format'] else 'apply_chat_template: false'}")
