@@ -71,7 +71,7 @@ def arc_easy_local(tmp_path_factory) -> Path:
              "answerKey": "ABCD"[i % 4]} for i in range(8)]
     (tasks / "arc_easy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tasks / f"{TASK}.yaml").write_text(yaml.safe_dump({
-        "include": str(stock), "task": TASK, "dataset_path": "json", "dataset_name": None,
+        "include": str(stock), "task": TASK, "tag": [], "dataset_path": "json", "dataset_name": None,
         "dataset_kwargs": {"data_files": {"test": str(tasks / "arc_easy_test.jsonl")}},
         "training_split": None, "validation_split": None, "test_split": "test"}, sort_keys=False))
     return tasks
