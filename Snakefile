@@ -24,11 +24,14 @@ if not workflow.overwrite_configfiles:
 
 # The schema (schemas/config.schema.yaml) and the rules it cannot state, then what planning can check cheaply of the
 # data files, the benchmarks' metrics and the base model (tokenclean/preflight.py); a problem is one line, before any
-# job, and so is a check that cannot be made here (a hub model's chat template when the model is not in the cache).
+# job; a warning, and a check that cannot be made here (a hub model's chat template when the model is not in the
+# cache), is one line too. A check that builds the base model with empty weights (LoRA targets, attention weights)
+# runs in the planning process only, not again in each cluster job that re-reads this file.
 try:
     check_config(config, workflow.overwrite_configfiles or workflow.configfiles)
-    for _skipped in check_plan(config, workflow.overwrite_configfiles or workflow.configfiles):
-        print(f"config note: {_skipped}", file=sys.stderr)
+    for _warning in check_plan(config, workflow.overwrite_configfiles or workflow.configfiles,
+                               build_model=workflow.is_main_process):
+        print(f"config warning: {_warning}", file=sys.stderr)
 except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)  # bad input, as every tokenclean command reports it

@@ -10,7 +10,7 @@ rule sft:
         model=base_ref,
         revision=revision_flag(),
         trust=TRUST,
-        train=train_flags(config["sft"]),
+        train=sft_train_flags,
         seed=lambda w: parse_run(w.run)[2],
         mask=lambda w, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
         online=online_flags,

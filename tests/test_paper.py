@@ -259,7 +259,8 @@ def test_paper_configs_list_the_fields_methods_as_optional_rows_that_plan(config
     optional = optional_methods(config)
     assert set(optional) == {n for n, m in registry.METHODS.items() if m.kind == "online"}
     cfg = yaml.safe_load(config.read_text())
-    (tmp_path / "more.yaml").write_text(yaml.safe_dump({"methods": cfg["methods"] + optional}))
+    more = {"methods": cfg["methods"] + optional, "method_params": {"eaft": {"loss_normalization": "micro_batch"}}}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(more))
     counts, jobs = plan(tmp_path, config, tmp_path / "more.yaml")
     seeds, ratios = len(cfg["seeds"]), len(cfg["ratios"])
     assert counts["sft"] == expected_counts(cfg)["sft"] + 2 * ratios * seeds + 2 * seeds  # rho1, sstoken; dft, eaft
@@ -268,3 +269,8 @@ def test_paper_configs_list_the_fields_methods_as_optional_rows_that_plan(config
     assert len(train) == 2 * ratios * seeds + 2 * seeds
     assert all("--ref-loss" in line for line in train if "--online rho1" in line)
     assert all("--base-loss" in line for line in train if "--online sstoken" in line)
+    # the paper's rows average per micro-batch (sft.train); an online row by its reference's rule, unless
+    # method_params gives one (eaft here)
+    assert all("--loss-normalization micro_batch" in cmd for cmd in shells(jobs, "train") if "--online" not in cmd)
+    assert all(("--loss-normalization micro_batch" in line) == ("--online eaft" in line) for line in train)
+    assert all(line.count("--loss-normalization") == ("--online eaft" in line) for line in train)

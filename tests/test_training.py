@@ -222,7 +222,7 @@ def test_lora_merge_gives_the_adapter_models_outputs(tiny_model_dir, table, tok)
     from tokenclean.training import _wrap_lora
 
     cfg = TrainConfig(steps=3, batch_size=3, lr=5e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=1)
-    adapted = _wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    adapted, _ = _wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
     with torch.no_grad():  # give the adapters non-zero weights, as training would
         for name, p in adapted.named_parameters():
             if "lora_B" in name:

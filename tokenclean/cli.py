@@ -105,7 +105,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                            metavar="BOOL", help=f"default {f.default}")
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            g.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+            g.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help", f"default {f.default}"))
 
 
 def _add_revision_flag(p: argparse.ArgumentParser) -> None:
@@ -641,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     FloatingPointError (non-finite losses) and OSError (unreadable, missing or unwritable paths). Anything else
     (KeyError, TypeError, AttributeError, ...) is a bug and keeps its traceback; readers that interpret a file's
     contents turn such errors into one-line errors naming the file themselves (``artifacts.reading``)."""
+    if os.environ.get("TOKENCLEAN_WARM_SOCKET"):  # a local workflow run's job: a fork of its warm server runs it
+        from tokenclean import warm
+
+        code = warm.hand_off(sys.argv[1:] if argv is None else argv)
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

@@ -14,8 +14,8 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
+from tokenclean import lora, online
 from tokenclean import methods as registry
-from tokenclean import online
 from tokenclean.methods import ratio_tag
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -132,6 +132,10 @@ def _method_params_problem(config: dict) -> tuple[list[Any], str] | None:
         method = registry.METHODS[name]
         if method.kind != "online":
             return where, f"{name} takes no parameters (a {method.kind} method; only online methods take method_params)"
+        params = dict(params)
+        rule = params.pop("loss_normalization", None)  # the trainer's rule for this method's rows
+        if rule is not None and rule not in ("step", "micro_batch"):
+            return where + ["loss_normalization"], f"{rule!r} is not one of step, micro_batch"
         if "ratio" in params and (method.takes_ratio or "ratio" not in online.ONLINE_METHODS[method.online].defaults):
             return where + ["ratio"], (f"the ratio of {name}'s runs comes from ratios" if method.takes_ratio
                                        else f"{name} takes no ratio")
@@ -164,6 +168,10 @@ def _rule_problem(config: dict) -> tuple[list[Any], str] | None:
             if config.get(block, {}).get("train", {}).get("lora_r", 0) > 0:
                 return ["hardware", "sharding"], (f"{sharding} with {block}.train.lora_r > 0 is not supported yet "
                                                   "(LoRA trains few weights: set hardware.sharding: none)")
+    for block in ("warmup", "sft"):
+        targets = config.get(block, {}).get("train", {}).get("lora_targets")
+        if targets is not None and lora.problem(targets):  # whether they match the model: tokenclean/preflight.py
+            return [block, "train", "lora_targets"], lora.problem(targets)
     if config.get("replicates", 1) > 1 and "world" not in config:
         return ["replicates"], (f"{config['replicates']} draws need an embedded world (a `world` section): a hub "
                                 "model and your own data are the same in every draw; run more seeds instead")

@@ -113,14 +113,53 @@ def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return head_nll(model.get_output_embeddings(), hidden, labels, chunk_rows)
 
 
-def last_attention_layer(model: Any) -> Any:
-    """The self-attention module of the decoder's last layer (Llama-family layout), whose forward returns
-    ``(output, weights)``; the weights are a tensor under eager attention only."""
+def attention_layers(model: Any) -> list[tuple[Any, int]]:
+    """The modules whose outputs transformers collects as the model's attention weights when a forward is asked
+    for ``output_attentions``, with the position of the weights in their output, in forward order: what the model
+    class declares in ``_can_record_outputs["attentions"]`` (a class, a class-name suffix or an ``OutputRecorder``,
+    matched as transformers matches them). Empty for a model that declares none (older transformers, remote code,
+    a model without attention)."""
+    decoder = model.get_decoder()
+    declared = getattr(decoder, "can_record_outputs", None)  # transformers 5's property over _can_record_outputs
+    if not isinstance(declared, dict):
+        declared = getattr(decoder, "_can_record_outputs", None)
+    specs = (declared or {}).get("attentions")
+    if specs is None:
+        return []
+    found = []
+    for name, module in decoder.named_modules():
+        for spec in specs if isinstance(specs, (list, tuple)) else [specs]:
+            target = spec if isinstance(spec, type) else getattr(spec, "target_class", None)
+            suffix = spec if isinstance(spec, str) else getattr(spec, "class_name", None)
+            layer = getattr(spec, "layer_name", None)
+            if not ((target is not None and isinstance(module, target)) or (suffix and name.endswith(suffix))):
+                continue
+            if layer and f".{layer.strip('.')}." not in f".{name}.":
+                continue
+            found.append((module, getattr(spec, "index", 1)))
+            break
+    return found
+
+
+def _accepts_output_attentions(model: Any) -> bool:
+    """Whether the decoder's forward takes ``output_attentions`` by name (the older transformers interface)."""
+    import inspect
+
     try:
-        return model.get_decoder().layers[-1].self_attn
-    except (AttributeError, IndexError, NotImplementedError):
-        raise ValueError(f"{type(model).__name__}: no decoder.layers[-1].self_attn to read attention weights "
-                         "from (ssToken needs a Llama-family layout)") from None
+        return "output_attentions" in inspect.signature(model.get_decoder().forward).parameters
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+        return False
+
+
+def attention_problem(model: Any) -> str | None:
+    """Why the last layer's attention weights of ``model`` (loaded, or built with empty weights) cannot be read,
+    or None: it neither declares the layers transformers records them from nor takes ``output_attentions``."""
+    try:
+        if attention_layers(model) or _accepts_output_attentions(model):
+            return None
+    except (AttributeError, NotImplementedError):
+        pass
+    return "it returns no attention weights (transformers' output_attentions)"
 
 
 def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: torch.Tensor,
@@ -129,8 +168,9 @@ def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     """The training forward of :func:`target_nll` (same ops, same per-token losses), plus what online weighting
     reads: ``logits`` = the detached float32 full-vocabulary logits that predicted each target (the ones the
     loss is computed from, no second head pass), ``attention`` = the last layer's attention weights
-    [rows, heads, width, width], detached (needs eager attention; captured by a forward hook, so the other
-    layers' weights are never collected).
+    [rows, heads, width, width], detached (needs eager attention): read by a forward hook on the last of the
+    layers transformers' ``output_attentions`` reads (:func:`attention_layers`), so the other layers' weights are
+    never kept, on any family that declares them; from ``output_attentions=True`` on a model that does not.
 
     Without ``logits`` the loss is chunked as in :func:`target_nll` (:func:`head_nll`). With them (EAFT) the
     micro-batch's full-vocabulary logits are materialised at once, as the method reads them all (and returned
@@ -139,19 +179,30 @@ def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     captured: dict[str, torch.Tensor] = {}
     hook = None
     if attention:
-        def keep_weights(module: Any, args: Any, output: Any) -> None:
-            if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
-                raise ValueError("the last attention layer returned no weights; load the model with eager attention")
-            captured["attention"] = output[1].detach()
-        hook = last_attention_layer(model).register_forward_hook(keep_weights)
+        layers = attention_layers(model)
+        if layers:  # only the last layer's weights are kept (all of them would stay alive until the forward ends)
+            module, at = layers[-1]
+
+            def keep_weights(module: Any, args: Any, output: Any) -> None:
+                weights = output[at] if isinstance(output, (tuple, list)) and len(output) > at else None
+                if isinstance(weights, torch.Tensor):
+                    captured["attention"] = weights.detach()
+            hook = module.register_forward_hook(keep_weights)
+        elif _accepts_output_attentions(model):
+            inputs["output_attentions"] = True
+        else:
+            raise ValueError(f"{type(model).__name__}: {attention_problem(model)}; ssToken reads them")
     try:
         plain = _has_plain_head(model)
         if plain:
-            hidden = model.get_decoder()(**inputs).last_hidden_state[rows, cols - 1]
+            decoded = model.get_decoder()(**inputs)
+            hidden = decoded.last_hidden_state[rows, cols - 1]
         if plain and not logits:
             result = {"nll": head_nll(model.get_output_embeddings(), hidden, labels, chunk_rows)}
         else:
-            out = (model.get_output_embeddings()(hidden) if plain else model(**inputs).logits[rows, cols - 1]).float()
+            if not plain:
+                decoded = model(**inputs)
+            out = (model.get_output_embeddings()(hidden) if plain else decoded.logits[rows, cols - 1]).float()
             result = {"nll": F.cross_entropy(out, labels, reduction="none")}
     finally:
         if hook is not None:
@@ -159,7 +210,13 @@ def target_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     if logits:
         result["logits"] = out.detach()
     if attention:
-        result["attention"] = captured["attention"]
+        if hook is None and getattr(decoded, "attentions", None):
+            captured["attention"] = decoded.attentions[-1].detach()
+        weights = captured.get("attention")
+        if weights is None or weights.dim() != 4 or tuple(weights.shape[-2:]) != tuple(input_ids.shape[-1:]) * 2:
+            raise ValueError(f"{type(model).__name__}: its last attention layer returned no weights of shape [rows, "
+                             "heads, width, width]; ssToken needs eager attention")
+        result["attention"] = weights
     return result
 
 

@@ -107,6 +107,18 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
     return model.to(device)
 
 
+def empty_model(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The model built from its config alone with empty weights (torch's meta device): its layers and their
+    shapes, no weight read or allocated. What LoRA targets and attention layers are checked on before the weights
+    load (and at planning, :mod:`tokenclean.preflight`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    pinned = {"revision": revision} if revision else {}
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **pinned)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 @contextlib.contextmanager
 def loading(name_or_path: str) -> Iterator[None]:
     """A model that cannot be loaded (missing or unreadable files, a truncated weight file, weights whose shapes do

@@ -11,11 +11,20 @@ trainer (:func:`tokenclean.training.train_model`) makes the step's loss the weig
   ``dft_loss`` and LLaMA-Factory's ``_dft_cross_entropy`` / ``_eaft_cross_entropy`` divide the weighted sum by
   ``num_items_in_batch``, the count of label tokens).
 
+Over which tokens that mean runs is each method's reference rule too (``OnlineMethod.loss_normalization``, what
+``loss_normalization: auto`` gives; an explicit setting wins): ``step``, the whole optimizer step's tokens, for
+DFT and EAFT (``num_items_in_batch`` counts the whole gradient-accumulation window on every device, in TRL and
+LLaMA-Factory alike) and Rho-1 (the paper's eq. 3 divides by the selected tokens of the batch); ``micro_batch``,
+each micro-batch's own mean averaged over the step, for ssToken (its released loop backpropagates
+``CrossEntropyLoss(reduction='mean')`` of each per-device batch under accelerate's gradient accumulation).
+
 The inputs a method may ask for (``OnlineMethod.inputs``): ``nll`` (the current model's loss of each token),
 ``ref_loss`` / ``base_loss`` (per-token arrays of the token table the workflow computed beforehand, gathered at
 the trained tokens), ``logits`` (the full-vocabulary logits that predicted each token), ``prompt_attention``
-(:func:`prompt_attention`), ``sample`` (the token's sample, for per-sample rules) and ``progress`` (the fraction of
-the run's optimizer steps done before this one). ``arrays`` names the per-token files the caller must load.
+(:func:`prompt_attention`), ``sample`` (the token's sample, for per-sample rules), ``occurrence`` (the token's row
+of the micro-batch: a sample that appears twice in one micro-batch, as when a step wraps into the next epoch, is
+two occurrences) and ``progress`` (the fraction of the run's optimizer steps done before this one). ``arrays``
+names the per-token files the caller must load.
 
 No ``import torch`` here (tensor methods only): the config check (:mod:`tokenclean.config`, config key
 ``method_params``) reads the defaults and checks while Snakemake plans, which never starts torch.
@@ -84,11 +93,14 @@ def prompt_attention(attention: torch.Tensor, prompt: torch.Tensor, target: torc
     return per_position[target]
 
 
-def sstoken(nll: torch.Tensor, base_loss: torch.Tensor, prompt_attention: torch.Tensor, sample: torch.Tensor,
+def sstoken(nll: torch.Tensor, base_loss: torch.Tensor, prompt_attention: torch.Tensor, occurrence: torch.Tensor,
             progress: float, ratio: float = 0.6, gamma: float = 0.5, attention_only: float = 0.2) -> torch.Tensor:
     """ssToken (Qin et al., ICLR 2026, arXiv 2510.18250; jianke0604/ssToken ``scripts/finetune.py``,
     ``filter_tokens_with_attention_loss``): per sample, keep the top k = ceil(``ratio`` * n) of its n response
     tokens by ``gamma * minmax(history - nll) + (1 - gamma) * prompt_attention`` (weight 1), the rest 0.
+
+    "Per sample" is per ``occurrence``, as the released loop filters each row of its batch on its own: a sample
+    that appears twice in one micro-batch is ranked twice, each copy keeping its own top k.
 
     History: the released code reads per-token losses of the *base model* (the model fine-tuning starts from),
     computed once before training (``bash_src/calculate_loss.sh``, the paper's fixed history model; its EMA
@@ -101,8 +113,8 @@ def sstoken(nll: torch.Tensor, base_loss: torch.Tensor, prompt_attention: torch.
     g = 0.0 if progress < attention_only else gamma
     rel = (base_loss - nll).detach().float()
     keep = rel.new_zeros(len(nll))
-    for s in sample.unique().tolist():
-        at = (sample == s).nonzero().squeeze(1)
+    for s in occurrence.unique().tolist():
+        at = (occurrence == s).nonzero().squeeze(1)
         diff = rel[at]
         norm = (diff - diff.min()) / (diff.max() - diff.min() + 1e-8)
         keep[at] = _top(g * norm + (1 - g) * prompt_attention[at].float(), _ceil_count(ratio, len(at)))
@@ -139,6 +151,7 @@ class OnlineMethod:
     inputs: tuple[str, ...]
     arrays: tuple[str, ...] = ()
     normaliser: str = "tokens"        # tokens | weights (see the module docstring)
+    loss_normalization: str = "step"   # the reference's rule: step | micro_batch (``loss_normalization: auto``)
     batch_level: bool = False          # the rule ranks across the micro-batch (micro_batch_size 0: whole step)
     check: Callable[[dict[str, Any]], str | None] = field(default=lambda p: None)
 
@@ -166,8 +179,8 @@ ONLINE_METHODS: dict[str, OnlineMethod] = {
     "rho1": OnlineMethod(rho1, {"ratio": 0.6}, ("nll", "ref_loss"), arrays=("ref_loss",), normaliser="weights",
                          batch_level=True, check=_in_unit("ratio")),
     "sstoken": OnlineMethod(sstoken, {"ratio": 0.6, "gamma": 0.5, "attention_only": 0.2},
-                            ("nll", "base_loss", "prompt_attention", "sample", "progress"), arrays=("base_loss",),
-                            normaliser="weights",
+                            ("nll", "base_loss", "prompt_attention", "occurrence", "progress"), arrays=("base_loss",),
+                            normaliser="weights", loss_normalization="micro_batch",
                             check=_all(_in_unit("ratio"), _in_unit("gamma", True), _in_unit("attention_only", True))),
     "dft": OnlineMethod(dft, {}, ("nll",)),
     "eaft": OnlineMethod(eaft, {"alpha": 1.0, "top_k": 20, "scale": 3.0}, ("logits",),

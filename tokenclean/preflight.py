@@ -4,8 +4,12 @@ the data files, the benchmarks' metrics and the model's fit to the chat format a
 A problem found here would otherwise surface hours later, after unrelated jobs ran: a bad record at the data
 job, a metric lm-eval's task does not report at the end of the whole evaluation. Each check reads little: the
 first :data:`SAMPLE_RECORDS` records of each data file (with the project's own parser), the task YAMLs (text, no
-lm-eval import) and the base model's JSON files when they are on this machine. Pure Python, no torch: the
-Snakefile calls :func:`check_plan` while planning and turns a :class:`~tokenclean.config.ConfigError` into one line.
+lm-eval import) and the base model's JSON files when they are on this machine. No torch, except where the config
+trains LoRA adapters or reads attention weights and the base model's config is on this machine: the model is then
+built from its config with empty weights (torch's meta device: its layers and shapes, no weight read or
+allocated) to resolve ``lora_targets`` (:mod:`tokenclean.lora`) and to see whether it returns attention weights.
+The Snakefile calls :func:`check_plan` while planning and turns a :class:`~tokenclean.config.ConfigError` into
+one line.
 """
 from __future__ import annotations
 
@@ -25,10 +29,6 @@ from tokenclean.sources import load_source
 
 SAMPLE_RECORDS = 100  # records of each data file parsed at planning (the data job validates them all)
 PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"  # as tokenclean.evaluation (which imports lm-eval)
-# Model types whose decoder has no ``layers[-1].self_attn`` returning weights (tokenclean.loss.last_attention_layer):
-# a method that reads attention weights (ssToken) cannot train them.
-NO_ATTENTION_LAYOUT = frozenset({"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "falcon", "bloom", "opt", "mpt",
-                                 "codegen", "rwkv", "mamba", "mamba2", "jamba", "recurrent_gemma"})
 
 
 class PlanProblem(Exception):
@@ -39,18 +39,19 @@ class PlanProblem(Exception):
         self.path, self.what = path, what
 
 
-def check_plan(config: dict[str, Any], files: list[str] | None = None) -> list[str]:
+def check_plan(config: dict[str, Any], files: list[str] | None = None, build_model: bool = True) -> list[str]:
     """Every cheap check; raises ConfigError with one line, ``<config file>: <key>: <what>`` (the data file and
-    line in ``what``). Returns the checks it could not make, one line each in the same form, for the Snakefile to
-    print: planning says what it skipped rather than passing it in silence."""
-    shown = [_shown(Path(f)) for f in files or []]
+    line in ``what``). Returns the warnings, one line each (``<key>: <what>``), the checks it could not make on
+    this machine among them (planning says what it skipped rather than passing it in silence). ``build_model``
+    False skips the checks that build the model with empty weights (a cluster job re-reading the Snakefile:
+    planning did them)."""
     try:
         check_data(config)
         check_benchmarks(config)
-        check_model(config)
+        return check_model(config, build_model) + skipped_checks(config)
     except PlanProblem as e:
+        shown = [_shown(Path(f)) for f in files or []]
         raise ConfigError(f"{_source(e.path, shown)}: {_key_path(e.path)}: {e.what}") from None
-    return [f"{_source(p.path, shown)}: {_key_path(p.path)}: {p.what}" for p in skipped_checks(config)]
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -249,39 +250,83 @@ def _template_uses(config: dict[str, Any]) -> list[list[str]]:
                                  config.get("evaluation", {}).get("apply_chat_template"))) if on]
 
 
-def skipped_checks(config: dict[str, Any]) -> list[PlanProblem]:
-    """The checks planning could not make on this machine: the chat template of a hub model that is not in the
-    local cache (the tokenize job, or the evaluation, checks it once the model is downloaded)."""
-    if "world" in config:
-        return []
+def skipped_checks(config: dict[str, Any]) -> list[str]:
+    """The checks planning could not make on this machine, one warning each: the chat template of a hub model
+    that is not in the local cache (the tokenize job, or the evaluation, checks it once the model is there)."""
     uses = _template_uses(config)
-    if not uses or _has_chat_template(config) is not None:
+    if "world" in config or not uses or _has_chat_template(config) is not None:
         return []
     job = "the tokenize job" if uses[0] == ["chat_format"] else "each evaluation"
-    return [PlanProblem(uses[0], f"chat template check skipped: the tokenizer of {config['base_model']['name']} is "
-                                 f"not in the local Hugging Face cache (planning never downloads); {job} checks it")]
+    return [f"{_key_path(uses[0])}: chat template check skipped: the tokenizer of {config['base_model']['name']} "
+            f"is not in the local Hugging Face cache (planning never downloads); {job} checks it"]
 
 
-def check_model(config: dict[str, Any]) -> None:
-    """The base model has a chat template where the config uses it, and a decoder whose attention weights a
-    method that reads them can read."""
+def _lora_blocks(config: dict[str, Any]) -> list[str]:
+    """The config sections that train LoRA adapters (warm-up, rows and rounds read ``warmup`` and ``sft``)."""
+    return [b for b in ("warmup", "sft") if (config.get(b, {}).get("train", {}).get("lora_r") or 0) > 0]
+
+
+def _attention_readers(config: dict[str, Any]) -> list[str]:
+    """The configured methods that read attention weights (ssToken)."""
+    return [m for m in config.get("methods", []) if m in registry.METHODS and registry.METHODS[m].online
+            and "prompt_attention" in online.ONLINE_METHODS[registry.METHODS[m].online].inputs]
+
+
+def empty_model(config: dict[str, Any]) -> Any | None:
+    """The base model built from its config with empty weights (meta device), or None where its config is not on
+    this machine or does not build here (the jobs then report it). The embedded world's base is the package's
+    tiny Llama (its layer names do not depend on its sizes)."""
     if "world" in config:
-        return  # the workflow makes the base model: its tokenizer and layout are the package's
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device("meta"):
+            return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                num_attention_heads=2, vocab_size=128, tie_word_embeddings=True))
+    found = _model_file(config, "config.json")
+    if found is None:
+        return None
+    from tokenclean.models import empty_model as build
+
+    try:
+        return build(str(found.parent), bool(config.get("base_model", {}).get("trust_remote_code")))
+    except Exception:  # unreadable, an unknown or no causal LM, remote code not trusted: the jobs report it
+        return None
+
+
+def check_model(config: dict[str, Any], build_model: bool = True) -> list[str]:
+    """The base model has a chat template where the config uses it, returns the attention weights a method that
+    reads them needs, and has a layer for every LoRA target (:func:`tokenclean.lora.plan`, on the model built
+    with empty weights). Returns the warnings (an explicit LoRA list that leaves linear layers out)."""
+    embedded = "world" in config  # the workflow makes the base model: its tokenizer and layout are the package's
     uses = _template_uses(config)
-    if uses and _has_chat_template(config) is False:
+    if not embedded and uses and _has_chat_template(config) is False:
         raise PlanProblem(uses[0], f"the tokenizer of {config['base_model']['name']} has no chat template; use "
                           f"{'chat_format: tulu' if uses[0] == ['chat_format'] else 'apply_chat_template: false'}")
-    readers = [m for m in config.get("methods", []) if m in registry.METHODS and registry.METHODS[m].online
-               and "prompt_attention" in online.ONLINE_METHODS[registry.METHODS[m].online].inputs]
-    if not readers:
-        return
-    model_config = _model_file(config, "config.json")
-    try:
-        model_type = json.loads(model_config.read_text(encoding="utf-8")).get("model_type") if model_config else None
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type in NO_ATTENTION_LAYOUT:
+    readers = [] if embedded else _attention_readers(config)
+    blocks = _lora_blocks(config)
+    if not build_model or not (readers or blocks):
+        return []
+    model = empty_model(config)
+    if model is None:
+        return []
+    from tokenclean import lora
+    from tokenclean.loss import attention_problem
+
+    name = "the embedded base model" if embedded else config["base_model"]["name"]
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    problem = attention_problem(model) if readers else None
+    if problem:
         raise PlanProblem(["methods", config["methods"].index(readers[0])],
-                          f"{readers[0]} reads the last layer's attention weights (decoder.layers[-1].self_attn), "
-                          f"which a {model_type} model ({config['base_model']['name']}) does not have; "
-                          "drop the method or use a Llama-family base model")
+                          f"{readers[0]} reads the last layer's attention weights, but a {kind} model ({name}): "
+                          f"{problem}; drop the method or use a model that returns them")
+    warnings = []
+    for block in blocks:
+        train = config[block]["train"]
+        try:
+            plan = lora.plan(model, train.get("lora_targets"), train["lora_r"])
+        except ValueError as e:
+            raise PlanProblem([block, "train", "lora_targets"], str(e).removeprefix("lora_targets: ")) from None
+        if plan.warning():
+            warnings.append(f"{block}.train.lora_targets: {plan.warning().removeprefix('lora_targets ')}")
+    return warnings

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from tokenclean import lora
 
 # How a LoRA adapter is merged and saved: float32 (the official runs' merge script loads the base in float32,
 # merges and saves float32), or auto = the training dtype. float32 is the default because LoRA updates at the
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 # bf16 weights they are partly rounded away, and again in every self-evolving round. It doubles the disk size
 # of a saved model (bf16 -> fp32); later jobs load it in their own dtype as before.
 MERGE_DTYPES = ("float32", "auto")
+LOSS_NORMALIZATIONS = ("auto", "step", "micro_batch")
 
 
 @dataclass
@@ -26,7 +29,11 @@ class TrainConfig:
     batch_size: int = 32                   # samples per optimizer step
     micro_batch_size: int = 0              # samples per forward pass (gradient accumulation); 0 = batch_size
     pack_length: int = 0                   # > 0: pack samples into rows of this many tokens; 0 = pad each sample
-    loss_normalization: str = "step"       # step: mean over the step's selected tokens; micro_batch: as HF Trainer
+    # step: mean over the step's selected tokens (the Trainer since transformers 4.46, TRL, LLaMA-Factory);
+    # micro_batch: each micro-batch's mean (open-instruct, the paper's runs); auto: an online method's reference
+    # rule (tokenclean.online, OnlineMethod.loss_normalization), step otherwise
+    loss_normalization: str = field(default="auto", metadata={"help": "step, micro_batch or auto (default: an "
+                                    "online method's reference rule, step otherwise)"})
     gradient_checkpointing: bool = False   # recompute activations in the backward pass (less memory, ~30% slower)
     checkpoint_every: int = 0              # > 0: save a resumable checkpoint every this many steps
     lr: float = 1e-3
@@ -42,7 +49,8 @@ class TrainConfig:
     lora_r: int = 0                        # 0 = full fine-tuning
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_targets: str = field(default="", metadata={"help": "comma-separated module names, or all-linear "
+                              "(default: peft's targets for the model's family; tokenclean/lora.py)"})
     merge_dtype: str = "float32"           # LoRA: merge and save in float32 (as the official runs); auto = dtype
     device: str = "auto"
     dtype: str = "auto"
@@ -60,8 +68,11 @@ class TrainConfig:
                 or (self.steps == 0 and self.epochs == 0)):
             raise ValueError(f"set steps > 0, or steps = 0 and epochs > 0 (got steps {self.steps}, epochs "
                              f"{self.epochs})")
-        if self.loss_normalization not in ("step", "micro_batch"):
-            raise ValueError(f"unknown loss_normalization {self.loss_normalization!r} (step, micro_batch)")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"unknown loss_normalization {self.loss_normalization!r} "
+                             f"({', '.join(LOSS_NORMALIZATIONS)})")
+        if lora.problem(self.lora_targets):
+            raise ValueError(f"lora_targets: {lora.problem(self.lora_targets)}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
         if self.merge_dtype not in MERGE_DTYPES:

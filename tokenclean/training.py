@@ -1,11 +1,15 @@
 """Masked supervised fine-tuning: one trainer for every row of the table (and for pretraining the tiny base).
 
-Loss normalisation: the mean NLL over the *selected* tokens of the whole optimizer step (all micro-batches),
-so a micro-batch with few kept tokens is not over-weighted relative to one with many. ``micro_batch`` gives
-the Hugging Face Trainer's rule instead (each micro-batch's own mean, averaged over the step's micro-batches
-on every GPU), under which a token of a sparsely kept micro-batch weighs more: the rule the paper's runs used.
-Micro-batches are global (:func:`micro_batches`), so either rule gives the same update on any GPU count. Samples without
-any selected token are dropped before batching (they would cost compute and contribute nothing).
+Loss normalisation (``loss_normalization``): ``step``, the mean NLL over the *selected* tokens of the whole
+optimizer step (all micro-batches), so a micro-batch with few kept tokens is not over-weighted relative to one
+with many: what the Hugging Face Trainer does since transformers 4.46 (it divides by ``num_items_in_batch``, the
+label count of the whole gradient-accumulation window on every device), as TRL and LLaMA-Factory. ``micro_batch``:
+each micro-batch's own mean, averaged over the step's micro-batches on every GPU, under which a token of a
+sparsely kept micro-batch weighs more: open-instruct's ``reduce_loss mean``, the rule the paper's runs used (and
+the Trainer's before 4.46). ``auto`` (the default): an online method's reference rule, ``step`` otherwise
+(:func:`resolve_normalization`). Micro-batches are global (:func:`micro_batches`), so either rule gives the
+same update on any GPU count. Samples without any selected token are dropped before batching (they would cost
+compute and contribute nothing).
 
 Interruption: with ``checkpoint_every`` the trainer writes model, optimizer and RNG state (safetensors and JSON,
 no pickle) to ``<out>.resume/`` atomically; re-running the same command continues from there and ends with
@@ -98,6 +102,15 @@ def step_schedule(n_samples: int, cfg: TrainConfig) -> list[np.ndarray]:
     return [flat[i: i + cfg.batch_size] for i in range(0, len(flat), cfg.batch_size)][:steps]
 
 
+def resolve_normalization(cfg: TrainConfig, online: Online | None = None) -> TrainConfig:
+    """``cfg`` with ``loss_normalization: auto`` made concrete: an online method's reference rule
+    (:attr:`tokenclean.online.OnlineMethod.loss_normalization`), ``step`` for plain masked SFT. A given rule stays."""
+    if cfg.loss_normalization != "auto":
+        return cfg
+    rule = online.method.loss_normalization if online is not None else "step"
+    return dataclasses.replace(cfg, loss_normalization=rule)
+
+
 def micro_batches(samples: np.ndarray, cfg: TrainConfig, world: int = 1) -> list[np.ndarray]:
     """A step's micro-batches: consecutive slices of its samples (in schedule order) of ``micro_batch_size``.
 
@@ -113,22 +126,28 @@ def micro_batches(samples: np.ndarray, cfg: TrainConfig, world: int = 1) -> list
     return [samples[i: i + size] for i in range(0, len(samples), max(1, size))]
 
 
-def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
+def _wrap_lora(model: Any, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """``model`` with a LoRA adapter on the layers ``cfg.lora_targets`` names (:func:`tokenclean.lora.plan`: a
+    target that matches nothing is a one-line error, an explicit list that misses linear layers one warning),
+    and the provenance record of what it adapts (the modules peft really wrapped, and their parameters)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [t for t in cfg.lora_targets.split(",") if t]
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in targets if t in present]
-    if not targets:
-        raise ValueError(f"none of the LoRA targets {cfg.lora_targets!r} exist in this model")
-    widths = [min(m.in_features, m.out_features) for name, m in model.named_modules()
-              if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")]
+    from tokenclean import lora
+
+    plan = lora.plan(model, cfg.lora_targets, cfg.lora_r)
+    if plan.warning():
+        log.warning("%s", plan.warning())
+    chosen = set(plan.modules)
+    widths = [min(m.weight.shape) for name, m in model.named_modules() if name in chosen]
     if widths and cfg.lora_r > max(widths):  # a full-rank update at more cost (the tiny GPU-check preset's r 64)
         log.warning("lora_r %d is wider than every LoRA target layer (at most %d): the adapter is full rank",
                     cfg.lora_r, max(widths))
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=plan.targets, task_type="CAUSAL_LM")
+    wrapped = get_peft_model(model, config)
+    plan.modules, plan.parameters = lora.adapted(wrapped)  # what peft did, recorded as done
+    log.info("%s", plan.summary())
+    return wrapped, plan.record()
 
 
 def merge_adapter(model: Any, merge_dtype: str = "float32", load_start: Callable[[], Any] | None = None) -> Any:
@@ -376,6 +395,7 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         raise ArtifactError("mask and token table have different lengths")
     if np.any(mask & ~table.loss_mask):
         raise ArtifactError("mask selects tokens outside loss_mask")
+    cfg = resolve_normalization(cfg, online)
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     sharded = distributed.check_sharding(cfg.lora_r) == "fsdp"
@@ -394,8 +414,9 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
         if "prompt_attention" in online.method.inputs:  # attention weights exist under eager attention only
             attn_before = model.config._attn_implementation
             model.set_attn_implementation("eager")
+    adapter = None
     if cfg.lora_r > 0:
-        model = _wrap_lora(model, cfg)
+        model, adapter = _wrap_lora(model, cfg)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -535,6 +556,8 @@ def train_model(model: Any, table: TokenTable, mask: np.ndarray, cfg: TrainConfi
                "final_loss": last_loss, "seconds": round(time.perf_counter() - started, 2)}
     if sharded:
         summary["sharding"] = "fsdp"
+    if adapter is not None:
+        summary["lora"] = adapter
     summary.update(peak_memory(device))  # CUDA: the training's peak memory (make gpu-check)
     if online is not None:
         if world > 1:
@@ -561,6 +584,15 @@ def _cell_index(table: TokenTable, chunk: np.ndarray, batch: dict[str, torch.Ten
     return cells
 
 
+def _occurrences(table: TokenTable, cells: np.ndarray) -> np.ndarray:
+    """int64[rows, width]: which sample occurrence of the micro-batch each cell belongs to, numbered in row-major
+    order (-1 before the first): a new one starts at every sample's first token, so a sample placed twice (padded
+    rows or packed) is two occurrences. Padding continues the occurrence before it and is never a target."""
+    sample = np.searchsorted(table.offsets, np.maximum(cells, 0), side="right") - 1
+    starts = (cells >= 0) & (cells == table.offsets[sample])
+    return (np.cumsum(starts.ravel()) - 1).reshape(cells.shape)
+
+
 def _online_loss(forward: Any, online: Online, table: TokenTable, chunk: np.ndarray, batch: dict[str, torch.Tensor],
                  cfg: TrainConfig, n_micro: int, progress: float) -> tuple[torch.Tensor, float, float]:
     """One micro-batch under an online method (``forward``: the :class:`TrainingForward`, DDP-wrapped or not):
@@ -583,6 +615,8 @@ def _online_loss(forward: Any, online: Online, table: TokenTable, chunk: np.ndar
             given[name] = out["logits"]
         elif name == "sample":
             given[name] = torch.from_numpy(np.searchsorted(table.offsets, index, side="right") - 1).to(device)
+        elif name == "occurrence":
+            given[name] = torch.from_numpy(_occurrences(table, cells)[batch["target"].cpu().numpy()]).to(device)
         elif name == "progress":
             given[name] = progress
         elif name == "prompt_attention":
@@ -663,10 +697,16 @@ def train_file(model_name: str, tokens: str | os.PathLike, out: str | os.PathLik
         raise ValueError(f"{mask_path}: selects no token at all; nothing to train on")
     arrays = arrays or {}
     method = load_online(online, online_params, tokens, tmeta, table, arrays) if online else None
+    cfg = resolve_normalization(cfg, method)  # recorded as trained
     commit = hub_commit(model_name, revision)
     tokenizer = load_tokenizer(model_name, trust_remote_code, commit)
     require_tokenizer_of(tokens, tmeta, tokenizer, model_name)
     distributed.check_sharding(cfg.lora_r)  # before the model loads
+    if cfg.lora_r > 0:  # a target that matches no layer: one line before the weights load
+        from tokenclean import lora
+        from tokenclean.models import empty_model
+
+        lora.plan(empty_model(model_name, trust_remote_code, commit), cfg.lora_targets, cfg.lora_r)
     device = distributed.local_device(pick_device(cfg.device))
     model = load_model(model_name, device, cfg.dtype, trust_remote_code, commit)
     require_ids_fit(model, model_name, table.input_ids, tokens)
