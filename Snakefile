@@ -24,9 +24,9 @@ if not workflow.overwrite_configfiles:
 
 # The schema (schemas/config.schema.yaml) and the rules it cannot state, then what planning can check cheaply of the
 # data files, the benchmarks' metrics and the base model (tokenclean/preflight.py); a problem is one line, before any
-# job.
-# A check that builds the base model with empty weights (LoRA targets, attention weights) runs in the planning
-# process only, not again in each cluster job that re-reads this file.
+# job; a warning, and a check that cannot be made here (a hub model's chat template when the model is not in the
+# cache), is one line too. A check that builds the base model with empty weights (LoRA targets, attention weights)
+# runs in the planning process only, not again in each cluster job that re-reads this file.
 try:
     check_config(config, workflow.overwrite_configfiles or workflow.configfiles)
     for _warning in check_plan(config, workflow.overwrite_configfiles or workflow.configfiles,

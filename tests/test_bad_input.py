@@ -180,7 +180,8 @@ def test_an_unknown_lm_eval_task_is_refused_before_the_model_loads(tmp_path, cap
     (tasks / "mine.yaml").write_text("task: mine\ndataset_path: json\noutput_type: loglikelihood\n"
                                      "doc_to_text: x\ndoc_to_target: y\n")
     monkeypatch.setattr(lm_eval.tasks, "TaskManager",
-                        lambda include_path=None, **kw: real(include_path=include_path, include_defaults=False, **kw))
+                        lambda include_path=None, include_defaults=True, **kw: real(include_path=include_path,
+                                                                                    include_defaults=False, **kw))
     code, line = run_cli(capsys, "evaluate", "--model", str(tmp_path / "no_model"), "--benchmarks",
                          '[{"task": "mine"}, {"task": "hellaswagg", "num_fewshot": 0}]', "--include-path", str(tasks),
                          "--out", str(tmp_path / "eval.json"))

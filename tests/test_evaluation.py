@@ -346,6 +346,33 @@ def _single_template_answer(text: str):
     return (rest if end < 0 else rest[:end]).strip()
 
 
+def test_local_benchmarks_are_found_without_the_stock_index(tmp_path, monkeypatch):
+    """Benchmarks that are all plain tasks of the package's or the include path's YAMLs need no index of lm-eval's
+    ~15,000 stock tasks (about 10 s of CPU per evaluation job); a stock name or a group brings the stock index in."""
+    import lm_eval.tasks
+
+    from tokenclean import evaluation
+
+    real, stock_index = lm_eval.tasks.TaskManager, []
+
+    def spy(**kwargs):  # builds each index without the stock tasks (seconds), recording which was asked for
+        stock_index.append(kwargs.pop("include_defaults", True))
+        return real(include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", spy)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\ndataset_path: json\noutput_type: loglikelihood\n"
+                                     "doc_to_text: x\ndoc_to_target: y\n")
+    paths = [str(p) for p in evaluation.BENCHMARK_TASKS] + [str(tasks)]
+    assert "mine" in evaluation._benchmark_task_manager(paths, {}, ["mine"]).all_subtasks
+    assert stock_index == [False]
+    for names in (["mine", "arc_easy"], ["tc_tydiqa_goldp"]):  # a stock task; the package's group
+        stock_index.clear()
+        evaluation._benchmark_task_manager(paths, {}, names)
+        assert stock_index == [False, True], names
+
+
 @pytest.mark.parametrize("text", [
     "Sure ! The answer is 8 . Hope this helps .", "The answer is 8", "The answer is", "no marker", "",
     "x The answer is 1 2 , 3 . The answer is 4 .", "Sure The answer is  a b c .", "The answer is 8 ,. x",

@@ -3,6 +3,7 @@ for data, the data file and line, before any job runs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,65 @@ def test_the_chat_template_setting_needs_a_model_with_one(tmp_path):
     check_plan(config, files)
 
 
+def _hub_cache(cache: Path, repo: str, files: dict[str, str], looked_for: tuple[str, ...] = ()) -> None:
+    """A hub model as huggingface_hub caches it: refs/main naming a commit, that commit's files, and the files it
+    looked for there and did not find (.no_exist)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    (root / "snapshots" / sha).mkdir(parents=True)
+    for name, text in files.items():
+        (root / "snapshots" / sha / name).write_text(text)
+    (root / ".no_exist" / sha).mkdir(parents=True)
+    for name in looked_for:
+        (root / ".no_exist" / sha / name).write_text("")
+
+
+def test_a_hub_models_chat_template_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    """The template check reads the hub cache and never the network (even with the hub online); a model that is
+    not in the cache (or whose cache cannot tell) is one line saying the check was skipped, not a pass in silence."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from tokenclean.preflight import TEMPLATE_FILES
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("planning went online")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    _hub_cache(cache, "org/plain", {"tokenizer_config.json": "{}"}, looked_for=TEMPLATE_FILES)
+    _hub_cache(cache, "org/inline", {"tokenizer_config.json": json.dumps({"chat_template": "{{ x }}"})})
+    _hub_cache(cache, "org/jinja", {"tokenizer_config.json": "{}", "chat_template.jinja": "{{ x }}"},
+               looked_for=("chat_template.json",))
+    _hub_cache(cache, "org/unsure", {"tokenizer_config.json": "{}"})  # the template files never looked for
+    config, files = own_data(tmp_path)
+    config["chat_format"] = "template"
+    for name in ("org/inline", "org/jinja"):
+        config["base_model"] = {"name": name}
+        assert check_plan(config, files) == [], name
+    config["base_model"] = {"name": "org/plain"}
+    with pytest.raises(ConfigError, match=r"my\.yaml: chat_format: the tokenizer of org/plain has no chat template"):
+        check_plan(config, files)
+    for name in ("org/absent", "org/unsure"):
+        config["base_model"] = {"name": name}
+        (note,) = check_plan(config, files)
+        assert re.fullmatch(rf"chat_format: chat template check skipped: the tokenizer of {name} is not "
+                            r"in the local Hugging Face cache \(planning never downloads\); the tokenize job checks it",
+                            note), note
+    config["chat_format"] = "tulu"
+    config["evaluation"]["apply_chat_template"] = True
+    (note,) = check_plan(config, files)
+    assert note.startswith("evaluation.apply_chat_template: chat template check skipped") and "each evaluation" in note
+    config["evaluation"]["apply_chat_template"] = False
+    assert check_plan(config, files) == []  # nothing uses the template: nothing to check
+
+
 def test_a_method_that_reads_attention_weights_needs_a_model_that_returns_them(tmp_path):
     """Judged on the model built from its config with empty weights: whatever its layout, a family whose
     transformers class returns attention weights passes (GPT-2, GPT-NeoX: not Llama's module path), Mamba,
@@ -155,6 +215,28 @@ def _snakemake(work: Path, *args: str):
 
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), *args],
                           capture_output=True, text=True, cwd=work, env={**os.environ}, timeout=300, check=False)
+
+
+@pytest.mark.slow  # starts Snakemake
+def test_planning_prints_the_skipped_template_check_in_one_line(tmp_path):
+    """`snakemake -n` with a hub model that is not in the cache and chat_format: template plans the run and says in
+    one line that the template was not checked."""
+    import os
+    import subprocess
+    import sys
+
+    own_data(tmp_path)
+    written = yaml.safe_load((tmp_path / "my.yaml").read_text())
+    written.update(chat_format="template", base_model={"name": "org/not-downloaded"})
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(written))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-n", "--configfile",
+                           "my.yaml"], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("config warning:")]
+    assert warnings == ["config warning: chat_format: chat template check skipped: the tokenizer of "
+                        "org/not-downloaded is not in the local Hugging Face cache (planning never downloads); the "
+                        "tokenize job checks it"], proc.stderr[-3000:]
 
 
 @pytest.mark.slow  # starts Snakemake twice

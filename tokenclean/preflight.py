@@ -41,12 +41,14 @@ class PlanProblem(Exception):
 
 def check_plan(config: dict[str, Any], files: list[str] | None = None, build_model: bool = True) -> list[str]:
     """Every cheap check; raises ConfigError with one line, ``<config file>: <key>: <what>`` (the data file and
-    line in ``what``). Returns the warnings, one line each (``<key>: <what>``). ``build_model`` False skips the
-    checks that build the model with empty weights (a cluster job re-reading the Snakefile: planning did them)."""
+    line in ``what``). Returns the warnings, one line each (``<key>: <what>``), the checks it could not make on
+    this machine among them (planning says what it skipped rather than passing it in silence). ``build_model``
+    False skips the checks that build the model with empty weights (a cluster job re-reading the Snakefile:
+    planning did them)."""
     try:
         check_data(config)
         check_benchmarks(config)
-        return check_model(config, build_model)
+        return check_model(config, build_model) + skipped_checks(config)
     except PlanProblem as e:
         shown = [_shown(Path(f)) for f in files or []]
         raise ConfigError(f"{_source(e.path, shown)}: {_key_path(e.path)}: {e.what}") from None
@@ -203,18 +205,60 @@ def _model_file(config: dict[str, Any], name: str) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # where transformers saves a template apart
+
+
+def _cache_knows_absent(config: dict[str, Any], name: str) -> bool:
+    """Whether the base model has no file ``name``, as far as this machine knows: always for a directory (its
+    listing is complete); for a hub model only where its cache recorded the file as absent at its revision (the
+    hub library notes a file it looked for and did not find)."""
+    model = config.get("base_model", {})
+    if Path(model.get("name", "")).is_dir():
+        return True
+    try:
+        from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return try_to_load_from_cache(model["name"], name, revision=model.get("revision")) is _CACHED_NO_EXIST
+    except Exception:  # an id the hub library refuses: the jobs report it
+        return False
+
+
 def _has_chat_template(config: dict[str, Any]) -> bool | None:
-    """Whether the base model's tokenizer has a chat template; None when its files are not on this machine."""
+    """Whether the base model's tokenizer has a chat template; None when this machine cannot tell: the model is
+    neither a directory nor in the hub cache, or the cache lacks a template file it never looked for. Only local
+    files are read (a directory, or the hub cache through ``try_to_load_from_cache``): planning never goes online,
+    whatever HF_HUB_OFFLINE says."""
     tokenizer_config = _model_file(config, "tokenizer_config.json")
     if tokenizer_config is None:
         return None
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if _model_file(config, name) is not None:
-            return True
+    if any(_model_file(config, name) is not None for name in TEMPLATE_FILES):
+        return True
     try:
-        return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
+        if json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"):
+            return True
     except (OSError, ValueError, AttributeError):
         return None
+    return False if all(_cache_knows_absent(config, name) for name in TEMPLATE_FILES) else None
+
+
+def _template_uses(config: dict[str, Any]) -> list[list[str]]:
+    """The config keys that use the base model's chat template (training's chat_format, the benchmarks' prompts)."""
+    return [key for key, on in ((["chat_format"], config.get("chat_format") == "template"),
+                                (["evaluation", "apply_chat_template"],
+                                 config.get("evaluation", {}).get("apply_chat_template"))) if on]
+
+
+def skipped_checks(config: dict[str, Any]) -> list[str]:
+    """The checks planning could not make on this machine, one warning each: the chat template of a hub model
+    that is not in the local cache (the tokenize job, or the evaluation, checks it once the model is there)."""
+    uses = _template_uses(config)
+    if "world" in config or not uses or _has_chat_template(config) is not None:
+        return []
+    job = "the tokenize job" if uses[0] == ["chat_format"] else "each evaluation"
+    return [f"{_key_path(uses[0])}: chat template check skipped: the tokenizer of {config['base_model']['name']} "
+            f"is not in the local Hugging Face cache (planning never downloads); {job} checks it"]
 
 
 def _lora_blocks(config: dict[str, Any]) -> list[str]:
@@ -255,9 +299,7 @@ def check_model(config: dict[str, Any], build_model: bool = True) -> list[str]:
     reads them needs, and has a layer for every LoRA target (:func:`tokenclean.lora.plan`, on the model built
     with empty weights). Returns the warnings (an explicit LoRA list that leaves linear layers out)."""
     embedded = "world" in config  # the workflow makes the base model: its tokenizer and layout are the package's
-    uses = [key for key, on in ((["chat_format"], config.get("chat_format") == "template"),
-                                (["evaluation", "apply_chat_template"],
-                                 config.get("evaluation", {}).get("apply_chat_template"))) if on]
+    uses = _template_uses(config)
     if not embedded and uses and _has_chat_template(config) is False:
         raise PlanProblem(uses[0], f"the tokenizer of {config['base_model']['name']} has no chat template; use "
                           f"{'chat_format: tulu' if uses[0] == ['chat_format'] else 'apply_chat_template: false'}")
