@@ -358,7 +358,8 @@ def test_snakemake_n_stops_on_a_misspelt_target_in_one_line(families, tmp_path):
 @pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
 def test_the_workflow_runs_on_other_families(family, families, tmp_path):
     """The paper config's path (configs/paper, as tests/test_paper_run.py shrinks it) on a non-Llama base with
-    LoRA at the family's default targets, with ssToken and DFT rows (each averaging by its own rule)."""
+    LoRA at the default targets (lora_targets unset: all-linear), with ssToken and DFT rows (each averaging by its
+    own rule)."""
     import csv
 
     from tests.test_paper_run import paper_config, snakemake
@@ -380,6 +381,6 @@ def test_the_workflow_runs_on_other_families(family, families, tmp_path):
         rows = [r["method"] for r in csv.DictReader(f)]
     assert {"full", "sstoken", "dft"} <= set(rows)
     record = json.loads((results / "models" / "sft" / "sstoken_r0.6_s41" / "tokenclean.json").read_text())
-    assert record["lora"]["adapted"] == {name: LAYERS for name in sorted(DEFAULT[family])}
+    assert record["lora"]["adapted"] == {name: LAYERS for name in sorted(LINEAR[family])}
     dft = json.loads((results / "models" / "sft" / "dft_s41" / "tokenclean.json").read_text())
     assert dft["train_config"]["loss_normalization"] == "step"  # DFT's own rule, not sft.train's micro_batch
